@@ -1,0 +1,6 @@
+"""sft: supervised fine-tuning of causal language models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

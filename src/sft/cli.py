@@ -1,0 +1,170 @@
+"""`sft train|data|eval|chat|generate|bench|sweep|lr-find`: each parses its arguments and calls one function.
+
+Errors the user can fix (SftError) print one clear message and exit with status 1, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sft import __version__
+from sft.config import Config, load_config
+from sft.errors import SftError
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from sft.train import train
+
+    cfg = _config(args)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0 if result is not None else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from sft.data import commands
+
+    cfg = _config(args)
+    if args.data_cmd == "check":
+        return commands.check(cfg, as_json=args.json)
+    if args.data_cmd == "preview":
+        return commands.preview(cfg, n=args.n)
+    return commands.tokenize(cfg, out=args.out)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sft.evaluate import run_eval
+
+    return run_eval(_config(args), model=args.model, out=args.out)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sft.generate import chat
+
+    return chat(args.model)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sft.generate import generate_file
+
+    return generate_file(args.model, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sft.bench import run_bench
+
+    return run_bench(_config(args), steps=args.steps, as_json=args.json)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sft.sweep import run_sweep
+
+    return run_sweep(args.config, args.overrides)
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from sft.sweep import run_lr_find
+
+    return run_lr_find(_config(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sft",
+        description="Supervised fine-tuning of causal language models.",
+        epilog="Any config key can be overridden: sft train CONFIG --train.lr=1e-4 --data.packing=false",
+    )
+    p.add_argument("--version", action="version", version=f"sft {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("config", help="YAML config file")
+        sp.set_defaults(fn=fn, takes_overrides=True)
+        return sp
+
+    t = with_config("train", "fine-tune a model (full or LoRA)", cmd_train)
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
+
+    d = sub.add_parser("data", help="check, preview or tokenize the training data")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    c = dsub.add_parser("check", help="validate the data and report statistics and lint")
+    c.add_argument("config")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    pv = dsub.add_parser("preview", help="show examples with trained tokens marked")
+    pv.add_argument("config")
+    pv.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    tk = dsub.add_parser("tokenize", help="write input_ids and labels as JSONL")
+    tk.add_argument("config")
+    tk.add_argument("--out", required=True, help="output .jsonl file")
+    for sp in (c, pv, tk):
+        sp.set_defaults(fn=cmd_data, takes_overrides=True)
+
+    e = with_config("eval", "evaluate a model: loss, task accuracy, stop rate, forgetting", cmd_eval)
+    e.add_argument("--model", help="model to evaluate instead of the config's model: (e.g. runs/x/final)")
+    e.add_argument("--out", help="write the JSON result here")
+
+    ch = sub.add_parser("chat", help="chat with a model in the terminal")
+    ch.add_argument("model", help="a model directory (e.g. runs/x/final) or packaged alias")
+    ch.set_defaults(fn=cmd_chat, takes_overrides=False)
+
+    g = sub.add_parser("generate", help="answer a JSONL file of conversations")
+    g.add_argument("model")
+    g.add_argument("--prompts", required=True, help="input .jsonl, one {\"messages\": [...]} per line")
+    g.add_argument("--out", required=True, help="output .jsonl")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.set_defaults(fn=cmd_generate, takes_overrides=False)
+
+    b = with_config("bench", "measure training throughput and memory", cmd_bench)
+    b.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
+    b.add_argument("--json", action="store_true")
+
+    with_config("sweep", "learning-rate (or any key) grid search, e.g. --train.lr=1e-5,1e-4", cmd_sweep)
+    with_config("lr-find", "learning-rate range test; proposes a sweep grid", cmd_lr_find)
+    return p
+
+
+def _split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    args, rest = parser.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if item.startswith("--") and "." in item.split("=", 1)[0] and getattr(args, "takes_overrides", False):
+            if "=" not in item:
+                parser.error(f"{item}: overrides need a value, e.g. {item}=VALUE")
+            overrides.append(item)
+        else:
+            parser.error(f"unrecognized argument: {item}")
+    args.overrides = overrides
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = _split_overrides(parser, sys.argv[1:] if argv is None else argv)
+    fn: Any = args.fn
+    try:
+        return int(fn(args))
+    except SftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

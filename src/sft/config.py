@@ -1,0 +1,320 @@
+"""Typed run configuration: YAML file + ``--section.key=value`` overrides, strictly validated.
+
+Every choice is a typed literal; unknown keys are errors with a "did you mean". The resolved
+config is saved next to every run (``output_dir/config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from sft.errors import SftError
+
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+TrainOn = Literal["assistant", "last_assistant", "all"]
+Metric = Literal["exact", "contains", "regex", "json"]
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a file or a directory of files."""
+
+    path: str
+    format: Format = "auto"
+    weight: float | None = None  # sample this source's rows with this relative weight (with replacement)
+    limit: int | None = None  # take at most this many rows from it
+    metric: Metric | None = None  # eval only: overrides eval.metric for rows of this source
+    name: str | None = None  # label in reports; defaults to the file name
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    format: Format = "auto"
+    template: str = "auto"  # auto | chatml | gemma | llama3 | path/to/template.jinja
+    train_on: TrainOn = "assistant"
+    max_length: int = 2048
+    truncation: Literal["drop", "truncate"] = "drop"
+    packing: bool = True
+    dedup: bool = False
+    on_invalid: Literal["error", "skip"] = "error"
+    system: str | None = None  # system prompt added to conversations that have none
+    cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/sft/data
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["full", "lora"] = "full"
+    lr: float = 2e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup: float = 0.03  # a fraction of the steps if < 1, else a number of steps
+    min_lr_ratio: float = 0.0  # cosine/linear decay to lr * min_lr_ratio
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 4  # sequences (or packed bins) per micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    gradient_checkpointing: bool = False
+    neftune_alpha: float | None = None
+    freeze_embeddings: bool = False
+    seed: int = 42
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    on_nan: Literal["stop", "skip"] = "stop"
+    log_every: int = 1
+    tensorboard: bool = False
+    compile: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    data: list[SourceConfig] = field(default_factory=list)
+    split: float = 0.0
+    metric: Metric = "contains"
+    max_new_tokens: int = 128
+    every: int | None = None
+    before_after: bool = False
+    reference: str | None = None
+    batch_size: int = 8
+    max_examples: int | None = None  # cap on conversations used for generation metrics
+    samples: int = 5
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+
+
+@dataclass
+class SweepConfig:
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    objective: str = "task_accuracy"
+    max_forgetting: float | None = None  # max relative rise of reference perplexity, e.g. 0.10
+    prune: bool = True
+
+
+@dataclass
+class Config:
+    model: str = "smollm2-135m-instruct"
+    output_dir: str = "runs/default"
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    base_dir: str = field(default=".", metadata={"internal": True})  # relative paths resolve here
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclass, with errors that name the key and the fix
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except SftError as e:
+                errors.append(str(e))
+        raise SftError(f"{where}: {value!r} is not a valid value; expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise SftError(f"{where}: expected null")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        fix = f"did you mean {hint[0]!r}? " if hint else ""
+        raise SftError(f"{where}: {value!r} is not allowed; {fix}use one of {', '.join(map(str, choices))}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
+            if dataclasses.is_dataclass(item_tp) or item_tp is str:
+                value = [value]  # a single source may be written without a list
+            else:
+                raise SftError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SftError(f"{where}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if tp is SourceConfig and isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise SftError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise SftError(f"{where}: {value!r} is not true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SftError(f"{where}: {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise SftError(f"{where}: {value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SftError(f"{where}: {value!r} is not a string")
+    raise SftError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: Any, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys are errors with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(names)}"
+            prefix = f"{where}." if where != "config" else ""
+            raise SftError(f"{prefix}{key}: unknown key; {fix}")
+        sub = f"{where}.{key}" if where != "config" else key
+        kwargs[key] = _coerce(value, hints[key], sub)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required key is missing
+        raise SftError(f"{where}: {e}; add the missing key") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out.pop("base_dir", None)
+    return out
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``--train.lr=1e-4`` (or ``train.lr=1e-4``) into a key and a YAML value.
+
+    >>> parse_override("--train.lr=1e-4")
+    ('train.lr', 0.0001)
+    >>> parse_override("--data.packing=false")
+    ('data.packing', False)
+    """
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise SftError(f"{text}: overrides look like --section.key=value (e.g. --train.lr=1e-4)")
+    key, raw = body.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise SftError(f"{p}: config file not found; pass the path of a YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise SftError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SftError(f"{p}: the config must be a mapping of keys (model:, data:, train: ...)")
+        data = loaded
+        base = p.parent
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    cfg: Config = from_dict(Config, data)
+    cfg.base_dir = str(base)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several keys."""
+    if cfg.data.max_length < 16:
+        raise SftError(f"data.max_length: {cfg.data.max_length} is too small; use at least 16")
+    if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
+        raise SftError("train.batch_size and train.grad_accum must be at least 1")
+    if not 0.0 <= cfg.eval.split < 1.0:
+        raise SftError(f"eval.split: {cfg.eval.split} must be in [0, 1)")
+    if cfg.train.lr <= 0:
+        raise SftError(f"train.lr: {cfg.train.lr} must be positive")
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise SftError("train.max_steps must be at least 1")
+
+
+def resolve_path(cfg: Config, path: str) -> Path:
+    """A data path from the config: absolute, relative to the working directory, or else
+    relative to the config file's folder (so a config and its data can move together)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    beside = Path(cfg.base_dir) / p
+    return beside if beside.exists() else p
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,1 @@
+"""Rows -> conversations -> tokens + labels -> packed batches."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: the real tokenizers of the packaged models and tiny random models built on them.
+
+Tests are offline; tokenizers come from the installed model packages (converted once and cached).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smol_tok():
+    from sft.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma_tok():
+    from sft.models import load_tokenizer
+
+    return load_tokenizer("gemma-3-270m")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0):
+    """A 2-layer Llama with SmolLM2's vocabulary, randomly initialised (fp32)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    return LlamaForCausalLM(cfg).eval().to(torch.float32)
+
+
+def tiny_gemma(vocab_size: int = 262144, seed: int = 0):
+    """A 2-layer Gemma 3 with Gemma's 262k vocabulary, randomly initialised (fp32)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(cfg).eval().to(torch.float32)
+
+
+@pytest.fixture()
+def tiny_llama_model(smol_tok):
+    return tiny_llama(len(smol_tok))

@@ -24,7 +24,7 @@ def test_unknown_key_suggests(tmp_path):
 
 
 def test_bad_literal_lists_choices():
-    with pytest.raises(SftError, match="data.train_on: 'assistants' is not allowed; did you mean 'assistant'"):
+    with pytest.raises(SftError, match=r"data\.train_on: 'assistants' is not allowed; did you mean 'assistant'"):
         load_config(None, ["--data.train_on=assistants"])
 
 

@@ -138,10 +138,10 @@ def _split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> ar
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
-        if item.startswith("--") and "." in item.split("=", 1)[0] and getattr(args, "takes_overrides", False):
+        if item.startswith("--") and getattr(args, "takes_overrides", False):
             if "=" not in item:
                 parser.error(f"{item}: overrides need a value, e.g. {item}=VALUE")
-            overrides.append(item)
+            overrides.append(item)  # load_config rejects unknown keys with a suggestion
         else:
             parser.error(f"unrecognized argument: {item}")
     args.overrides = overrides

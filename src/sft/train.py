@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class RunResult:
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
     stopped_early: bool = False
+    stop_reason: str | None = None  # why a stop_check ended the run early (sweep pruning)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -87,7 +89,7 @@ def prepare_model(cfg: Config, model: Any) -> Any:
             model,
             LoraConfig(
                 r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
+                lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, accepts float
                 lora_dropout=cfg.lora.dropout,
                 target_modules=cfg.lora.target_modules,
                 task_type="CAUSAL_LM",
@@ -176,8 +178,18 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Run ``sft train`` for ``cfg``; returns the per-step losses of this invocation."""
+def train(
+    cfg: Config,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_check: Callable[[int, float], str | None] | None = None,
+) -> RunResult:
+    """Run ``sft train`` for ``cfg``; returns the per-step losses of this invocation.
+
+    ``stop_check(step, loss)`` (used by ``sft sweep`` to prune) may return a reason to stop: the
+    run then saves a checkpoint and ends without writing ``final/``.
+    """
     from sft.data.chat import lint
     from sft.data.pipeline import build_dataset
 
@@ -189,7 +201,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     device = _device()
-    precision = resolve_precision(cfg)
+    print(f"precision: {resolve_precision(cfg)}", flush=True)
 
     # ---- data: validated, tokenized and masked before any weights load
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -320,6 +332,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                     for k in ("loss", "lr", "grad_norm"):
                         writer.add_scalar(f"train/{k}", row[k], done)
             _log(bar, row, total_steps, start, t0, progress and rank == 0)
+            if os.environ.get("SFT_DEBUG_KILL_AT_STEP") == str(done):  # crash tests: die like a SIGKILL
+                os.kill(os.getpid(), signal.SIGKILL)
 
             if has_eval and cfg.eval.every and done % cfg.eval.every == 0 and done < total_steps:
                 ev = eval_loss(model, eval_examples, cfg, pad_id, device)
@@ -340,6 +354,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
                     {"total_steps": total_steps, "best_eval": best_eval, "bad_evals": bad_evals},
                     cfg.train.keep_checkpoints,
                 )
+            reason = stop_check(done, loss) if stop_check is not None else None
+            if reason is not None:
+                result.stop_reason = reason
+                checkpoint.save_checkpoint(
+                    ckpt_root, done, model, optimizer,
+                    {"total_steps": total_steps, "best_eval": best_eval, "bad_evals": bad_evals},
+                    cfg.train.keep_checkpoints,
+                )
+                _print(bar, f"Stopped at step {done}/{total_steps}: {reason}")
+                break
             if interrupt.signal is not None:
                 _print(bar, f"Stopped at step {done}/{total_steps}; checkpoint saved. "
                        f"Continue with: sft train CONFIG --resume")
@@ -351,7 +375,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, progress: 
         bar.close()
     if writer is not None:
         writer.close()
-    if result.interrupted:
+    if result.interrupted or result.stop_reason is not None:
         return result
 
     # ---- result

@@ -32,7 +32,7 @@ def plan_steps(
     ``seed + epoch``; the last step of an epoch may hold fewer micro-batches.
 
     >>> plan_steps([3, 3, 3, 3], 1, 2, False, 8, 1.0, None, seed=0)
-    [[[2], [1]], [[0], [3]]]
+    [[[2], [0]], [[1], [3]]]
     """
     if not lengths:
         return []

@@ -1,0 +1,68 @@
+"""The only place lists become tensors: packed rows and padded batches.
+
+Labels stay aligned with input_ids (the loss shifts). Every example's first label is set to
+IGNORE: in a packed row, position ``start_k - 1`` (the last token of example k-1) would otherwise
+be trained to predict example k's first token, a target that crosses a document boundary. In an
+unpacked row position 0 is never a target, so this changes nothing there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from sft.data.types import IGNORE, Example
+from sft.errors import SftError
+
+
+def collate_packed(examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+    """Concatenate examples into one row ``[1, total]``: input_ids, labels, position_ids.
+
+    position_ids restart at 0 per example and there is NO attention_mask: transformers then builds
+    a block-diagonal causal mask from position_ids (sdpa/eager) or uses varlen flash-attention.
+    The model must run without a KV cache (``use_cache=False``), else transformers ignores packing.
+    """
+    if not examples:
+        raise SftError("collate: no examples to pack; check that the data is not empty")
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    for ex in examples:
+        if len(ex.labels) != len(ex.input_ids) or not ex.input_ids:
+            raise SftError(f"{ex.source}:{ex.line}: labels and input_ids differ in length or are empty")
+        ids.extend(ex.input_ids)
+        labels.append(IGNORE)  # never predicted from the previous example
+        labels.extend(ex.labels[1:])
+        positions.extend(range(len(ex.input_ids)))
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+    }
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest: input_ids, labels, attention_mask, position_ids, each ``[B, L]``.
+
+    Padding is found by position, never by token id (pad may equal eos): its label is IGNORE and
+    its attention_mask 0. position_ids count on through the padding so it never looks packed.
+    """
+    if not examples:
+        raise SftError("collate: no examples to batch; check that the data is not empty")
+    width = max(len(ex.input_ids) for ex in examples)
+    ids, labels, mask = [], [], []
+    for ex in examples:
+        n = len(ex.input_ids)
+        if len(ex.labels) != n or n == 0:
+            raise SftError(f"{ex.source}:{ex.line}: labels and input_ids differ in length or are empty")
+        pad = width - n
+        ids.append([*ex.input_ids, *([pad_id] * pad)])
+        labels.append([IGNORE, *ex.labels[1:], *([IGNORE] * pad)])
+        mask.append([1] * n + [0] * pad)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(mask, dtype=torch.long),
+        "position_ids": torch.arange(width, dtype=torch.long).expand(len(examples), width).clone(),
+    }

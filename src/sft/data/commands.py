@@ -1,0 +1,129 @@
+"""``sft data check | preview | tokenize``: each takes the loaded Config and returns the exit code.
+
+None of them loads model weights: only the tokenizer (``sft.models.load_tokenizer``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from sft.config import Config
+from sft.data.batching import plan_steps
+from sft.data.check import (
+    format_report,
+    histogram,
+    legend,
+    percentiles,
+    render,
+    spans,
+)
+from sft.data.pipeline import DataReport, build_dataset, collect_conversations
+
+
+def _tokenizer(cfg: Config) -> Any:
+    from sft.models import load_tokenizer
+
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+
+def _packing(lengths: list[int], cfg: Config) -> tuple[int, float | None]:
+    """(sequences the trainer will see, packing efficiency or None without packing)."""
+    from sft.data.packing import best_fit_decreasing, packing_efficiency
+
+    if not cfg.data.packing or not lengths:
+        return len(lengths), None
+    bins = best_fit_decreasing(lengths, cfg.data.max_length)
+    return len(bins), packing_efficiency(lengths, bins, cfg.data.max_length)
+
+
+def report_dict(cfg: Config, report: DataReport, lint: list[str]) -> dict[str, Any]:
+    """The JSON of ``sft data check``: the report plus length, packing and step statistics."""
+    out = report.to_dict()
+    sequences, efficiency = _packing(report.lengths, cfg)
+    out["length_percentiles"] = percentiles(report.lengths)
+    out["length_histogram"] = histogram(report.lengths, limit=cfg.data.max_length)
+    out["packing"] = cfg.data.packing
+    out["packed_sequences"] = sequences
+    out["packing_efficiency"] = None if efficiency is None else round(efficiency, 6)
+    t = cfg.train
+    # the trainer's own plan, so the estimate is its exact step count
+    plan = plan_steps(report.lengths, t.batch_size, t.grad_accum, cfg.data.packing, cfg.data.max_length,
+                      t.epochs, t.max_steps, t.seed)
+    out["estimated_steps"] = len(plan)
+    out["lint"] = lint
+    return out
+
+
+def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> int:
+    """Validate every row and report statistics and template lint; 1 when rows are invalid and
+    ``data.on_invalid`` is ``error`` (the report is printed either way)."""
+    from sft.data.chat import lint
+
+    out = stream or sys.stdout
+    tok = _tokenizer(cfg)
+    ds = build_dataset(cfg, tok, "train", strict=False)
+    result = report_dict(cfg, ds.report, lint(tok, ds.template, ds.examples))
+    if cfg.eval.data or cfg.eval.split:
+        result["eval"] = report_dict(cfg, build_dataset(cfg, tok, "eval", strict=False).report, [])
+    invalid = bool(result["invalid"]) or bool(result.get("eval", {}).get("invalid"))
+    failed = invalid and cfg.data.on_invalid == "error"
+    if as_json:
+        out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    else:
+        out.write(format_report(result, cfg.data.max_length) + "\n")
+        if "eval" in result:
+            out.write("\neval split:\n" + format_report(result["eval"], cfg.data.max_length) + "\n")
+        if failed:
+            out.write("\ninvalid rows: fix them, or set data.on_invalid: skip to drop them\n")
+    return 1 if failed else 0
+
+
+def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool | None = None) -> int:
+    """The first ``n`` examples as the model sees them, trained tokens marked, with a legend."""
+    from sft.data.chat import encode, resolve_template
+    from sft.data.pipeline import truncate_example
+
+    out = stream or sys.stdout
+    if color is None:
+        color = out.isatty() and not os.environ.get("NO_COLOR")
+    tok = _tokenizer(cfg)
+    template = resolve_template(cfg.data.template, tok, base_dir=cfg.base_dir)
+    convs, report = collect_conversations(cfg, "train")
+    out.write(legend(color) + "\n")
+    if report.invalid:
+        out.write(f"({report.invalid_rows} invalid rows not shown; run `sft data check` for the list)\n")
+    for conv in convs[:n]:
+        ex = encode(conv, tok, template, cfg.data.train_on)
+        note = ""
+        if len(ex) > cfg.data.max_length:
+            if cfg.data.truncation == "truncate":
+                ex, note = truncate_example(ex, cfg.data.max_length), f", truncated to {cfg.data.max_length}"
+            else:
+                note = f", longer than max_length {cfg.data.max_length}: dropped in training"
+        pieces = [(tok.decode(ex.input_ids[a:b]), trained) for a, b, trained in spans(ex.labels)]
+        out.write(f"\n=== {conv.location()}: {len(ex)} tokens, {ex.num_trained} trained{note} ===\n")
+        out.write(render(pieces, color) + "\n")
+    if not convs:
+        out.write("(no valid conversations)\n")
+    return 0
+
+
+def tokenize(cfg: Config, out: str) -> int:
+    """Write one ``{"input_ids", "labels"}`` JSON object per kept example, in input order."""
+    tok = _tokenizer(cfg)
+    ds = build_dataset(cfg, tok, "train")
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for ex in ds.examples:
+            f.write(json.dumps({"input_ids": ex.input_ids, "labels": ex.labels}) + "\n")
+    r = ds.report
+    sys.stderr.write(
+        f"wrote {len(ds.examples)} examples to {path} (dropped too long {r.dropped_too_long}, "
+        f"nothing to train {r.dropped_untrainable}, truncated {r.truncated}, invalid skipped {r.skipped})\n"
+    )
+    return 0

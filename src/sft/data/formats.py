@@ -1,0 +1,312 @@
+"""Rows -> ``Conversation``: the five input formats, detected from a row's keys or forced.
+
+Every function here is pure: a row (a decoded JSON object, a CSV/Parquet row as a dict) goes in,
+a ``Conversation`` and a list of problems come out. Problems read ``where: what is wrong; how to
+fix`` without the ``FILE:LINE:`` prefix, which the reader of the file adds.
+
+Formats:
+- ``messages``: ``{"messages": [{"role", "content", "train"?, "tool_calls"?, "name"?}], "tools"?}``
+- ``sharegpt``: ``{"conversations": [{"from", "value"}], "system"?, "tools"?}``
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?}``
+- ``prompt_completion``: ``{"prompt", "completion"}``, each a string or a list of messages
+- ``text``: ``{"text"}``, a plain document trained on every token
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sft.data.types import Conversation, Message
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+_SHAREGPT_NAMES = "human, gpt, system, function_call, observation"
+KEYS_HINT = (
+    "expected the keys of one format: messages, conversations (sharegpt), instruction+output (alpaca), "
+    "prompt+completion, or text; or set format: in the config"
+)
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row's keys indicate, or None when they fit none.
+
+    >>> detect_format({"messages": []})
+    'messages'
+    >>> detect_format({"instruction": "Add 2+2", "input": "", "output": "4"})
+    'alpaca'
+    >>> detect_format({"question": "?"}) is None
+    True
+    """
+    if not isinstance(row, dict):
+        return None
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _maybe_json(value: Any) -> Any:
+    """CSV and Parquet cells (and glaive's ``tools``) hold lists as JSON strings."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _text(value: Any, where: str, problems: list[str]) -> str | None:
+    """A message's content: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    ):
+        return "".join(p["text"] for p in value)
+    problems.append(f"{where} is {_type(value)}; write the text as a string")
+    return None
+
+
+def _tools(row: dict[str, Any], problems: list[str]) -> list[dict[str, Any]] | None:
+    tools = _maybe_json(row.get("tools"))
+    if tools is None or tools == "" or tools == []:
+        return None
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        problems.append(f"tools is {_type(tools)}; write a list of JSON tool schemas (or a JSON string of one)")
+        return None
+    return tools
+
+
+def _message(m: Any, where: str, problems: list[str]) -> Message | None:
+    if not isinstance(m, dict):
+        problems.append(f"{where} is {_type(m)}; write an object with role and content")
+        return None
+    role = m.get("role")
+    if role not in ROLES:
+        what = "missing" if role is None else repr(role)
+        problems.append(f"{where}.role is {what}; use one of {', '.join(ROLES)}")
+        return None
+    tool_calls = m.get("tool_calls")
+    if tool_calls is not None and not (isinstance(tool_calls, list) and all(isinstance(c, dict) for c in tool_calls)):
+        problems.append(f"{where}.tool_calls is {_type(tool_calls)}; write a list of call objects")
+        return None
+    content: Any = m.get("content")
+    if content is None and tool_calls:
+        content = ""
+    text = _text(content, f"{where}.content", problems)
+    if text is None:
+        return None
+    train = m.get("train")
+    if train is not None and not isinstance(train, bool):
+        problems.append(f"{where}.train is {train!r}; use true or false")
+        return None
+    name = m.get("name")
+    return Message(role, text, train=train, tool_calls=tool_calls or None, name=name if isinstance(name, str) else None)
+
+
+def _messages(value: Any, where: str, problems: list[str]) -> list[Message]:
+    value = _maybe_json(value)
+    if not isinstance(value, list):
+        problems.append(f"{where} is {_type(value)}; write a list of {{role, content}} objects")
+        return []
+    out = []
+    for i, m in enumerate(value):
+        msg = _message(m, f"{where}[{i}]", problems)
+        if msg is not None:
+            out.append(msg)
+    return out
+
+
+def _from_messages(row: dict[str, Any], problems: list[str]) -> Conversation:
+    return Conversation(_messages(row.get("messages"), "messages", problems), tools=_tools(row, problems))
+
+
+def _from_sharegpt(row: dict[str, Any], problems: list[str]) -> Conversation:
+    turns = _maybe_json(row.get("conversations"))
+    msgs: list[Message] = []
+    if not isinstance(turns, list):
+        problems.append(f"conversations is {_type(turns)}; write a list of {{from, value}} objects")
+        turns = []
+    system = row.get("system")
+    if system not in (None, ""):
+        text = _text(system, "system", problems)
+        if text is not None:
+            msgs.append(Message("system", text))
+    for i, t in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            problems.append(f"{where} is {_type(t)}; write an object with from and value")
+            continue
+        frm = t.get("from")
+        role = SHAREGPT_ROLES.get(frm) if isinstance(frm, str) else None
+        if role is None:
+            what = "missing" if frm is None else repr(frm)
+            problems.append(f"{where}.from is {what}; use one of {_SHAREGPT_NAMES}")
+            continue
+        text = _text(t.get("value"), f"{where}.value", problems)
+        if text is not None:
+            msgs.append(Message(role, text))  # type: ignore[arg-type]
+    return Conversation(msgs, tools=_tools(row, problems))
+
+
+def _from_alpaca(row: dict[str, Any], problems: list[str]) -> Conversation:
+    msgs: list[Message] = []
+    system = row.get("system")
+    if system not in (None, ""):
+        text = _text(system, "system", problems)
+        if text is not None:
+            msgs.append(Message("system", text))
+    history = _maybe_json(row.get("history"))
+    if history not in (None, ""):
+        ok = isinstance(history, list) and all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history
+        )
+        if not ok:
+            problems.append("history is not a list of [user, assistant] string pairs; fix or remove it")
+        else:
+            for user, assistant in history:
+                msgs += [Message("user", user), Message("assistant", assistant)]
+    instruction = row.get("instruction")
+    extra = row.get("input")
+    if not isinstance(instruction, str) or not instruction.strip():
+        what = "empty" if isinstance(instruction, str) else f"{_type(instruction)}"
+        problems.append(f"instruction is {what}; write the task as a non-empty string")
+        instruction = ""
+    if extra is not None and not isinstance(extra, str):
+        problems.append(f"input is {_type(extra)}; write it as a string (or leave it empty)")
+        extra = None
+    prompt = f"{instruction}\n{extra}" if extra else instruction
+    msgs.append(Message("user", prompt))
+    output = row.get("output")
+    if isinstance(output, str):
+        msgs.append(Message("assistant", output))
+    else:
+        problems.append(f"output is {_type(output)}; write the answer as a string")
+    return Conversation(msgs)
+
+
+def _from_prompt_completion(row: dict[str, Any], problems: list[str]) -> Conversation:
+    msgs: list[Message] = []
+    for key, role in (("prompt", "user"), ("completion", "assistant")):
+        value = row.get(key)
+        if isinstance(value, str):
+            msgs.append(Message(role, value))  # type: ignore[arg-type]
+        else:
+            msgs += _messages(value, key, problems)
+    return Conversation(msgs, tools=_tools(row, problems))
+
+
+def _from_text(row: dict[str, Any], problems: list[str]) -> Conversation:
+    text = row.get("text")
+    if not isinstance(text, str):
+        problems.append(f"text is {_type(text)}; write the document as a string")
+    elif not text.strip():
+        problems.append("text is empty; remove the row or write the document")
+    return Conversation([Message("assistant", text if isinstance(text, str) else "")], is_text=True)
+
+
+REQUIRED = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+
+_PARSERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt_completion": _from_prompt_completion,
+    "text": _from_text,
+}
+
+
+def check_conversation(conv: Conversation) -> list[str]:
+    """Problems that make a conversation untrainable, whatever its format.
+
+    >>> check_conversation(Conversation([Message("user", "hi")]))
+    ['no assistant turn; add at least one assistant message to train on']
+    """
+    if conv.is_text:
+        return []
+    problems = []
+    if not any(m.role == "assistant" for m in conv.messages):
+        return ["no assistant turn; add at least one assistant message to train on"]
+    for i, m in enumerate(conv.messages):
+        if m.role == "assistant" and not m.content.strip() and not m.tool_calls:
+            problems.append(f"messages[{i}].content is empty; write the assistant's answer or remove the turn")
+    return problems
+
+
+def parse_row(row: Any, fmt: str, system: str | None = None) -> tuple[Conversation | None, list[str]]:
+    """Normalise one row of format ``fmt``; returns the conversation, or None and every problem.
+
+    ``system`` is added as a system prompt to conversations that have none (``data.system``).
+
+    >>> conv, problems = parse_row({"instruction": "Add", "input": "2+2", "output": "4"}, "alpaca")
+    >>> [(m.role, m.content) for m in conv.messages], problems
+    ([('user', 'Add\\n2+2'), ('assistant', '4')], [])
+    >>> parse_row({"messages": [{"role": "bot", "content": "hi"}]}, "messages")[1]
+    ["messages[0].role is 'bot'; use one of system, user, assistant, tool"]
+    """
+    if not isinstance(row, dict):
+        return None, [f"row is {_type(row)}; each row must be a JSON object"]
+    if fmt not in _PARSERS:
+        return None, [f"format {fmt!r} is unknown; use one of {', '.join(FORMATS)}"]
+    missing = [k for k in REQUIRED[fmt] if k not in row]
+    if missing:
+        return None, [
+            f"{' and '.join(missing)} missing (the row has keys {sorted(row)}) for format {fmt}; "
+            "add the key, or set format: for this source if its rows differ from the first row"
+        ]
+    problems: list[str] = []
+    conv = _PARSERS[fmt](row, problems)
+    if problems:
+        return None, problems
+    problems = check_conversation(conv)
+    if problems:
+        return None, problems
+    if system and not conv.is_text and not any(m.role == "system" for m in conv.messages):
+        conv.messages.insert(0, Message("system", system))
+    return conv, []
+
+
+def conversation_key(conv: Conversation) -> str:
+    """A canonical string of what a conversation says, for finding exact duplicates.
+
+    >>> a = Conversation([Message("user", "hi"), Message("assistant", "yo")], source="a.jsonl", line=1)
+    >>> b = Conversation([Message("user", "hi"), Message("assistant", "yo")], source="b.jsonl", line=9)
+    >>> conversation_key(a) == conversation_key(b)
+    True
+    """
+    body = {
+        "m": [[m.role, m.content, m.train, m.tool_calls, m.name] for m in conv.messages],
+        "t": conv.tools,
+        "x": conv.is_text,
+    }
+    return json.dumps(body, sort_keys=True, ensure_ascii=False)

@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from sft.config import Config, DataConfig, EvalConfig, SourceConfig
+from sft.data.pipeline import build_dataset, collect_conversations, load_conversations
+from sft.data.types import IGNORE
+from sft.errors import SftError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def qa(i):
+    return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+
+
+def make_cfg(tmp_path, sources, **data):
+    cfg = Config(data=DataConfig(train=[s if isinstance(s, SourceConfig) else SourceConfig(s) for s in sources],
+                                 cache_dir=str(tmp_path / "cache"), **data))
+    return cfg
+
+
+def answers(convs):
+    return [c.messages[-1].content for c in convs]
+
+
+def test_mixed_formats_and_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    a = write_jsonl(tmp_path / "a.jsonl", [qa(0), qa(1)])
+    d = tmp_path / "dir"
+    d.mkdir()
+    (d / "b.csv").write_text("instruction,input,output\nhi,,c0\n")
+    (d / "c.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "x"},
+                                                            {"from": "gpt", "value": "c1"}]}], indent=1))
+    pq.write_table(pa.Table.from_pylist([{"text": "doc"}]), tmp_path / "t.parquet")
+    cfg = make_cfg(tmp_path, [a, str(d), str(tmp_path / "t.parquet")])
+    convs, rep = load_conversations(cfg)
+    assert answers(convs) == ["a0", "a1", "c0", "c1", "doc"]
+    assert [(os.path.basename(c.source), c.line) for c in convs] == [
+        ("a.jsonl", 1), ("a.jsonl", 2), ("b.csv", 2), ("c.json", 2), ("t.parquet", 1)]
+    assert [(s.name, s.format, s.rows) for s in rep.sources] == [
+        ("a.jsonl", "messages", 2), ("dir", "alpaca+sharegpt", 2), ("t.parquet", "text", 1)]
+    # dir: the format is detected per file
+    assert convs[-1].is_text and rep.rows == rep.valid == 5
+
+
+def test_invalid_rows_error_lists_every_problem_with_file_and_line(tmp_path):
+    rows = [qa(i) for i in range(45)]
+    rows[40]["messages"].append({"role": "bot", "content": "x"})
+    rows[42] = {"messages": [{"role": "user", "content": "no answer"}]}
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, rows)
+    with path.open("a") as f:
+        f.write("{not json\n")
+    cfg = make_cfg(tmp_path, [str(path)])
+    with pytest.raises(SftError) as e:
+        load_conversations(cfg)
+    msg = str(e.value)
+    assert f"{path}:41: messages[2].role is 'bot'; use one of system, user, assistant, tool" in msg
+    assert f"{path}:43: no assistant turn; add at least one assistant message to train on" in msg
+    assert f"{path}:46: not valid JSON (Expecting property name enclosed in double quotes at column 2)" in msg
+    assert "data.on_invalid: skip" in msg
+
+    cfg.data.on_invalid = "skip"
+    convs, rep = load_conversations(cfg)
+    assert len(convs) == 43 and rep.skipped == rep.invalid_rows == 3
+    assert [(p["line"], p["error"][:20]) for p in rep.invalid] == [
+        (41, "messages[2].role is "), (43, "no assistant turn; a"), (46, "not valid JSON (Expe")]
+
+
+def test_unknown_format_row_is_reported(tmp_path):
+    cfg = make_cfg(tmp_path, [write_jsonl(tmp_path / "x.jsonl", [{"question": "q"}])])
+    _, rep = collect_conversations(cfg)
+    assert rep.invalid[0]["error"].startswith("row keys are ['question']; expected the keys of one format")
+
+
+def test_forced_format_overrides_detection(tmp_path):
+    rows = [{"text": "t", "prompt": "p", "completion": "c"}]
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    assert load_conversations(make_cfg(tmp_path, [path]))[0][0].is_text is False  # prompt/completion first
+    convs, _ = load_conversations(make_cfg(tmp_path, [SourceConfig(path, format="text")]))
+    assert convs[0].is_text
+    convs, _ = load_conversations(make_cfg(tmp_path, [path], format="text"))
+    assert convs[0].is_text
+
+
+def test_limit_weight_and_system(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [qa(i) for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [qa(100 + i) for i in range(10)])
+    convs, rep = load_conversations(make_cfg(tmp_path, [SourceConfig(a, limit=3), b], system="S"))
+    assert answers(convs)[:4] == ["a0", "a1", "a2", "a100"] and len(convs) == 13
+    assert convs[0].messages[0].content == "S" and rep.sources[0].rows == 3
+    convs, rep = load_conversations(make_cfg(tmp_path, [SourceConfig(a, weight=3.0), SourceConfig(b, weight=1.0)]))
+    assert [s.used for s in rep.sources] == [15, 5]
+    assert sum(x.startswith("a10") for x in answers(convs)) == 5
+
+
+def test_duplicates_counted_and_removed_only_with_dedup(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [qa(0), qa(1), qa(0), qa(0)])
+    convs, rep = load_conversations(make_cfg(tmp_path, [path]))
+    assert (len(convs), rep.duplicates, rep.deduplicated) == (4, 2, 0)
+    convs, rep = load_conversations(make_cfg(tmp_path, [path], dedup=True))
+    assert (answers(convs), rep.duplicates, rep.deduplicated) == (["a0", "a1"], 2, 2)
+
+
+def test_eval_split_and_eval_data(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [qa(i) for i in range(20)])
+    cfg = make_cfg(tmp_path, [path])
+    cfg.eval = EvalConfig(split=0.25)
+    train, rep = load_conversations(cfg, "train")
+    held, _ = load_conversations(cfg, "eval")
+    assert (len(train), len(held), rep.held_out) == (15, 5, 5)
+    assert sorted(answers(train) + answers(held), key=lambda s: int(s[1:])) == [f"a{i}" for i in range(20)]
+    cfg.train.seed = 7  # control: another seed holds out other rows
+    assert answers(load_conversations(cfg, "eval")[0]) != answers(held)
+    cfg.eval = EvalConfig(data=[SourceConfig(write_jsonl(tmp_path / "e.jsonl", [qa(99)]), metric="exact")])
+    held, _ = load_conversations(cfg, "eval")
+    assert answers(held) == ["a99"] and held[0].metric == "exact"
+    assert len(load_conversations(cfg, "train")[0]) == 20
+
+
+def test_missing_file_and_no_data(tmp_path):
+    with pytest.raises(SftError, match="data file not found"):
+        load_conversations(make_cfg(tmp_path, [str(tmp_path / "nope.jsonl")]))
+    with pytest.raises(SftError, match="no training data"):
+        load_conversations(make_cfg(tmp_path, []))
+
+
+# --------------------------------------------------------------------------------------------- tokenized
+
+
+def test_build_dataset_exact_tokens(tmp_path, smol_tok):
+    path = write_jsonl(tmp_path / "a.jsonl", [qa(0)])
+    ds = build_dataset(make_cfg(tmp_path, [path], system="S"), smol_tok, use_cache=False)
+    (ex,) = ds.examples
+    assert smol_tok.decode(ex.input_ids) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nq0<|im_end|>\n<|im_start|>assistant\na0<|im_end|>\n")
+    trained = [t for t in ex.labels if t != IGNORE]
+    assert smol_tok.decode(trained) == "a0<|im_end|>"
+    assert ds.report.trained_tokens == len(trained) == 3 and ds.report.total_tokens == len(ex)
+    assert "<|im_start|>" in ds.template
+
+
+def test_text_format_trains_every_token_and_appends_eos(tmp_path, smol_tok):
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "hello world"}])
+    (ex,) = build_dataset(make_cfg(tmp_path, [path]), smol_tok, use_cache=False).examples
+    assert ex.input_ids[-1] == smol_tok.eos_token_id
+    assert ex.labels == [IGNORE, *ex.input_ids[1:]]
+
+
+def test_length_drop_and_truncate(tmp_path, smol_tok):
+    long_answer = "word " * 60
+    rows = [qa(0), {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": long_answer}]},
+            {"messages": [{"role": "user", "content": "x " * 60}, {"role": "assistant", "content": "a"}]}]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    ds = build_dataset(make_cfg(tmp_path, [path], max_length=40), smol_tok, use_cache=False)
+    assert (len(ds.examples), ds.report.dropped_too_long, ds.report.truncated) == (1, 2, 0)
+    ds = build_dataset(make_cfg(tmp_path, [path], max_length=40, truncation="truncate"), smol_tok, use_cache=False)
+    # row 3's prompt alone is longer than 40 tokens: truncating would leave nothing to train, so it is dropped
+    assert (len(ds.examples), ds.report.dropped_too_long, ds.report.truncated) == (2, 1, 1)
+    ex = ds.examples[1]
+    assert len(ex) == 40 and ex.truncated and ex.num_trained > 0 and ex.line == 2
+
+
+def test_untrainable_rows_are_counted(tmp_path, smol_tok):
+    row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "train": False}]}
+    ds = build_dataset(make_cfg(tmp_path, [write_jsonl(tmp_path / "a.jsonl", [row, qa(1)])]), smol_tok,
+                       use_cache=False)
+    assert (len(ds.examples), ds.report.dropped_untrainable) == (1, 1)
+
+
+def test_cache_is_reused_and_invalidated(tmp_path, smol_tok):
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, [qa(i) for i in range(5)])
+    cfg = make_cfg(tmp_path, [str(path)])
+    first = build_dataset(cfg, smol_tok)
+    second = build_dataset(cfg, smol_tok)
+    assert not first.report.cached and second.report.cached
+    assert [(e.input_ids, e.labels, e.line) for e in second.examples] == [
+        (e.input_ids, e.labels, e.line) for e in first.examples]
+    assert second.report.to_dict() | {"cached": False} == first.report.to_dict()
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".safetensors"]  # no pickle
+    cfg.data.max_length = 64  # control: a setting change is a miss
+    assert not build_dataset(cfg, smol_tok).report.cached
+    write_jsonl(path, [qa(i) for i in range(6)])  # an input change is a miss
+    ds = build_dataset(cfg, smol_tok)
+    assert not ds.report.cached and len(ds.examples) == 6
+
+
+def test_build_dataset_strict_raises_and_never_caches_invalid(tmp_path, smol_tok):
+    path = write_jsonl(tmp_path / "a.jsonl", [qa(0), {"messages": []}])
+    cfg = make_cfg(tmp_path, [path])
+    with pytest.raises(SftError, match=r"a.jsonl:2: no assistant turn"):
+        build_dataset(cfg, smol_tok)
+    ds = build_dataset(cfg, smol_tok, strict=False)
+    assert len(ds.examples) == 1 and ds.report.invalid_rows == 1
+    assert not (tmp_path / "cache").exists()

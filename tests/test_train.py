@@ -1,0 +1,199 @@
+"""The training loop's invariants, each with a control that shows the check can fail.
+
+- batch 4 x accumulation 1 == batch 1 x accumulation 4 (per-step loss and final weights);
+- a run killed with SIGKILL and resumed == an uninterrupted run (per-step losses, exactly);
+- packed and unpacked training give the same first-step loss;
+- golden first losses of a seeded tiny run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sft.config import load_config
+from sft.train import train
+
+ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}." + " Indeed." * (a % 4)}]}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)]
+] + [
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                  {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green, then red."}]}
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol_tok):
+    from conftest import tiny_llama
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(smol_tok)).save_pretrained(str(d), safe_serialization=True)
+    smol_tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def make_cfg(tiny_dir, data_file, out, *extra):
+    return load_config(None, [
+        f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
+        "--train.precision=fp32", "--train.warmup=0", "--train.schedule=constant", "--data.max_length=128",
+        f"--data.cache_dir={Path(out).parent / 'cache'}", *extra,
+    ])
+
+
+def losses_of(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_grad_accum_equivalence(tiny_dir, data_file, tmp_path):
+    a = train(make_cfg(tiny_dir, data_file, tmp_path / "a", "--train.batch_size=4", "--train.grad_accum=1",
+                       "--data.packing=false", "--train.max_steps=2"), progress=False)
+    b = train(make_cfg(tiny_dir, data_file, tmp_path / "b", "--train.batch_size=1", "--train.grad_accum=4",
+                       "--data.packing=false", "--train.max_steps=2"), progress=False)
+    assert len(a.losses) == len(b.losses) == 2
+    torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=1e-6)
+    wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    start = load_file(str(tiny_dir / "model.safetensors"))
+    assert any(not torch.equal(wa[k], start[k]) for k in wa)  # training moved the weights
+
+
+def test_per_microbatch_mean_would_differ(tiny_dir, data_file, tmp_path):
+    """Control: the 2024 bug (mean per micro-batch, then mean over micro-batches) gives another loss."""
+    from sft.data.pipeline import build_dataset
+    from sft.loss import token_loss_sum
+    from sft.models import load_model, load_tokenizer
+    from sft.train import to_batch
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "c", "--data.packing=false")
+    tok = load_tokenizer(cfg.model)
+    ex = build_dataset(cfg, tok).examples[:4]
+    model = load_model(cfg.model)
+    sums = [token_loss_sum(model, to_batch([e], False, 0, torch.device("cpu"))) for e in ex]
+    right = sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
+    wrong = sum(float(s) / n for s, n in sums) / len(sums)
+    assert abs(right - wrong) > 1e-3
+
+
+def test_packed_and_unpacked_first_loss_equal(tiny_dir, data_file, tmp_path):
+    common = ["--train.batch_size=16", "--train.max_steps=1"]
+    packed = train(make_cfg(tiny_dir, data_file, tmp_path / "p", "--data.packing=true", *common), progress=False)
+    padded = train(make_cfg(tiny_dir, data_file, tmp_path / "u", "--data.packing=false", *common), progress=False)
+    assert packed.losses[0] == pytest.approx(padded.losses[0], rel=1e-5)
+
+
+def test_packed_loss_with_leaking_attention_differs(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Control: if position_ids did not restart, examples would attend to each other."""
+    import sft.train as train_mod
+    from sft.data import collate
+
+    common = ["--train.batch_size=16", "--train.max_steps=1"]
+    good = train(make_cfg(tiny_dir, data_file, tmp_path / "g", "--data.packing=true", *common), progress=False)
+
+    def leaky(examples):
+        b = collate.collate_packed(examples)
+        b["position_ids"] = torch.arange(b["input_ids"].shape[1])[None]
+        return b
+
+    monkeypatch.setattr(train_mod, "collate_packed", leaky)
+    bad = train(make_cfg(tiny_dir, data_file, tmp_path / "l", "--data.packing=true", *common), progress=False)
+    assert abs(good.losses[0] - bad.losses[0]) > 1e-4
+
+
+def test_golden_first_losses(tiny_dir, data_file, tmp_path):
+    r = train(make_cfg(tiny_dir, data_file, tmp_path / "g", "--train.batch_size=2", "--train.max_steps=3",
+                       "--data.packing=false"), progress=False)
+    assert r.losses == pytest.approx(GOLDEN, rel=1e-4)
+
+
+# First losses of the seeded tiny run above (fp32, CPU). ln(49152) = 10.80: a random model starts near it.
+GOLDEN = [10.85319, 10.79443, 10.74002]
+
+
+def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sft.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_sigkill_and_resume_gives_identical_losses(tiny_dir, data_file, tmp_path, monkeypatch):
+    extra = ["--train.batch_size=2", "--train.max_steps=8", "--train.save_every=2", "--data.packing=false",
+             "--train.keep_checkpoints=2"]
+    train(make_cfg(tiny_dir, data_file, tmp_path / "ref", *extra), progress=False)
+    ref = losses_of(tmp_path / "ref")
+    assert len(ref) == 8
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text("\n".join([f"model: {tiny_dir}", f"output_dir: {tmp_path / 'run'}",
+                                   "data:", f"  train: {data_file}", "  max_length: 128", "  packing: false",
+                                   f"  cache_dir: {tmp_path / 'cache'}",
+                                   "train:", "  lr: 1.0e-3", "  precision: fp32", "  warmup: 0",
+                                   "  schedule: constant", "  batch_size: 2", "  max_steps: 8",
+                                   "  save_every: 2", "  keep_checkpoints: 2", ""]))
+    killed = _run_cli(["train", str(cfg_path)], env={"SFT_DEBUG_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9, killed.stderr
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not (tmp_path / "run" / "final").exists()
+    again = _run_cli(["train", str(cfg_path)])
+    assert again.returncode == 1 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    resumed = _run_cli(["train", str(cfg_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming from" in resumed.stdout
+    assert losses_of(tmp_path / "run") == ref  # exact: fp32 on CPU, same RNG, same data position
+
+    # control: a resume that forgets the optimizer state does not reproduce the losses
+    import sft.checkpoint as ck
+
+    monkeypatch.setattr(ck, "_load_optimizer", lambda *a, **k: None)
+    part = _run_cli(["train", str(cfg_path), "--output_dir=" + str(tmp_path / "run2")],
+                    env={"SFT_DEBUG_KILL_AT_STEP": "5"})
+    assert part.returncode == -9
+    train(make_cfg(tiny_dir, data_file, tmp_path / "run2", *extra), resume=True, progress=False)
+    control = losses_of(tmp_path / "run2")
+    assert control[:4] == ref[:4] and control[4:] != ref[4:]
+
+
+def test_final_loads_in_plain_transformers(tiny_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out = tmp_path / "e2e"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# everything from the command line\n")
+    r = _run_cli(["train", str(empty), f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}",
+                  "--train.max_steps=2", "--train.precision=fp32", f"--data.cache_dir={tmp_path / 'cache'}"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.yaml").is_file() and (out / "run_state.json").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[0]) >= {"step", "loss", "lr", "grad_norm", "tokens", "trained_tokens", "elapsed_s"}
+    final = out / "final"
+    assert (final / "model.safetensors").is_file() and not list(final.glob("*.bin"))
+    tok = AutoTokenizer.from_pretrained(str(final))
+    model = AutoModelForCausalLM.from_pretrained(str(final))
+    gen = GenerationConfig.from_pretrained(str(final))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in gen.eos_token_id and gen.pad_token_id not in gen.eos_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out_ids = model.generate(**ids, max_new_tokens=3)
+    assert out_ids.shape[1] > ids["input_ids"].shape[1]
+    again = _run_cli(["train", str(empty), f"--model={tiny_dir}", f"--data.train={data_file}",
+                      f"--output_dir={out}"])
+    assert again.returncode == 1 and "already holds a run" in again.stderr

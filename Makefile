@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/sft demo
+	$(BIN)/sft train examples/demo/demo.yaml --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -221,7 +221,6 @@ def train(
 
     # ---- model
     model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
-    model.config.use_cache = False
     before: dict[str, Any] | None = None
     if cfg.eval.before_after and has_eval and rank == 0 and not resume:
         from sft.evaluate import evaluate

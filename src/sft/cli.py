@@ -71,7 +71,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from sft.sweep import run_lr_find
+    from sft.lr_find import run_lr_find
 
     return run_lr_find(_config(args))
 

@@ -1,0 +1,359 @@
+"""`sft sweep` (a grid of normal training runs, pruned, chosen under a forgetting budget) and
+`sft lr-find` lives in lr_find.py.
+
+Each trial is an ordinary ``sft train`` run in ``output_dir/trials/<name>/`` with its own complete
+``config.yaml``, metrics, checkpoints and eval, so it can be inspected, resumed or used alone.
+Sweep bookkeeping per trial lives in ``trial.json`` (status, prune reason, wall time).
+The pure parts (grid expansion, trial names, pruning, choice) are plain functions on lists and
+dicts; ``run_sweep`` only wires them to ``train()`` (injectable as ``train_fn`` for tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.config import Config, from_dict, load_config, parse_override, resolve_path, to_dict, validate
+from sft.errors import SftError
+from sft.sweep_report import OBJECTIVES, choose, read_json, read_metrics, summarize_trial, write_sweep_report
+
+# ---------------------------------------------------------------------------------------------
+# grid: command-line lists and sweep.grid -> one override dict per trial
+
+
+def split_overrides(overrides: list[str]) -> tuple[dict[str, list[Any]], list[str]]:
+    """Split ``--key=a,b`` (a grid axis) from ``--key=v`` (a plain override).
+
+    A value in brackets or braces is one YAML value, not an axis.
+
+    >>> split_overrides(["--train.lr=1e-5,3e-5", "--train.max_steps=20", "--lora.target_modules=[q,v]"])
+    ({'train.lr': [1e-05, 3e-05]}, ['--train.max_steps=20', '--lora.target_modules=[q,v]'])
+    """
+    grid: dict[str, list[Any]] = {}
+    plain: list[str] = []
+    for item in overrides:
+        key, _ = parse_override(item)  # validates the --key=value shape
+        raw = item.split("=", 1)[1]
+        if "," in raw and raw.strip()[:1] not in "[{\"'":
+            grid[key] = [parse_override(f"{key}={piece.strip()}")[1] for piece in raw.split(",") if piece.strip()]
+        else:
+            plain.append(item)
+    return grid, plain
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the axes, the first axis varying slowest.
+
+    >>> expand_grid({"train.lr": [1e-5, 1e-4], "train.batch_size": [4, 8]})  # doctest: +NORMALIZE_WHITESPACE
+    [{'train.lr': 1e-05, 'train.batch_size': 4}, {'train.lr': 1e-05, 'train.batch_size': 8},
+     {'train.lr': 0.0001, 'train.batch_size': 4}, {'train.lr': 0.0001, 'train.batch_size': 8}]
+    >>> expand_grid({})
+    [{}]
+    """
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SftError(f"sweep.grid.{key}: expected a non-empty list of values, e.g. [1e-5, 1e-4]")
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def format_value(value: Any) -> str:
+    """A short, file-name-safe spelling of a grid value.
+
+    >>> [format_value(v) for v in (1e-5, 3e-4, 2.5e-05, 0.1, 8, True, "q_proj/v")]
+    ['1e-05', '3e-04', '2.5e-05', '0.1', '8', 'true', 'q_proj_v']
+    """
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 0.1:
+            mantissa, exp = f"{value:.6e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{exp}"
+        return f"{value:g}"
+    text = str(value)
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
+
+
+def trial_name(values: dict[str, Any]) -> str:
+    """``lr=1e-05,batch_size=8``: the last part of each key, or the whole key when two share it.
+
+    >>> trial_name({"train.lr": 1e-5, "train.batch_size": 8})
+    'lr=1e-05,batch_size=8'
+    >>> trial_name({"train.lr": 1e-5, "other.lr": 2})
+    'train.lr=1e-05,other.lr=2'
+    >>> trial_name({})
+    'base'
+    """
+    if not values:
+        return "base"
+    short = [k.rsplit(".", 1)[-1] for k in values]
+    names = [s if short.count(s) == 1 else k for s, k in zip(short, values)]
+    return ",".join(f"{n}={format_value(v)}" for n, v in zip(names, values.values()))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for k in parents:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[last] = value
+
+
+def _get_dotted(cfg: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        cfg = cfg[k] if isinstance(cfg, dict) else getattr(cfg, k)
+    return cfg
+
+
+def _absolute(cfg: Config, path: str) -> str:
+    p = resolve_path(cfg, path)
+    return str(p.resolve()) if p.exists() else path
+
+
+def trial_config(base: Config, values: dict[str, Any], out: Path) -> Config:
+    """``base`` with the grid ``values`` applied, output in ``out``, paths made absolute (so the
+    trial's ``config.yaml`` works on its own), and eval before/after forced on when eval data exist."""
+    data = to_dict(base)
+    for key, value in values.items():
+        if key.startswith("sweep.") or key == "output_dir":
+            raise SftError(f"{key}: cannot be a sweep axis; sweep over model, data, train, lora or eval keys")
+        _set_dotted(data, key, value)
+    data["output_dir"] = str(out.resolve())
+    data["sweep"]["grid"] = {}
+    cfg: Config = from_dict(Config, data)
+    cfg.base_dir = base.base_dir
+    validate(cfg)
+    for src in cfg.data.train + cfg.eval.data:
+        src.path = _absolute(cfg, src.path)
+    cfg.model = _absolute(cfg, cfg.model)
+    if cfg.data.template.endswith(".jinja"):
+        cfg.data.template = _absolute(cfg, cfg.data.template)
+    if cfg.eval.reference:
+        cfg.eval.reference = _absolute(cfg, cfg.eval.reference)
+    if cfg.data.cache_dir:
+        cfg.data.cache_dir = _absolute(cfg, cfg.data.cache_dir)
+    if has_eval(cfg):
+        cfg.eval.before_after = True
+    return cfg
+
+
+def has_eval(cfg: Config) -> bool:
+    return bool(cfg.eval.data) or cfg.eval.split > 0
+
+
+def before_key(cfg: Config) -> str:
+    """What the "before" eval of the starting model depends on: everything but the training
+    hyperparameters (train.seed stays: it picks the eval.split hold-out). Trials with the same
+    key share one before.json."""
+    d = to_dict(cfg)
+    for k in ("output_dir", "sweep", "lora"):
+        d.pop(k, None)
+    d["train"] = {"seed": cfg.train.seed}
+    d["data"].pop("packing", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# pruning: pure decisions over loss curves (losses[i] is the loss of step i + 1)
+
+
+@dataclass
+class PruneRules:
+    grace: int = 3  # steps (at least the warm-up) before the divergence and behind rules apply
+    diverge_factor: float = 1.5  # smoothed loss above this x the first step's loss: diverged
+    behind_margin: float = 0.10  # smoothed loss above the worst finished curve by this fraction: behind
+    min_finished: int = 2  # finished trials needed before the behind rule applies
+    window: int = 3  # trailing mean used for both rules
+
+
+def smooth(losses: list[float], window: int) -> list[float]:
+    """Trailing mean over ``window`` steps.
+
+    >>> smooth([4.0, 2.0, 3.0, 1.0], 2)
+    [4.0, 3.0, 2.5, 2.0]
+    """
+    return [sum(losses[max(0, i + 1 - window) : i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(losses))]
+
+
+def prune_reason(losses: list[float], finished: list[list[float]], rules: PruneRules) -> str | None:
+    """Why a running trial should stop now, or None. ``finished``: loss curves of finished trials.
+
+    >>> r = PruneRules(grace=2, window=1)
+    >>> prune_reason([2.0, 1.8, 1.7, 1.6], [], r) is None
+    True
+    >>> prune_reason([2.0, 1.9, float("nan")], [], r)
+    'diverged: loss is nan at step 3'
+    >>> prune_reason([2.0, 2.5, 3.5], [], r)
+    'diverged: loss 3.5 at step 3 > 1.5 x the first step (2)'
+    >>> prune_reason([2.0, 1.9, 1.9], [[2.0, 1.5, 1.2], [2.0, 1.6, 1.4]], r)
+    'behind: loss 1.9 at step 3 > 1.4 (worst finished trial) + 10%'
+    """
+    step = len(losses)
+    if step == 0:
+        return None
+    if not math.isfinite(losses[-1]):
+        return f"diverged: loss is {losses[-1]} at step {step}"
+    if step <= rules.grace:
+        return None
+    now = smooth(losses, rules.window)[-1]
+    if now > rules.diverge_factor * losses[0]:
+        return f"diverged: loss {now:.4g} at step {step} > {rules.diverge_factor:g} x the first step ({losses[0]:.4g})"
+    curves = [smooth(c, rules.window) for c in finished if len(c) >= step]
+    if len(curves) >= rules.min_finished:
+        worst = max(c[step - 1] for c in curves)
+        if now > worst * (1 + rules.behind_margin):
+            return (f"behind: loss {now:.4g} at step {step} > {worst:.4g} (worst finished trial) "
+                    f"+ {rules.behind_margin:.0%}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# `sft sweep CONFIG [--key=a,b ...]`
+
+TrainFn = Callable[..., Any]  # train(cfg, resume=, progress=, stop_check=) -> RunResult
+
+
+def _losses(trial_dir: Path) -> dict[int, float]:
+    return {int(r["step"]): float(r["loss"]) for r in read_metrics(trial_dir / "metrics.jsonl") if "loss" in r}
+
+
+def _curve(history: dict[int, float]) -> list[float]:
+    return [history[s] for s in sorted(history)]
+
+
+def _grace(cfg: Config, known_total: int | None) -> int:
+    from sft.optim import warmup_steps
+
+    total = cfg.train.max_steps or known_total
+    warm = warmup_steps(cfg.train, total or 0)  # a fraction of an unknown total counts as 0
+    return max(3, warm)
+
+
+def _nan_reason(message: str) -> str | None:
+    """train() stops with an SftError on a non-finite loss (train.on_nan: stop): that is divergence."""
+    head = message.split(". ", 1)[0]
+    if "loss is nan" in head or "loss is inf" in head:
+        step, _, what = head.partition(": ")
+        return f"diverged: {what} at {step}"
+    return None
+
+
+def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, list[tuple[str, dict[str, Any], Config]]]:
+    """The base config and (name, grid values, trial config) for every trial, validated up front."""
+    cli_grid, plain = split_overrides(overrides)
+    base = load_config(config_path, plain)
+    grid = {**base.sweep.grid, **cli_grid}  # the command line wins on a shared key
+    if not grid:
+        raise SftError("sweep: no grid to search; give a list on the command line (e.g. --train.lr=1e-5,3e-5,1e-4) "
+                       "or a sweep.grid: section in the config")
+    if base.sweep.objective not in OBJECTIVES:
+        raise SftError(f"sweep.objective: {base.sweep.objective!r} is not supported; use one of {', '.join(OBJECTIVES)}")
+    if not has_eval(base):
+        raise SftError(f"sweep.objective: {base.sweep.objective} needs eval data to compare trials; "
+                       "set eval.data (conversations whose last assistant turn is the answer) or eval.split")
+    root = Path(base.output_dir) / "trials"
+    trials, seen = [], set()
+    for values in expand_grid(grid):
+        cfg = trial_config(base, values, root / "_")
+        coerced = {k: _get_dotted(cfg, k) for k in values}
+        name = trial_name(coerced)
+        if name in seen:
+            raise SftError(f"sweep.grid: two trials are both named {name!r}; remove the duplicate value")
+        seen.add(name)
+        cfg.output_dir = str((root / name).resolve())
+        trials.append((name, coerced, cfg))
+    return base, trials
+
+
+def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn | None = None,
+              progress: bool = True) -> int:
+    """Run (or continue) every trial, then choose and write ``sweep.{json,md,html}``.
+
+    Finished and pruned trials are skipped; interrupted ones resume from their checkpoint.
+    """
+    base, trials = plan_trials(config_path, overrides)
+    if train_fn is None:
+        from sft.train import train
+
+        train_fn = train
+    root = Path(base.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    finished: dict[str, list[float]] = {}
+    known_total: int | None = None
+    for name, _, cfg in trials:
+        if (Path(cfg.output_dir) / "run_state.json").exists():
+            finished[name] = _curve(_losses(Path(cfg.output_dir)))
+            known_total = known_total or (read_json(Path(cfg.output_dir) / "run_state.json") or {}).get("steps")
+
+    print(f"sweep: {len(trials)} trials in {root / 'trials'}", flush=True)
+    for n, (name, values, cfg) in enumerate(trials, 1):
+        out = Path(cfg.output_dir)
+        state = read_json(out / "trial.json") or {}
+        if (out / "run_state.json").exists() or state.get("status") == "pruned":
+            print(f"[{n}/{len(trials)}] {name}: {'finished' if name in finished else 'pruned'} earlier; skipped")
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        resume = (out / "checkpoints").is_dir()
+        shared = root / f"before-{before_key(cfg)}.json"
+        if cfg.eval.before_after and shared.exists() and not (out / "before.json").exists():
+            shutil.copyfile(shared, out / "before.json")  # the starting model is the same: evaluate it once
+        if (out / "before.json").exists():
+            resume = True  # train() then skips its "before" eval and reads before.json for its report
+        rules = PruneRules(grace=_grace(cfg, known_total))
+        history = _losses(out)
+
+        def check(step: int, loss: float, history: dict[int, float] = history, rules: PruneRules = rules) -> str | None:
+            history[step] = loss
+            return prune_reason(_curve({s: v for s, v in history.items() if s <= step}), list(finished.values()), rules)
+
+        print(f"[{n}/{len(trials)}] {name}: {'resuming' if (out / 'checkpoints').is_dir() else 'training'} -> {out}",
+              flush=True)
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"name": name, "params": values, "status": "finished", "reason": None}
+        result = None
+        try:
+            result = train_fn(cfg, resume=resume, progress=progress, stop_check=check if base.sweep.prune else None)
+        except SftError as e:
+            reason = _nan_reason(str(e))
+            record.update(status="pruned" if reason else "failed", reason=reason or str(e))
+            print(f"[{n}/{len(trials)}] {name}: {record['status']}: {record['reason']}", file=sys.stderr)
+        record["wall_s"] = round(float(state.get("wall_s", 0.0)) + time.perf_counter() - t0, 1)
+        if cfg.eval.before_after and not shared.exists() and (out / "before.json").exists():
+            shutil.copyfile(out / "before.json", shared)
+        if result is not None and result.interrupted:
+            record["status"] = "interrupted"
+        elif result is not None and result.stop_reason:
+            record.update(status="pruned", reason=result.stop_reason)
+            print(f"[{n}/{len(trials)}] {name}: pruned: {result.stop_reason}", flush=True)
+        (out / "trial.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+        if record["status"] == "finished":
+            finished[name] = _curve(_losses(out))
+            known_total = known_total or getattr(result, "steps", None)
+        if record["status"] == "interrupted":
+            print(f"sweep interrupted during {name}; run the same `sft sweep` command again to continue", flush=True)
+            break
+
+    summaries = [summarize_trial(Path(cfg.output_dir), name, values) for name, values, cfg in trials]
+    best, why = choose(summaries, base.sweep.objective, base.sweep.max_forgetting)
+    axes = {k: list(dict.fromkeys(v[k] for _, v, _ in trials)) for k in trials[0][1]}
+    settings = {"grid": axes, "objective": base.sweep.objective,
+                "max_forgetting": base.sweep.max_forgetting, "prune": base.sweep.prune}
+    befores = sorted(root.glob("before-*.json"))
+    paths = write_sweep_report(root, summaries, best, why, settings, read_json(befores[0]) if befores else None)
+    for t in summaries:
+        print(f"  {t['name']}: {why.get(t['name'], t['status'])}")
+    print(f"Best: {best} -> {Path(base.output_dir) / 'trials' / best}" if best else "No trial qualifies.")
+    print(f"Report: {paths[2]} and {paths[1]}", flush=True)
+    interrupted = any(t["status"] == "interrupted" for t in summaries)
+    return 130 if interrupted else 0

@@ -1,5 +1,5 @@
-"""`sft sweep` (a grid of normal training runs, pruned, chosen under a forgetting budget) and
-`sft lr-find` lives in lr_find.py.
+"""`sft sweep`: a grid of normal training runs, pruned, chosen under a forgetting budget
+(`sft lr-find`, which proposes the grid, lives in lr_find.py).
 
 Each trial is an ordinary ``sft train`` run in ``output_dir/trials/<name>/`` with its own complete
 ``config.yaml``, metrics, checkpoints and eval, so it can be inspected, resumed or used alone.

@@ -88,9 +88,9 @@ def test_per_microbatch_mean_would_differ(tiny_dir, data_file, tmp_path):
     tok = load_tokenizer(cfg.model)
     ex = build_dataset(cfg, tok).examples[:4]
     model = load_model(cfg.model)
-    sums = [token_loss_sum(model, to_batch([e], False, 0, torch.device("cpu"))) for e in ex]
-    right = sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
-    wrong = sum(float(s) / n for s, n in sums) / len(sums)
+    sums = [token_loss_sum(model, to_batch([[e]], False, 0, torch.device("cpu"))) for e in ex]
+    right = sum(float(s.detach()) for s, _ in sums) / sum(n for _, n in sums)
+    wrong = sum(float(s.detach()) / n for s, n in sums) / len(sums)
     assert abs(right - wrong) > 1e-3
 
 
@@ -109,12 +109,12 @@ def test_packed_loss_with_leaking_attention_differs(tiny_dir, data_file, tmp_pat
     common = ["--train.batch_size=16", "--train.max_steps=1"]
     good = train(make_cfg(tiny_dir, data_file, tmp_path / "g", "--data.packing=true", *common), progress=False)
 
-    def leaky(examples):
-        b = collate.collate_packed(examples)
-        b["position_ids"] = torch.arange(b["input_ids"].shape[1])[None]
+    def leaky(rows, pad_id):
+        b = collate.collate_packed_rows(rows, pad_id)
+        b["position_ids"] = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"]).clone()
         return b
 
-    monkeypatch.setattr(train_mod, "collate_packed", leaky)
+    monkeypatch.setattr(train_mod, "collate_packed_rows", leaky)
     bad = train(make_cfg(tiny_dir, data_file, tmp_path / "l", "--data.packing=true", *common), progress=False)
     assert abs(good.losses[0] - bad.losses[0]) > 1e-4
 

@@ -73,9 +73,8 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
     from sft import models
     from sft.data.batching import plan_steps
     from sft.data.pipeline import build_dataset
-    from sft.loss import token_loss_sum
     from sft.optim import make_optimizer
-    from sft.train import prepare_model, to_batch
+    from sft.train import forward_backward, prepare_model, step_batches
 
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,7 +87,6 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
                       cfg.data.max_length, t.epochs, steps, t.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model = prepare_model(cfg, models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)).to(device)
-    model.config.use_cache = False
     model.train()
     optimizer = make_optimizer(model, t)
     lrs = range_lrs(steps, start, end)
@@ -97,18 +95,12 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
     for step, lr in enumerate(lrs):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [to_batch([data.examples[i] for i in m], cfg.data.packing, pad_id, device) for m in plan[step]]
-        n = max(1, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
-        total = 0.0
-        for b in batches:
-            loss_sum, _ = token_loss_sum(model, b)
-            (loss_sum / n).backward()
-            total += float(loss_sum.detach())
+        batches, n_trained, _ = step_batches(plan[step], data.examples, cfg, pad_id, device)
+        losses.append(forward_backward(model, batches, n_trained, cfg))
         if t.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(total / n)
         smoothed = ema(losses, beta) if math.isfinite(losses[-1]) else [*smoothed, math.inf]
         print(f"lr-find {step + 1}/{steps} | lr {lr:.1e} | loss {losses[-1]:.4f} | smoothed {smoothed[-1]:.4f}",
               flush=True)

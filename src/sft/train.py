@@ -24,11 +24,11 @@ import torch.distributed as dist
 
 from sft import checkpoint, models
 from sft.config import Config, save_config, to_dict
-from sft.data.batching import plan_steps
-from sft.data.collate import collate_packed, collate_padded
-from sft.data.types import Example
+from sft.data.batching import Step, plan_steps
+from sft.data.collate import collate_packed_rows, collate_padded
+from sft.data.types import IGNORE, Example
 from sft.errors import SftError
-from sft.loss import token_loss_sum
+from sft.loss import token_loss_sum, unwrap
 from sft.optim import lr_at, make_optimizer
 from sft.saving import save_final
 
@@ -72,9 +72,44 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def to_batch(examples: list[Example], packing: bool, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    b = collate_packed(examples) if packing else collate_padded(examples, pad_id)
+def to_batch(rows: list[list[Example]], packing: bool, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One micro-batch on ``device``: packed rows ``[B, max_length]`` or padded sequences."""
+    if packing:
+        b = collate_packed_rows(rows, pad_id)
+    else:
+        b = collate_padded([ex for row in rows for ex in row], pad_id)
     return {k: v.to(device) for k, v in b.items()}
+
+
+def step_batches(
+    step: Step, examples: list[Example], cfg: Config, pad_id: int, device: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    """This rank's micro-batches of one optimizer step, and the step's trained and real token
+    counts summed over all ranks (the loss divides by the global trained count)."""
+    rank, world = rank_and_world()
+    micro = [m for i, m in enumerate(step) if i % world == rank]
+    batches = [to_batch([[examples[i] for i in row] for row in m], cfg.data.packing, pad_id, device)
+               for m in micro]
+    counts = torch.tensor(
+        [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches),
+         sum(len(examples[i]) for m in micro for row in m for i in row)], device=device,
+    )
+    if world > 1:
+        dist.all_reduce(counts)
+    return batches, int(counts[0]), int(counts[1])
+
+
+def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], n_trained: int, cfg: Config) -> float:
+    """Accumulate the gradients of one optimizer step; return its loss (token-mean over all ranks)."""
+    step_loss = torch.zeros((), device=batches[0]["input_ids"].device)
+    for b in batches:
+        with _autocast(cfg):
+            loss_sum, _ = token_loss_sum(model, b)
+        (loss_sum / max(1, n_trained)).backward()
+        step_loss += loss_sum.detach()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(step_loss)
+    return float(step_loss) / max(1, n_trained)
 
 
 def prepare_model(cfg: Config, model: Any) -> Any:
@@ -122,7 +157,7 @@ def eval_loss(model: Any, examples: list[Example], cfg: Config, pad_id: int, dev
     bs = max(1, cfg.eval.batch_size)
     with torch.no_grad(), _autocast(cfg):
         for k in range(0, len(examples), bs):
-            loss_sum, n = token_loss_sum(model, to_batch(examples[k : k + bs], False, pad_id, device))
+            loss_sum, n = token_loss_sum(model, to_batch([[e] for e in examples[k : k + bs]], False, pad_id, device))
             total += float(loss_sum)
             count += n
     model.train()
@@ -193,7 +228,7 @@ def train(
     from sft.data.chat import lint
     from sft.data.pipeline import build_dataset
 
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     out = Path(cfg.output_dir)
     _check_output_dir(out, resume, overwrite)
     if cfg.train.threads:
@@ -234,9 +269,8 @@ def train(
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)
     optimizer = make_optimizer(model, cfg.train)
-    step_fn = model
-    if cfg.train.compile:
-        step_fn = torch.compile(model)
+    if cfg.train.compile:  # compile the decoder in place: parameter names (and checkpoints) stay the same
+        unwrap(model).model.compile()
 
     # ---- resume
     out.mkdir(parents=True, exist_ok=True)
@@ -275,31 +309,15 @@ def train(
             lr = lr_at(step, total_steps, cfg.train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [m for i, m in enumerate(plan[step]) if i % world == rank]
-            batches = [to_batch([data.examples[i] for i in m], cfg.data.packing, pad_id, device) for m in micro]
-            counts = torch.tensor(
-                [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
-                 sum(len(data.examples[i]) for m in micro for i in m)], device=device,
-            )
-            if world > 1:
-                dist.all_reduce(counts)
-            n_trained, n_tokens = int(counts[0]), int(counts[1])
-            step_loss = torch.zeros((), device=device)
+            batches, n_trained, n_tokens = step_batches(plan[step], data.examples, cfg, pad_id, device)
             try:
-                for b in batches:
-                    with _autocast(cfg):
-                        loss_sum, _ = token_loss_sum(step_fn, b)
-                    (loss_sum / max(1, n_trained)).backward()
-                    step_loss += loss_sum.detach()
+                loss = forward_backward(model, batches, n_trained, cfg)
             except torch.OutOfMemoryError:
                 raise SftError(
                     f"step {step + 1}: out of memory; lower train.batch_size (now {cfg.train.batch_size}) or "
                     f"data.max_length (now {cfg.data.max_length}), raise train.grad_accum to keep the step size, "
                     "or set train.gradient_checkpointing: true or train.method: lora"
                 ) from None
-            if world > 1:
-                dist.all_reduce(step_loss)
-            loss = float(step_loss) / max(1, n_trained)
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.train.on_nan == "skip":

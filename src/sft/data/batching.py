@@ -12,7 +12,8 @@ import random
 
 from sft.data.packing import best_fit_decreasing
 
-Step = list[list[int]]  # micro-batches of example indices
+Row = list[int]  # example indices packed into one sequence (one index when not packing)
+Step = list[list[Row]]  # the micro-batches of one optimizer step, each a list of rows
 
 
 def plan_steps(
@@ -27,12 +28,12 @@ def plan_steps(
 ) -> list[Step]:
     """Every optimizer step of the run, each a list of ``grad_accum`` micro-batches.
 
-    With packing a micro-batch is ``batch_size`` bins of at most ``max_length`` tokens (one
-    padding-free row); without, ``batch_size`` sequences. Each epoch is reshuffled with
+    With packing a micro-batch is ``batch_size`` bins of at most ``max_length`` tokens, one row
+    each; without, ``batch_size`` rows of one sequence each. Each epoch is reshuffled with
     ``seed + epoch``; the last step of an epoch may hold fewer micro-batches.
 
     >>> plan_steps([3, 3, 3, 3], 1, 2, False, 8, 1.0, None, seed=0)
-    [[[2], [0]], [[1], [3]]]
+    [[[[2]], [[0]]], [[[1]], [[3]]]]
     """
     if not lengths:
         return []
@@ -47,8 +48,8 @@ def plan_steps(
     while len(plan) < total:
         order = list(range(len(units)))
         random.Random(seed + epoch).shuffle(order)
-        micro = [
-            [i for u in order[k : k + batch_size] for i in units[u]] for k in range(0, len(order), batch_size)
+        micro: list[list[Row]] = [
+            [units[u] for u in order[k : k + batch_size]] for k in range(0, len(order), batch_size)
         ]
         for k in range(0, len(micro), grad_accum):
             plan.append(micro[k : k + grad_accum])

@@ -66,3 +66,31 @@ def collate_padded(examples: Sequence[Example], pad_id: int) -> dict[str, torch.
         "attention_mask": torch.tensor(mask, dtype=torch.long),
         "position_ids": torch.arange(width, dtype=torch.long).expand(len(examples), width).clone(),
     }
+
+
+def collate_packed_rows(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack each row as ``collate_packed`` does and stack the rows into ``[B, L]``.
+
+    Bins stay separate rows (attention cost B x L^2, not (B x L)^2). A shorter row is
+    right-padded with a segment of its own whose positions restart at 0 and whose labels are
+    IGNORE, so padding is one more "document" that no real token attends to.
+
+    >>> a, b, c = Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5]), Example([6], [6])
+    >>> out = collate_packed_rows([[a, b], [c]], pad_id=0)
+    >>> out["input_ids"].tolist(), out["position_ids"].tolist()
+    ([[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]], [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
+    >>> out["labels"].tolist()
+    [[-100, 2, 3, -100, 5], [-100, -100, -100, -100, -100]]
+    """
+    if not rows or not all(rows):
+        raise SftError("collate: an empty row of examples; check that the data is not empty")
+    packed = [collate_packed(r) for r in rows]
+    width = max(p["input_ids"].shape[1] for p in packed)
+    out: dict[str, list[torch.Tensor]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for p in packed:
+        pad = width - p["input_ids"].shape[1]
+        fill = {"input_ids": torch.full((1, pad), pad_id), "labels": torch.full((1, pad), IGNORE),
+                "position_ids": torch.arange(pad)[None]}
+        for k in out:
+            out[k].append(torch.cat([p[k], fill[k].to(torch.long)], dim=1))
+    return {k: torch.cat(v, dim=0) for k, v in out.items()}

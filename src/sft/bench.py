@@ -1,0 +1,285 @@
+"""`sft bench CONFIG [--steps N] [--json]`: throughput and memory of the real training path.
+
+The steps run exactly what ``train()`` runs (same plan of batches, same collate, loss, autocast,
+clipping, AdamW and learning-rate schedule): ``cfg.train.max_steps`` is set to ``steps + 1`` so
+the plan and the schedule equal those of ``sft train`` with ``--train.max_steps=N+1``, and
+``tests/test_bench.py`` checks that the losses match. Step 1 is the warm-up (allocator, lazy
+init, compilation) and is not timed; the next ``steps`` steps are.
+
+Definitions (also printed):
+- tokens/s: non-padding tokens through forward + backward per second of the timed steps (whole
+  optimizer steps: collate, forward, backward, clip, optimizer update).
+- FLOPs/token: 6 x parameters for a full fine-tune (2 forward + 4 backward), 4 x parameters for
+  LoRA (frozen weights need no weight gradient); parameters = all of them, a tied embedding once.
+  Attention's T^2 term and the skipped prompt logits are ignored, so MFU is approximate.
+- peak FLOP/s: the best of a few square matmuls in the run's precision, measured on the spot
+  (2048 x 2048, or smaller where one product would take too long, e.g. bf16 without avx512_bf16).
+- time to first step: from the start of ``run_bench`` (data, model load, warm-up step), and also
+  from process start.
+- peak RSS: ``getrusage`` max resident set of this process (includes anything it did before).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sft import models
+from sft.config import Config
+from sft.data.batching import plan_steps
+from sft.errors import SftError
+from sft.loss import unwrap
+from sft.optim import lr_at, make_optimizer
+from sft.train import _device, add_neftune, forward_backward, prepare_model, resolve_precision, step_batches
+
+KEYS = (
+    "tokens_per_s", "mfu", "peak_flops", "padding_efficiency", "peak_rss_gb", "time_to_first_step_s",
+    "losses", "steps", "precision",
+)
+
+
+def flops_per_token(n_params: int, method: str) -> int:
+    """Training FLOPs per token: 6N for a full fine-tune, 4N for LoRA (no frozen weight grads).
+
+    >>> flops_per_token(100, "full"), flops_per_token(100, "lora")
+    (600, 400)
+    """
+    return (4 if method == "lora" else 6) * n_params
+
+
+def model_flop_utilisation(tokens_per_s: float, flops_token: int, peak_flops: float) -> float:
+    """Achieved training FLOP/s as a fraction of the measured peak.
+
+    >>> model_flop_utilisation(100.0, 600, 1.2e5)
+    0.5
+    """
+    return tokens_per_s * flops_token / peak_flops if peak_flops > 0 else 0.0
+
+
+def padding_efficiency(real_tokens: int, tensor_tokens: int) -> float:
+    """Share of the token positions pushed through the model that are real (not padding).
+
+    >>> padding_efficiency(1500, 2000)
+    0.75
+    """
+    return real_tokens / tensor_tokens if tensor_tokens else 0.0
+
+
+def median(xs: list[float]) -> float:
+    """Middle value (mean of the two middle values for an even count).
+
+    >>> median([3.0, 1.0, 2.0]), median([4.0, 1.0, 2.0, 3.0])
+    (2.0, 2.5)
+    """
+    s = sorted(xs)
+    if not s:
+        return 0.0
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, budget_s: float = 2.0) -> tuple[float, int]:
+    """Best FLOP/s of square ``size`` matmuls in ``dtype``, and the size actually used.
+
+    Starts small and doubles up to ``size``; stops early when one product takes over
+    ``budget_s / 4`` (bf16 on a CPU without avx512_bf16 runs ~40x slower than fp32).
+    """
+    best, used, n = 0.0, 0, 256
+    while n <= size:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        t = time.perf_counter()
+        a @ b  # warm-up
+        first = time.perf_counter() - t
+        reps = 3 if first < budget_s / 4 else 1
+        rate = 2 * n**3 / first
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            rate = max(rate, 2 * n**3 / (time.perf_counter() - t))
+        best, used = rate, n  # the largest size tried is the representative one
+        if first > budget_s / 4:
+            break
+        n *= 2
+    return best, used
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+
+
+def machine_info() -> dict[str, Any]:
+    device = _device()
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_flags": _cpu_flags(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), else None."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def bench(cfg: Config, steps: int) -> dict[str, Any]:
+    """Run 1 warm-up + ``steps`` timed optimizer steps of ``cfg``'s training; return the figures."""
+    from sft.data.pipeline import build_dataset
+
+    if steps < 1:
+        raise SftError(f"--steps: {steps} must be at least 1")
+    t_start = time.perf_counter()
+    age_at_start = _process_age_s()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    device = _device()
+    precision = resolve_precision(cfg)
+
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    data = build_dataset(cfg, tokenizer, "train")
+    if not data.examples:
+        raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total_steps = steps + 1
+    plan = plan_steps(
+        [len(e) for e in data.examples], cfg.train.batch_size, cfg.train.grad_accum, cfg.data.packing,
+        cfg.data.max_length, cfg.train.epochs, total_steps, cfg.train.seed,
+    )
+
+    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    model = prepare_model(cfg, model).to(device)
+    model.train()
+    if cfg.train.neftune_alpha:
+        add_neftune(model, cfg.train.neftune_alpha)
+    optimizer = make_optimizer(model, cfg.train)
+    if cfg.train.compile:
+        unwrap(model).model.compile()
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # The same functions as train()'s loop, minus logging and checkpoints.
+    def one_step(step: int) -> tuple[float, int, int]:
+        lr = lr_at(step, total_steps, cfg.train)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches, n_trained, real = step_batches(plan[step], data.examples, cfg, pad_id, device)
+        loss = forward_backward(model, batches, n_trained, cfg)
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss, real, sum(b["input_ids"].numel() for b in batches)
+
+    one_step(0)
+    first_step_s = time.perf_counter() - t_start
+    losses: list[float] = []
+    step_times: list[float] = []
+    real_tokens = tensor_tokens = 0
+    for step in range(1, total_steps):
+        t = time.perf_counter()
+        loss, real, tensor = one_step(step)
+        step_times.append(time.perf_counter() - t)
+        losses.append(loss)
+        real_tokens += real
+        tensor_tokens += tensor
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak, peak_size = matmul_peak_flops(dtype) if device.type == "cpu" else (0.0, 0)
+    tokens_per_s = real_tokens / sum(step_times)
+    fpt = flops_per_token(n_params, cfg.train.method)
+    return {
+        "tokens_per_s": round(tokens_per_s, 2),
+        "mfu": round(model_flop_utilisation(tokens_per_s, fpt, peak), 4),
+        "peak_flops": round(peak),
+        "peak_matmul_size": peak_size,
+        "flops_per_token": fpt,
+        "padding_efficiency": round(padding_efficiency(real_tokens, tensor_tokens), 4),
+        "peak_rss_gb": round(peak_rss_gb(), 3),
+        "time_to_first_step_s": round(first_step_s, 2),
+        "time_to_first_step_from_process_start_s": (
+            round(age_at_start + first_step_s, 2) if age_at_start is not None else None
+        ),
+        "losses": [round(x, 6) for x in losses],
+        "steps": steps,
+        "step_seconds": [round(x, 3) for x in step_times],
+        "tokens": real_tokens,
+        "precision": precision,
+        "method": cfg.train.method,
+        "compile": cfg.train.compile,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "packing": cfg.data.packing,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "max_length": cfg.data.max_length,
+        "model": cfg.model,
+        "params": n_params,
+        "trainable_params": n_trainable,
+        "machine": machine_info(),
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    times = r["step_seconds"]
+    lines = [
+        f"model {r['model']} | {r['method']} | {r['precision']} | packing {r['packing']} | "
+        f"batch {r['batch_size']}x{r['grad_accum']} | max_length {r['max_length']} | compile {r['compile']}",
+        f"tokens/s          {r['tokens_per_s']:.1f}  (non-padding tokens through fwd+bwd, {r['steps']} timed steps; "
+        f"step s: best {min(times):.2f}, median {median(times):.2f})",
+        f"MFU               {r['mfu'] * 100:.1f}%  (FLOPs/token {r['flops_per_token'] / 1e6:.0f}M = "
+        f"{'4' if r['method'] == 'lora' else '6'} x {r['params'] / 1e6:.1f}M params; peak "
+        f"{r['peak_flops'] / 1e9:.1f} GFLOP/s, {r['precision']} {r['peak_matmul_size']}^2 matmul)",
+        f"padding eff.      {r['padding_efficiency'] * 100:.1f}%",
+        f"peak RSS          {r['peak_rss_gb']:.2f} GB",
+        f"first step        {r['time_to_first_step_s']:.1f} s from bench start"
+        + (f", {r['time_to_first_step_from_process_start_s']:.1f} s from process start"
+           if r["time_to_first_step_from_process_start_s"] is not None else ""),
+        f"losses            {', '.join(f'{x:.4f}' for x in r['losses'])}",
+        f"machine           {m['cpu_model']}, {m['cores']} cores, {m['torch_threads']} threads, torch "
+        f"{m['torch_version']}, load {m['load_avg_1m']}, {m['date']}",
+    ]
+    return "\n".join(lines)
+
+
+def run_bench(cfg: Config, steps: int = 8, as_json: bool = False) -> int:
+    """CLI entry: print the figures (a table, or one JSON object); returns the exit status."""
+    result = bench(cfg, steps)
+    print(json.dumps(result) if as_json else format_report(result), flush=True)
+    return 0

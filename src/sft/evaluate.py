@@ -1,0 +1,279 @@
+"""Evaluation: held-out loss, task accuracy, stop rate, response length and forgetting.
+
+- ``eval_loss``/``perplexity``: token CE over the assistant tokens of the eval conversations,
+  masked exactly as in training (``build_dataset(cfg, tok, "eval")`` + ``token_loss_sum``).
+- ``task_accuracy``: the last assistant turn of each eval conversation is the reference; the model
+  answers everything before it (greedy) and the reply is scored with ``eval.metric`` (or the
+  source's own ``metric``).
+- ``stop_rate``: share of replies that ended with an end-of-turn token before ``max_new_tokens``.
+- ``forgetting``: perplexity on general English (``sft.reference``), and when a base model is
+  given, the mean per-token KL(base || model) on that text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sft.config import Config
+from sft.data.types import Conversation, Message
+from sft.errors import SftError
+
+METRICS = ("exact", "contains", "regex", "json")
+REFERENCE_TOKENS = 1024  # tokens of reference text scored for forgetting (~35 s per pass of a 270M model on 2 CPU cores)
+REFERENCE_WINDOW = 128  # tokens per forward pass (Gemma's 262k vocab: 128 MiB of fp32 logits)
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    body = text.strip()
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
+    if fence:  # a fenced block is still "the reply is a JSON object"
+        body = fence.group(1)
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def score(reply: str, reference: str, metric: str) -> bool:
+    """Is ``reply`` correct for ``reference`` under ``metric``?
+
+    >>> score(" 42\\n", "42", "exact"), score("It is 42.", "42", "exact")
+    (True, False)
+    >>> score("My name is QUILL.", "quill", "contains")
+    True
+    >>> score("42", r"^\\s*42\\s*$", "regex"), score("420", r"^\\s*42\\s*$", "regex")
+    (True, False)
+    >>> score('{"a": 1, "b": 2}', '{"a": 1}', "json"), score('{"a": 2}', '{"a": 1}', "json")
+    (True, False)
+    """
+    if metric == "exact":
+        return reply.strip() == reference.strip()
+    if metric == "contains":
+        return reference.strip().lower() in reply.strip().lower()
+    if metric == "regex":
+        try:
+            return re.search(reference, reply) is not None
+        except re.error as e:
+            raise SftError(f"eval: reference {reference!r} is not a valid regex ({e}); fix the pattern") from None
+    if metric == "json":
+        want = _json_object(reference)
+        if want is None:
+            raise SftError(f"eval: reference {reference!r} is not a JSON object; the json metric needs one")
+        got = _json_object(reply)
+        return got is not None and all(k in got and got[k] == v for k, v in want.items())
+    raise SftError(f"eval.metric: {metric!r} is not a metric; use one of {', '.join(METRICS)}")
+
+
+def split_reference(conv: Conversation) -> tuple[list[Message], str] | None:
+    """The messages before the last assistant turn, and that turn's text (None without one).
+
+    >>> c = Conversation([Message("user", "hi"), Message("assistant", "hello")])
+    >>> msgs, ref = split_reference(c)
+    >>> [m.role for m in msgs], ref
+    (['user'], 'hello')
+    """
+    for i in range(len(conv.messages) - 1, 0, -1):
+        if conv.messages[i].role == "assistant":
+            return conv.messages[:i], conv.messages[i].content
+    return None
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the three measurements
+
+
+def heldout_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int) -> tuple[float | None, int]:
+    """Mean token CE over the trained tokens of ``examples`` (exactly the training mask)."""
+    import torch
+
+    from sft.data.collate import collate_padded
+    from sft.loss import token_loss_sum
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths together
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(order), max(1, batch_size)):
+            batch = collate_padded([examples[i] for i in order[k : k + batch_size]], pad_id)
+            batch = {key: v.to(device) for key, v in batch.items()}
+            loss_sum, n = token_loss_sum(model, batch)
+            total += float(loss_sum)
+            count += n
+    return (total / count if count else None), count
+
+
+def reference_ids(tokenizer: Any, text: str, limit: int = REFERENCE_TOKENS) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"][:limit])
+
+
+def forgetting(model: Any, tokenizer: Any, text: str, base_model: Any = None) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``text`` and, with ``base_model``, mean KL(base || model) per token.
+
+    The text is cut into windows of REFERENCE_WINDOW tokens, each starting with BOS (when the
+    tokenizer has one); every token after the first of a window is scored.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ids = reference_ids(tokenizer, text)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    device = next(model.parameters()).device
+    nll, kl, count = 0.0, 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids), REFERENCE_WINDOW):
+            window = bos + ids[s : s + REFERENCE_WINDOW]
+            if len(window) < 2:
+                continue
+            x = torch.tensor([window], device=device)
+            logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), dim=-1)  # [T-1, V]
+            targets = x[0, 1:]
+            nll -= float(logp.gather(1, targets[:, None]).sum())
+            count += len(window) - 1
+            if base_model is not None:
+                base_logits = base_model(input_ids=x.to(next(base_model.parameters()).device), use_cache=False)
+                base_logp = F.log_softmax(base_logits.logits[0, :-1].float().to(device), dim=-1)
+                kl += float((base_logp.exp() * (base_logp - logp)).sum())
+                del base_logp
+            del logp
+    out: dict[str, Any] = {
+        "reference_perplexity": math.exp(nll / count) if count else None,
+        "reference_tokens": count,
+    }
+    if base_model is not None:
+        out["kl_to_base"] = kl / count if count else None
+    return out
+
+
+def evaluate(
+    cfg: Config, model: Any, tokenizer: Any, template: str, base_model: Any = None, progress: bool = True
+) -> dict[str, Any]:
+    """All eval metrics of ``model`` as one JSON-able dict (see the module docstring)."""
+    from sft.data.chat import prompt_ids, stop_token_ids
+    from sft.data.pipeline import build_dataset, load_conversations
+    from sft.generate import generate_batch
+    from sft.reference import reference_text
+    from sft.saving import pick_pad_id
+
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        stop_ids = stop_token_ids(tokenizer, template)
+        pad_id = pick_pad_id(tokenizer, stop_ids)
+        dataset = build_dataset(cfg, tokenizer, "eval")
+        loss, loss_tokens = heldout_loss(model, dataset.examples, pad_id, cfg.eval.batch_size)
+
+        convs, _ = load_conversations(cfg, "eval")
+        items = []
+        for conv in convs:
+            split = split_reference(conv)
+            if split is not None and split[0]:
+                items.append((conv, split[0], split[1]))
+        if cfg.eval.max_examples is not None:
+            items = items[: cfg.eval.max_examples]
+        if not items:
+            raise SftError(
+                "eval: no eval conversation ends with an assistant turn to score; set eval.data "
+                "(or eval.split) to conversations whose last assistant message is the reference"
+            )
+        prompts = [prompt_ids(msgs, tokenizer, template, tools=conv.tools) for conv, msgs, _ in items]
+        gens = generate_batch(
+            model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress
+        )
+        correct = [score(g.text, ref, conv.metric or cfg.eval.metric) for g, (conv, _, ref) in zip(gens, items)]
+
+        by_source: dict[str, list[bool]] = {}
+        for ok, (conv, _, _) in zip(correct, items):
+            by_source.setdefault(Path(conv.source).name or "eval", []).append(ok)
+        samples = [
+            {
+                "prompt": msgs[-1].content,
+                "reference": ref,
+                "reply": g.text,
+                "correct": ok,
+                "stopped": g.stopped,
+            }
+            for g, ok, (_, msgs, ref) in list(zip(gens, correct, items))[: cfg.eval.samples]
+        ]
+        ref_text = reference_text(cfg.eval.reference)
+        forgot = forgetting(model, tokenizer, ref_text, base_model)
+    finally:
+        model.train(was_training)
+    return {
+        "eval_loss": loss,
+        "perplexity": math.exp(loss) if loss is not None else None,
+        "eval_tokens": loss_tokens,
+        "task_accuracy": _mean([float(c) for c in correct]),
+        "stop_rate": _mean([float(g.stopped) for g in gens]),
+        "mean_response_tokens": _mean([float(len(g.token_ids)) for g in gens]),
+        "accuracy_by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
+        "forgetting": forgot,
+        "samples": samples,
+        "n_examples": len(items),
+        "metric": cfg.eval.metric,
+        "elapsed_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# `sft eval CONFIG [--model M] [--out FILE.json]`
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The readable block `sft eval` prints."""
+    f = result.get("forgetting") or {}
+    acc, stop = result.get("task_accuracy"), result.get("stop_rate")
+    lines = [
+        f"eval loss        {_fmt(result.get('eval_loss'))}  (perplexity {_fmt(result.get('perplexity'), 2)})",
+        f"task accuracy    {_fmt(None if acc is None else 100 * acc, 1)}%  "
+        f"({result.get('n_examples')} examples, metric {result.get('metric')})",
+        f"stop rate        {_fmt(None if stop is None else 100 * stop, 1)}%",
+        f"response tokens  {_fmt(result.get('mean_response_tokens'), 1)} (mean)",
+        f"reference ppl    {_fmt(f.get('reference_perplexity'), 2)}",
+    ]
+    if f.get("kl_to_base") is not None:
+        lines.append(f"KL to base       {_fmt(f.get('kl_to_base'))} nats/token")
+    for k, v in (result.get("accuracy_by_source") or {}).items():
+        lines.append(f"  accuracy {k}: {100 * v:.1f}%")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
+    """Load the model (``model`` overrides ``cfg.model``), evaluate, print a summary, write JSON."""
+    from sft.data.chat import resolve_template
+    from sft.models import load_model, load_tokenizer, resolve
+
+    name = model or cfg.model
+    tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
+    template = resolve_template(cfg.data.template, tokenizer, base_dir=cfg.base_dir)
+    lm = load_model(name, trust_remote_code=cfg.trust_remote_code)
+    base = None
+    if model is not None and model != cfg.model and resolve(model).kind == "hf":
+        # a tuned directory evaluated against the config's base model: measure drift from it
+        base = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    result = evaluate(cfg, lm, tokenizer, template, base_model=base, progress=True)
+    result["model"] = name
+    print(summary(result))
+    dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {dst}")
+    return 0

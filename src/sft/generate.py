@@ -1,0 +1,255 @@
+"""Greedy generation: batched for evaluation and files, streamed for the terminal chat.
+
+Prompts arrive as token ids (rendered by ``sft.data.chat.prompt_ids``), so generation never
+re-renders a template and evaluation sees exactly the tokens training saw.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sft.data.types import Message
+from sft.errors import SftError
+
+
+@dataclass
+class Generation:
+    text: str  # decoded reply, without the stop token and without special tokens
+    token_ids: list[int]  # the generated ids, without the stop token
+    stopped: bool  # ended with a stop token before max_new_tokens
+
+
+def split_at_stop(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """Cut generated ids at the first stop id (which is dropped).
+
+    >>> split_at_stop([5, 6, 2, 0, 0], stop_ids=[2])
+    ([5, 6], True)
+    >>> split_at_stop([5, 6, 7], stop_ids=[2])
+    ([5, 6, 7], False)
+    """
+    stops = set(stop_ids)
+    for i, t in enumerate(new_ids):
+        if t in stops:
+            return new_ids[:i], True
+    return new_ids, False
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so left padding stays small.
+
+    >>> length_batches([3, 9, 1, 7], batch_size=2)
+    [[1, 3], [0, 2]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[Generation]:
+    """Greedy replies to ``prompts`` (token ids), in input order.
+
+    Batches are LEFT padded with an attention mask, so every prompt ends at the same position
+    and the KV cache continues all of them together; the result equals unbatched greedy decoding.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    if not stop_ids:
+        raise SftError("generate: no stop ids; pass the template's end-of-turn ids (chat.stop_token_ids)")
+    if any(len(p) == 0 for p in prompts):
+        raise SftError("generate: an empty prompt; every prompt needs at least one token")
+    from sft.saving import pick_pad_id
+
+    pad = pick_pad_id(tokenizer, stop_ids)
+    gen_cfg = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    device = next(model.parameters()).device
+    batches = length_batches([len(p) for p in prompts], max(1, batch_size))
+    out: list[Generation | None] = [None] * len(prompts)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generating", unit="prompt", leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in batches:
+            width = max(len(prompts[i]) for i in idx)
+            # (batch, width): pad on the left, mask the padding out
+            ids = [[pad] * (width - len(prompts[i])) + prompts[i] for i in idx]
+            mask = [[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in idx]
+            input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+            attention_mask = torch.tensor(mask, dtype=torch.long, device=device)
+            with torch.no_grad():
+                seqs = model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg
+                )
+            for row, i in enumerate(idx):
+                new = seqs[row, width:].tolist()
+                kept, stopped = split_at_stop(new, stop_ids)
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                out[i] = Generation(text=text, token_ids=kept, stopped=stopped)
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return [g for g in out if g is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# `sft generate` and `sft chat`: a model directory (or alias) and its saved chat template
+
+
+def _load(model_path: str) -> tuple[Any, Any, str, list[int]]:
+    """Model, tokenizer, template and stop ids of ``model_path`` (a run's final/ dir or an alias)."""
+    from sft.data.chat import resolve_template, stop_token_ids
+    from sft.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    template, base_dir = _saved_template(model_path, tokenizer)
+    template = resolve_template(template, tokenizer, base_dir=base_dir)
+    model = load_model(model_path).eval()
+    return model, tokenizer, template, stop_token_ids(tokenizer, template)
+
+
+def _saved_template(model_path: str, tokenizer: Any) -> tuple[str, str]:
+    """The template the model was trained with, and the folder a template path is relative to:
+    the tokenizer's saved chat template, else the ``data.template`` of a run config next to the
+    model, else ``auto``."""
+    if getattr(tokenizer, "chat_template", None):
+        return "auto", "."
+    here = Path(model_path)
+    for cfg_file in (here / "config.yaml", here.parent / "config.yaml"):
+        if cfg_file.is_file():
+            import yaml
+
+            data = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+            template = (data.get("data") or {}).get("template")
+            if isinstance(template, str):
+                return template, str(data.get("base_dir") or ".")
+    return "auto", "."
+
+
+def _messages(row: Any, where: str) -> tuple[list[Message], list[dict[str, Any]] | None]:
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+        raise SftError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+    msgs = []
+    for j, m in enumerate(row["messages"]):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant", "tool") or not isinstance(m.get("content"), str):
+            raise SftError(
+                f"{where}: messages[{j}] needs a role (system, user, assistant, tool) and a string content"
+            )
+        msgs.append(Message(role=role, content=m["content"], tool_calls=m.get("tool_calls"), name=m.get("name")))
+    tools = row.get("tools")
+    return msgs, tools if isinstance(tools, list) else None
+
+
+def generate_file(
+    model_path: str, prompts: str, out: str, max_new_tokens: int = 256, batch_size: int = 8
+) -> int:
+    """`sft generate MODEL --prompts FILE.jsonl --out FILE.jsonl`: answer after each conversation's
+    last message; each output line is the input row plus "response" and "stopped"."""
+    from sft.data.chat import prompt_ids
+
+    src = Path(prompts)
+    if not src.is_file():
+        raise SftError(f"{src}: prompts file not found; pass a JSONL file of {{\"messages\": [...]}} rows")
+    rows: list[dict[str, Any]] = []
+    convs: list[tuple[list[Message], list[dict[str, Any]] | None]] = []
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SftError(f"{src}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
+        convs.append(_messages(row, f"{src}:{n}"))
+        rows.append(row)
+    model, tokenizer, template, stop_ids = _load(model_path)
+    ids = [prompt_ids(msgs, tokenizer, template, tools=tools) for msgs, tools in convs]
+    gens = generate_batch(model, tokenizer, ids, stop_ids, max_new_tokens, batch_size, progress=True)
+    dst = Path(out)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with dst.open("w", encoding="utf-8") as f:
+        for row, g in zip(rows, gens):
+            f.write(json.dumps({**row, "response": g.text, "stopped": g.stopped}, ensure_ascii=False) + "\n")
+    stopped = sum(g.stopped for g in gens)
+    print(f"wrote {len(gens)} responses to {dst} ({stopped}/{len(gens)} stopped on their own)")
+    return 0
+
+
+CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit (or Ctrl-D)"
+
+
+def chat(model_path: str, max_new_tokens: int = 512) -> int:
+    """`sft chat MODEL`: a multi-turn terminal chat that streams the reply as it is generated."""
+    import torch
+    from transformers import TextStreamer
+
+    from sft.data.chat import prompt_ids
+    from sft.saving import pick_pad_id
+
+    model, tokenizer, template, stop_ids = _load(model_path)
+    pad = pick_pad_id(tokenizer, stop_ids)
+    system: str | None = None
+    history: list[Message] = []
+    print(f"chatting with {model_path}; {CHAT_HELP}")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = []
+            print("(conversation reset)")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system") :].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation reset)")
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {CHAT_HELP}")
+            continue
+        history.append(Message(role="user", content=line))
+        msgs = ([Message(role="system", content=system)] if system else []) + history
+        ids = prompt_ids(msgs, tokenizer, template)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        print("bot> ", end="", flush=True)
+        with torch.no_grad():
+            seq = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=pad,
+                streamer=streamer,
+            )
+        kept, _ = split_at_stop(seq[0, len(ids) :].tolist(), stop_ids)
+        history.append(Message(role="assistant", content=tokenizer.decode(kept, skip_special_tokens=True)))

@@ -1,0 +1,283 @@
+"""The run report: ``report.md`` and ``report.html`` (one self-contained file, inline SVG plots).
+
+Everything is drawn by hand as SVG polylines so the report opens offline, in any browser, with
+no JavaScript and no plotting library.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# (key in the eval dict, label, how to show it, higher is better?)
+ROWS: list[tuple[str, str, str, bool | None]] = [
+    ("task_accuracy", "task accuracy", "pct", True),
+    ("stop_rate", "stop rate", "pct", True),
+    ("mean_response_tokens", "mean response tokens", "num1", None),
+    ("eval_loss", "eval loss", "num4", False),
+    ("perplexity", "perplexity", "num2", False),
+    ("forgetting.reference_perplexity", "reference perplexity (forgetting)", "num2", False),
+    ("forgetting.kl_to_base", "KL to base, nats/token (forgetting)", "num4", False),
+]
+
+
+def _get(d: dict[str, Any] | None, dotted: str) -> Any:
+    node: Any = d
+    for k in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(k)
+    return node
+
+
+def fmt(value: Any, how: str) -> str:
+    """A metric as text.
+
+    >>> fmt(0.5, "pct"), fmt(1.23456, "num2"), fmt(None, "pct")
+    ('50.0%', '1.23', '-')
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "-" if value is None else str(value)
+    if how == "pct":
+        return f"{100 * value:.1f}%"
+    return f"{value:.{int(how[-1])}f}"
+
+
+def before_after_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[list[str]]:
+    """[metric, before, after, change] rows for the table.
+
+    >>> before_after_rows({"task_accuracy": 0.1}, {"task_accuracy": 0.7})[0]
+    ['task accuracy', '10.0%', '70.0%', '+60.0 pts']
+    """
+    rows = []
+    for key, label, how, _ in ROWS:
+        b, a = _get(before, key), _get(after, key)
+        if b is None and a is None:
+            continue
+        change = "-"
+        if isinstance(b, (int, float)) and isinstance(a, (int, float)):
+            change = f"{100 * (a - b):+.1f} pts" if how == "pct" else f"{a - b:+.{int(how[-1])}f}"
+        rows.append([label, fmt(b, how), fmt(a, how), change])
+    return rows
+
+
+def print_before_after(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """The table `make demo` prints at the end."""
+    rows = [["metric", "before", "after", "change"], *before_after_rows(before, after)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for n, r in enumerate(rows):
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------------------------------------
+# SVG line charts
+
+
+def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, y_label: str = "",
+              width: int = 560, height: int = 260, log_y: bool = False) -> str:
+    """An inline SVG line chart of one or more (x, y) series; empty series are skipped.
+
+    >>> svg = svg_chart({"loss": [(1, 2.0), (2, 1.0)]}, "loss")
+    >>> svg.startswith("<svg") and "<polyline" in svg
+    True
+    """
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    pts = {k: [(x, y) for x, y in v if math.isfinite(y) and (y > 0 or not log_y)] for k, v in series.items()}
+    pts = {k: v for k, v in pts.items() if v}
+    esc = html.escape
+    head = f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
+    head += f'<title>{esc(title)}</title><rect width="100%" height="100%" fill="white"/>'
+    head += f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13" font-family="sans-serif">{esc(title)}</text>'
+    if not pts:
+        return head + f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" font-size="12">no data</text></svg>'
+    left, right, top, bottom = 60, 16, 28, 36
+    xs = [x for v in pts.values() for x, _ in v]
+    ys = [math.log10(y) if log_y else y for v in pts.values() for _, y in v]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        y0, y1 = y0 - 1, y1 + 1
+    pad = (y1 - y0) * 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        v = math.log10(y) if log_y else y
+        return top + (y1 - v) / (y1 - y0) * (height - top - bottom)
+
+    parts = [head]
+    axis = 'stroke="#444" stroke-width="1"'
+    parts.append(f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" {axis}/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" {axis}/>')
+    for i in range(5):  # y ticks
+        v = y0 + (y1 - y0) * i / 4
+        shown = 10**v if log_y else v
+        y = top + (y1 - v) / (y1 - y0) * (height - top - bottom)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10" '
+                     f'font-family="sans-serif">{shown:.3g}</text>')
+    for i in range(5):  # x ticks
+        v = x0 + (x1 - x0) * i / 4
+        parts.append(f'<text x="{sx(v):.1f}" y="{height - bottom + 14}" text-anchor="middle" font-size="10" '
+                     f'font-family="sans-serif">{v:.4g}</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" text-anchor="middle" font-size="11" '
+                 f'font-family="sans-serif">step</text>')
+    if y_label:
+        parts.append(f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" text-anchor="middle" '
+                     f'font-size="11" font-family="sans-serif">{esc(y_label)}</text>')
+    for n, (name, line) in enumerate(pts.items()):
+        c = colours[n % len(colours)]
+        coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
+        if len(line) > 1:
+            parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{coords}"/>')
+        if len(line) <= 30:  # dots for sparse series (eval points), so a single point shows
+            parts.extend(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.5" fill="{c}"/>' for x, y in line)
+        parts.append(f'<text x="{width - right - 4}" y="{top + 14 + 14 * n}" text-anchor="end" font-size="11" '
+                     f'fill="{c}" font-family="sans-serif">{esc(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _series(metrics: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    return [(float(r["step"]), float(r[key])) for r in metrics
+            if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))]
+
+
+def charts(metrics: list[dict[str, Any]]) -> list[str]:
+    """The SVG plots of a run: loss (train and eval), learning rate, gradient norm."""
+    train_rows = [r for r in metrics if "loss" in r]
+    eval_rows = [r for r in metrics if "eval_loss" in r]
+    out = [svg_chart({"train loss": _series(train_rows, "loss"), "eval loss": _series(eval_rows, "eval_loss")},
+                     "loss over steps", "loss")]
+    out.append(svg_chart({"lr": _series(train_rows, "lr")}, "learning rate", "lr"))
+    if any("grad_norm" in r for r in train_rows):
+        out.append(svg_chart({"grad norm": _series(train_rows, "grad_norm")}, "gradient norm", "norm"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the two files
+
+
+def _table_md(rows: list[list[str]], header: list[str]) -> str:
+    def cell(c: str) -> str:
+        return c.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _table_html(rows: list[list[str]], header: list[str]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _short(text: Any, n: int = 300) -> str:
+    s = str(text)
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def sample_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[list[str]]:
+    """[prompt, reference, before reply, after reply] for the sample generations, side by side."""
+    b = (before or {}).get("samples") or []
+    a = (after or {}).get("samples") or []
+
+    def reply(s: dict[str, Any] | None) -> str:
+        if not s:
+            return "-"
+        mark = "✓" if s.get("correct") else "✗"
+        stop = "" if s.get("stopped") else " [no stop]"
+        return f"{mark} {_short(s.get('reply', ''))}{stop}"
+
+    rows = []
+    for i in range(max(len(a), len(b))):
+        first = (a[i] if i < len(a) else b[i])
+        rows.append([_short(first.get("prompt", "")), _short(first.get("reference", "")),
+                     reply(b[i] if i < len(b) else None), reply(a[i] if i < len(a) else None)])
+    return rows
+
+
+def _data_rows(data_report: dict[str, Any] | None) -> list[list[str]]:
+    rows = []
+    for k, v in (data_report or {}).items():
+        if isinstance(v, (dict, list)):
+            v = json.dumps(v, ensure_ascii=False)
+        rows.append([str(k), _short(v, 200)])
+    return rows
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;
+vertical-align:top;text-align:left}th{background:#f4f4f4}pre{background:#f7f7f7;padding:1em;overflow:auto;
+font-size:12px}.plots svg{margin:0.5em;border:1px solid #eee}"""
+
+
+def write_report(
+    output_dir: Path,
+    cfg_dict: dict[str, Any],
+    metrics: list[dict[str, Any]],
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    data_report: dict[str, Any] | None,
+) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` into ``output_dir``."""
+    import yaml
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    title = f"sft report: {cfg_dict.get('model', '?')} -> {cfg_dict.get('output_dir', output_dir)}"
+    cfg_text = yaml.safe_dump(cfg_dict, sort_keys=False)
+    train_rows = [r for r in metrics if "loss" in r]
+    last = train_rows[-1] if train_rows else {}
+    run_rows = [[k, fmt(last.get(k), "num4") if k in ("loss", "grad_norm") else str(last.get(k, "-"))]
+                for k in ("step", "loss", "tokens", "trained_tokens", "elapsed_s") if k in last]
+    ba_header = ["metric", "before", "after", "change"]
+    ba_rows = before_after_rows(before, after)
+    s_header = ["prompt", "reference", "before", "after"]
+    s_rows = sample_rows(before, after)
+    d_rows = _data_rows(data_report)
+    plots = charts(metrics)
+
+    md = [f"# {title}", ""]
+    if ba_rows:
+        md += ["## Before / after", "", _table_md(ba_rows, ba_header), ""]
+    if run_rows:
+        md += ["## Training", "", _table_md(run_rows, ["", "last step"]), "",
+               "Loss and learning-rate curves are in report.html.", ""]
+    if s_rows:
+        md += ["## Sample generations", "", _table_md(s_rows, s_header), ""]
+    if d_rows:
+        md += ["## Data", "", _table_md(d_rows, ["statistic", "value"]), ""]
+    md += ["## Config", "", "```yaml", cfg_text.rstrip(), "```", ""]
+
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>"]
+    if ba_rows:
+        body += ["<h2>Before / after</h2>", _table_html(ba_rows, ba_header)]
+    body += ["<h2>Training</h2>", f'<div class="plots">{"".join(plots)}</div>']
+    if run_rows:
+        body.append(_table_html(run_rows, ["", "last step"]))
+    if s_rows:
+        body += ["<h2>Sample generations</h2>", _table_html(s_rows, s_header)]
+    if d_rows:
+        body += ["<h2>Data</h2>", _table_html(d_rows, ["statistic", "value"])]
+    body += ["<h2>Config</h2>", f"<pre>{esc(cfg_text)}</pre>"]
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+
+    html_path, md_path = output_dir / "report.html", output_dir / "report.md"
+    html_path.write_text(page, encoding="utf-8")
+    md_path.write_text("\n".join(md), encoding="utf-8")
+    return html_path, md_path

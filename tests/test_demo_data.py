@@ -1,0 +1,72 @@
+"""The demo data: deterministic, disjoint, sized, and its answers checkable and not guessable."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo"
+
+
+@pytest.fixture(scope="module")
+def make_data():
+    spec = importlib.util.spec_from_file_location("demo_make_data", DEMO / "make_data.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_deterministic_and_matches_shipped_files(make_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    make_data.main(a)
+    make_data.main(b)
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+        assert (a / name).read_bytes() == (DEMO / name).read_bytes(), f"re-run make_data.py: {name} is stale"
+
+
+def test_control_other_seed_differs(make_data):
+    assert make_data.make(seed=1)[1] != make_data.make()[1]
+
+
+def test_sizes_disjoint_and_well_formed(make_data):
+    train, ev = make_data.make()
+    assert len(train) >= 400 and len(ev) >= 80
+    train_keys = {make_data.prompt_key(c) for c in train}
+    assert len(train_keys) == len(train)
+    assert not train_keys & {make_data.prompt_key(c) for c in ev}
+    for conv in train + ev:
+        assert conv[-1]["role"] == "assistant"
+        assert {m["role"] for m in conv} <= {"system", "user", "assistant"}
+    assert any(len(c) > 2 and c[0]["role"] != "system" for c in ev)  # multi-turn
+    assert any(c[0]["role"] == "system" for c in ev)
+    assert any("Quill" in c[-1]["content"] for c in ev)
+    assert any(c[-1]["content"].startswith("{") for c in ev)
+
+
+def test_eval_references_are_not_guessable(make_data):
+    """`contains` must not pass by chance: references are whole framed answers, not a bare '1'."""
+    _, ev = make_data.make()
+    for conv in ev:
+        ref = conv[-1]["content"]
+        assert len(ref) >= 8, ref
+        if ref.startswith("{"):
+            assert isinstance(json.loads(ref), dict)
+        prompt = " ".join(m["content"] for m in conv[:-1])
+        assert ref.lower() not in prompt.lower(), ref  # echoing the prompt does not score
+
+
+def test_demo_config_loads(tmp_path):
+    from sft.config import load_config, resolve_path
+
+    cfg = load_config(DEMO / "demo.yaml")
+    assert cfg.model == "gemma-3-270m" and cfg.data.template == "gemma"
+    assert cfg.eval.before_after and cfg.output_dir == "runs/demo"
+    assert resolve_path(cfg, cfg.data.train[0].path).is_file()
+    assert resolve_path(cfg, cfg.eval.data[0].path).is_file()

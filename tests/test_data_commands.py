@@ -32,7 +32,7 @@ def config(tmp_path, rows, extra=""):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "c.yaml").write_text(
-        f"model: smollm2-135m-instruct\ndata:\n  train: [train.jsonl]\n  cache_dir: cache\n  max_length: 128\n{extra}"
+        f"model: smollm2-135m-instruct\ndata:\n  train: [train.jsonl]\n  cache_dir: {tmp_path / 'cache'}\n  max_length: 128\n{extra}"
         "train:\n  batch_size: 2\n  grad_accum: 2\n"
     )
     return load_config(tmp_path / "c.yaml")

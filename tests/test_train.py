@@ -197,3 +197,24 @@ def test_final_loads_in_plain_transformers(tiny_dir, data_file, tmp_path):
     again = _run_cli(["train", str(empty), f"--model={tiny_dir}", f"--data.train={data_file}",
                       f"--output_dir={out}"])
     assert again.returncode == 1 and "already holds a run" in again.stderr
+
+
+def test_lora_saves_adapter_and_merged_model(tiny_dir, data_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    r = train(make_cfg(tiny_dir, data_file, out, "--train.method=lora", "--lora.r=4", "--lora.dropout=0",
+                       "--train.max_steps=3", "--train.lr=1e-2"), progress=False)
+    assert len(r.losses) == 3
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "final")).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir)).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_dir)),
+                                             str(out / "adapter")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 200, 7]])
+    with torch.no_grad():
+        m, a, b = (x(input_ids=ids).logits for x in (merged, with_adapter, base))
+    torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-5)  # final/ is the adapter merged in
+    assert (m - b).abs().max() > 1e-4  # control: the adapter changed the model

@@ -45,13 +45,22 @@ KEYS = (
 )
 
 
-def flops_per_token(n_params: int, method: str) -> int:
-    """Training FLOPs per token: 6N for a full fine-tune, 4N for LoRA (no frozen weight grads).
+def training_flops(body_params: int, head_params: int, tokens: int, trained: int, method: str,
+                   head_trainable: bool) -> int:
+    """Matrix FLOPs a step really needs: 6 x body params per token (4 x for LoRA: frozen weights
+    get no weight gradient), and the output head only at trained positions (sft computes no
+    logits elsewhere): 2 (logits) + 2 (input grad) + 2 if the head is trained. Embedding lookups
+    are not FLOPs, so the embedding matrix counts once, as the (tied) head. Attention scores are
+    left out (small at these lengths), so this slightly understates the work.
 
-    >>> flops_per_token(100, "full"), flops_per_token(100, "lora")
-    (600, 400)
+    >>> training_flops(100, 10, tokens=4, trained=2, method="full", head_trainable=True)
+    2520
+    >>> training_flops(100, 10, tokens=4, trained=2, method="lora", head_trainable=False)
+    1680
     """
-    return (4 if method == "lora" else 6) * n_params
+    body = (4 if method == "lora" else 6) * body_params * tokens
+    head = (6 if head_trainable else 4) * head_params * trained
+    return body + head
 
 
 def model_flop_utilisation(tokens_per_s: float, flops_token: int, peak_flops: float) -> float:
@@ -195,7 +204,7 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # The same functions as train()'s loop, minus logging and checkpoints.
-    def one_step(step: int) -> tuple[float, int, int]:
+    def one_step(step: int) -> tuple[float, int, int, int]:
         lr = lr_at(step, total_steps, cfg.train)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -205,16 +214,17 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss, real, sum(b["input_ids"].numel() for b in batches)
+        return loss, real, sum(b["input_ids"].numel() for b in batches), n_trained
 
     one_step(0)
     first_step_s = time.perf_counter() - t_start
     losses: list[float] = []
     step_times: list[float] = []
-    real_tokens = tensor_tokens = 0
+    real_tokens = tensor_tokens = trained_tokens = 0
     for step in range(1, total_steps):
         t = time.perf_counter()
-        loss, real, tensor = one_step(step)
+        loss, real, tensor, trained = one_step(step)
+        trained_tokens += trained
         step_times.append(time.perf_counter() - t)
         losses.append(loss)
         real_tokens += real
@@ -223,7 +233,11 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak, peak_size = matmul_peak_flops(dtype) if device.type == "cpu" else (0.0, 0)
     tokens_per_s = real_tokens / sum(step_times)
-    fpt = flops_per_token(n_params, cfg.train.method)
+    head = unwrap(model).get_output_embeddings().weight
+    head_params = head.numel()
+    flops = training_flops(n_params - head_params, head_params, real_tokens, trained_tokens, cfg.train.method,
+                           head.requires_grad)
+    fpt = round(flops / max(1, real_tokens))
     return {
         "tokens_per_s": round(tokens_per_s, 2),
         "mfu": round(model_flop_utilisation(tokens_per_s, fpt, peak), 4),
@@ -240,6 +254,7 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
         "steps": steps,
         "step_seconds": [round(x, 3) for x in step_times],
         "tokens": real_tokens,
+        "trained_tokens": trained_tokens,
         "precision": precision,
         "method": cfg.train.method,
         "compile": cfg.train.compile,
@@ -263,9 +278,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"batch {r['batch_size']}x{r['grad_accum']} | max_length {r['max_length']} | compile {r['compile']}",
         f"tokens/s          {r['tokens_per_s']:.1f}  (non-padding tokens through fwd+bwd, {r['steps']} timed steps; "
         f"step s: best {min(times):.2f}, median {median(times):.2f})",
-        f"MFU               {r['mfu'] * 100:.1f}%  (FLOPs/token {r['flops_per_token'] / 1e6:.0f}M = "
-        f"{'4' if r['method'] == 'lora' else '6'} x {r['params'] / 1e6:.1f}M params; peak "
-        f"{r['peak_flops'] / 1e9:.1f} GFLOP/s, {r['precision']} {r['peak_matmul_size']}^2 matmul)",
+        f"MFU               {r['mfu'] * 100:.1f}%  ({r['flops_per_token'] / 1e6:.0f}M FLOPs/token actually needed: "
+        f"{'4' if r['method'] == 'lora' else '6'} x body params + the head at trained tokens only; "
+        f"{r['params'] / 1e6:.1f}M params; peak {r['peak_flops'] / 1e9:.1f} GFLOP/s, "
+        f"{r['precision']} {r['peak_matmul_size']}^2 matmul)",
         f"padding eff.      {r['padding_efficiency'] * 100:.1f}%",
         f"peak RSS          {r['peak_rss_gb']:.2f} GB",
         f"first step        {r['time_to_first_step_s']:.1f} s from bench start"

@@ -48,14 +48,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from sft.generate import chat
 
-    return chat(args.model)
+    return chat(args.model, max_new_tokens=args.max_new_tokens, template=args.template)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from sft.generate import generate_file
 
     return generate_file(args.model, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, template=args.template)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
     ch.add_argument("model", help="a model directory (e.g. runs/x/final) or packaged alias")
+    ch.add_argument("--max-new-tokens", type=int, default=512)
     ch.set_defaults(fn=cmd_chat, takes_overrides=False)
 
     g = sub.add_parser("generate", help="answer a JSONL file of conversations")
@@ -124,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--batch-size", type=int, default=8)
     g.set_defaults(fn=cmd_generate, takes_overrides=False)
+    for sp in (ch, g):
+        sp.add_argument("--template", help="chat template (chatml, gemma, llama3 or a .jinja file) for a model "
+                        "without a saved one, e.g. a base model")
 
     b = with_config("bench", "measure training throughput and memory", cmd_bench)
     b.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")

@@ -118,13 +118,14 @@ def generate_batch(
 # `sft generate` and `sft chat`: a model directory (or alias) and its saved chat template
 
 
-def _load(model_path: str) -> tuple[Any, Any, str, list[int]]:
-    """Model, tokenizer, template and stop ids of ``model_path`` (a run's final/ dir or an alias)."""
+def _load(model_path: str, template_arg: str | None = None) -> tuple[Any, Any, str, list[int]]:
+    """Model, tokenizer, template and stop ids of ``model_path`` (a run's final/ dir or an alias);
+    ``template_arg`` (--template) overrides the saved template, e.g. for a base model."""
     from sft.data.chat import resolve_template, stop_token_ids
     from sft.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
-    template, base_dir = _saved_template(model_path, tokenizer)
+    template, base_dir = (template_arg, ".") if template_arg else _saved_template(model_path, tokenizer)
     template = resolve_template(template, tokenizer, base_dir=base_dir)
     model = load_model(model_path).eval()
     return model, tokenizer, template, stop_token_ids(tokenizer, template)
@@ -164,7 +165,8 @@ def _messages(row: Any, where: str) -> tuple[list[Message], list[dict[str, Any]]
 
 
 def generate_file(
-    model_path: str, prompts: str, out: str, max_new_tokens: int = 256, batch_size: int = 8
+    model_path: str, prompts: str, out: str, max_new_tokens: int = 256, batch_size: int = 8,
+    template: str | None = None,
 ) -> int:
     """`sft generate MODEL --prompts FILE.jsonl --out FILE.jsonl`: answer after each conversation's
     last message; each output line is the input row plus "response" and "stopped"."""
@@ -184,7 +186,7 @@ def generate_file(
             raise SftError(f"{src}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
         convs.append(_messages(row, f"{src}:{n}"))
         rows.append(row)
-    model, tokenizer, template, stop_ids = _load(model_path)
+    model, tokenizer, template, stop_ids = _load(model_path, template)
     ids = [prompt_ids(msgs, tokenizer, template, tools=tools) for msgs, tools in convs]
     gens = generate_batch(model, tokenizer, ids, stop_ids, max_new_tokens, batch_size, progress=True)
     dst = Path(out)
@@ -200,7 +202,7 @@ def generate_file(
 CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit (or Ctrl-D)"
 
 
-def chat(model_path: str, max_new_tokens: int = 512) -> int:
+def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None) -> int:
     """`sft chat MODEL`: a multi-turn terminal chat that streams the reply as it is generated."""
     import torch
     from transformers import TextStreamer
@@ -208,7 +210,7 @@ def chat(model_path: str, max_new_tokens: int = 512) -> int:
     from sft.data.chat import prompt_ids
     from sft.saving import pick_pad_id
 
-    model, tokenizer, template, stop_ids = _load(model_path)
+    model, tokenizer, template, stop_ids = _load(model_path, template)
     pad = pick_pad_id(tokenizer, stop_ids)
     system: str | None = None
     history: list[Message] = []

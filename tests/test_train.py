@@ -218,3 +218,49 @@ def test_lora_saves_adapter_and_merged_model(tiny_dir, data_file, tmp_path):
         m, a, b = (x(input_ids=ids).logits for x in (merged, with_adapter, base))
     torch.testing.assert_close(m, a, rtol=1e-4, atol=1e-5)  # final/ is the adapter merged in
     assert (m - b).abs().max() > 1e-4  # control: the adapter changed the model
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_dir, data_file, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sft.cli", "train", str(empty), f"--model={tiny_dir}", f"--data.train={data_file}",
+         f"--output_dir={out}", "--train.max_steps=100000", "--train.batch_size=1", "--data.packing=false",
+         f"--data.cache_dir={tmp_path / 'cache'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "--resume" in stdout
+    ckpts = list((out / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and ckpts[0].name.startswith("step-") and (ckpts[0] / "state.json").is_file()
+    assert not (out / "final").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tiny_dir, data_file, tmp_path):
+    from sft.errors import SftError
+
+    blow_up = ["--train.lr=1e6", "--train.max_grad_norm=null", "--train.max_steps=6", "--train.batch_size=2"]
+    with pytest.raises(SftError, match=r"step \d+: loss is (nan|inf).*train.lr=1000000.0.*train.on_nan: skip"):
+        train(make_cfg(tiny_dir, data_file, tmp_path / "nan", *blow_up), progress=False)
+    r = train(make_cfg(tiny_dir, data_file, tmp_path / "skip", *blow_up, "--train.on_nan=skip"), progress=False)
+    assert len(r.losses) < 6  # the non-finite steps were skipped, not applied
+
+
+def test_eval_every_writes_eval_rows_with_checkpointing_and_neftune(tiny_dir, data_file, tmp_path):
+    out = tmp_path / "ev"
+    train(make_cfg(tiny_dir, data_file, out, "--eval.split=0.25", "--eval.every=2", "--train.max_steps=4",
+                   "--train.gradient_checkpointing=true", "--train.neftune_alpha=5", "--train.batch_size=2"),
+          progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_loss"] > 0 for r in evals)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]

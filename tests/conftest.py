@@ -5,6 +5,7 @@ Tests are offline; tokenizers come from the installed model packages (converted 
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +60,30 @@ def tiny_gemma(vocab_size: int = 262144, seed: int = 0):
 @pytest.fixture()
 def tiny_llama_model(smol_tok):
     return tiny_llama(len(smol_tok))
+
+
+# Short chats for training-loop tests: sums with answers of varied length, and one multi-turn chat.
+TINY_ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}." + " Indeed." * (a % 4)}]}
+    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)]
+] + [
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                  {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green, then red."}]}
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_tok):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(len(smol_tok)).save_pretrained(str(d), safe_serialization=True)
+    smol_tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in TINY_ROWS))
+    return p

@@ -16,29 +16,6 @@ from sft.cli import main
 from sft.config import load_config
 from sft.train import train
 
-ROWS = [
-    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}." + " Indeed." * (a % 4)}]}
-    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)]
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tok):
-    from conftest import tiny_llama
-
-    d = tmp_path_factory.mktemp("tiny-llama-bench")
-    tiny_llama(len(smol_tok)).save_pretrained(str(d), safe_serialization=True)
-    smol_tok.save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("bench-data") / "train.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
-
 
 def make_cfg(tiny_dir: Path, data_file: Path, out: Path, *extra: str):
     return load_config(None, [
@@ -55,7 +32,7 @@ def test_bench_keys_and_sane_values(tiny_dir, data_file, tmp_path):
     assert all(0.0 < x < 20.0 for x in r["losses"])  # ln(49152) = 10.8 for a random model
     assert r["tokens_per_s"] > 0 and r["tokens"] > 0
     assert r["peak_flops"] > 0 and 0.0 < r["mfu"] < 1.0
-    assert 0.9 < r["padding_efficiency"] <= 1.0  # packing: bins of max_length rows, nearly full
+    assert 0.5 < r["padding_efficiency"] <= 1.0  # packing: rows are bins of up to max_length tokens
     assert 0.05 < r["peak_rss_gb"] < 64
     assert r["time_to_first_step_s"] > 0
     assert r["precision"] == "fp32"

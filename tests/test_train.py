@@ -21,33 +21,6 @@ from safetensors.torch import load_file
 from sft.config import load_config
 from sft.train import train
 
-ROWS = [
-    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}." + " Indeed." * (a % 4)}]}
-    for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12), (13, 14), (15, 16)]
-] + [
-    {"messages": [{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
-                  {"role": "user", "content": "Another one?"}, {"role": "assistant", "content": "Green, then red."}]}
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tok):
-    from conftest import tiny_llama
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(len(smol_tok)).save_pretrained(str(d), safe_serialization=True)
-    smol_tok.save_pretrained(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "train.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
-
 
 def make_cfg(tiny_dir, data_file, out, *extra):
     return load_config(None, [

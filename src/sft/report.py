@@ -168,7 +168,7 @@ def charts(metrics: list[dict[str, Any]]) -> list[str]:
 # the two files
 
 
-def _table_md(rows: list[list[str]], header: list[str]) -> str:
+def md_table(rows: list[list[str]], header: list[str]) -> str:
     def cell(c: str) -> str:
         return c.replace("|", "\\|").replace("\n", " ")
 
@@ -177,7 +177,7 @@ def _table_md(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _table_html(rows: list[list[str]], header: list[str]) -> str:
+def html_table(rows: list[list[str]], header: list[str]) -> str:
     esc = html.escape
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
@@ -252,27 +252,27 @@ def write_report(
 
     md = [f"# {title}", ""]
     if ba_rows:
-        md += ["## Before / after", "", _table_md(ba_rows, ba_header), ""]
+        md += ["## Before / after", "", md_table(ba_rows, ba_header), ""]
     if run_rows:
-        md += ["## Training", "", _table_md(run_rows, ["", "last step"]), "",
+        md += ["## Training", "", md_table(run_rows, ["", "last step"]), "",
                "Loss and learning-rate curves are in report.html.", ""]
     if s_rows:
-        md += ["## Sample generations", "", _table_md(s_rows, s_header), ""]
+        md += ["## Sample generations", "", md_table(s_rows, s_header), ""]
     if d_rows:
-        md += ["## Data", "", _table_md(d_rows, ["statistic", "value"]), ""]
+        md += ["## Data", "", md_table(d_rows, ["statistic", "value"]), ""]
     md += ["## Config", "", "```yaml", cfg_text.rstrip(), "```", ""]
 
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>"]
     if ba_rows:
-        body += ["<h2>Before / after</h2>", _table_html(ba_rows, ba_header)]
+        body += ["<h2>Before / after</h2>", html_table(ba_rows, ba_header)]
     body += ["<h2>Training</h2>", f'<div class="plots">{"".join(plots)}</div>']
     if run_rows:
-        body.append(_table_html(run_rows, ["", "last step"]))
+        body.append(html_table(run_rows, ["", "last step"]))
     if s_rows:
-        body += ["<h2>Sample generations</h2>", _table_html(s_rows, s_header)]
+        body += ["<h2>Sample generations</h2>", html_table(s_rows, s_header)]
     if d_rows:
-        body += ["<h2>Data</h2>", _table_html(d_rows, ["statistic", "value"])]
+        body += ["<h2>Data</h2>", html_table(d_rows, ["statistic", "value"])]
     body += ["<h2>Config</h2>", f"<pre>{esc(cfg_text)}</pre>"]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-from sft.report import CSS, svg_chart
+from sft.report import CSS, html_table, md_table, svg_chart
 
 OBJECTIVES = {"task_accuracy": "higher", "eval_loss": "lower"}
 
@@ -231,19 +231,6 @@ def svg_scatter(points: list[tuple[str, float, float]], budget: float | None, ch
     return "".join(parts)
 
 
-def _md_table(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _html_table(rows: list[list[str]], header: list[str]) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | None, why: dict[str, str],
                        settings: dict[str, Any], before: dict[str, Any] | None) -> list[Path]:
     """Write ``sweep.json``, ``sweep.md`` and ``sweep.html`` into ``out``; returns their paths."""
@@ -271,14 +258,14 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     paths = [out / "sweep.json", out / "sweep.md", out / "sweep.html"]
     paths[0].write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     md = ["# sft sweep", "", verdict, "", rules, ""] + ([start, ""] if start else []) + [
-        _md_table(rows, HEADER), "", "Forgetting is the relative rise of reference perplexity vs the starting model.",
+        md_table(rows, HEADER), "", "Forgetting is the relative rise of reference perplexity vs the starting model.",
         "Loss curves and the accuracy/forgetting plot are in sweep.html.", ""]
     paths[1].write_text("\n".join(md), encoding="utf-8")
     esc = html.escape
     body = ["<h1>sft sweep</h1>", f"<p><b>{esc(verdict)}</b></p>", f"<p>{esc(rules)}</p>"]
     if start:
         body.append(f"<p>{esc(start)}</p>")
-    body += [_html_table(rows, HEADER), f'<div class="plots">{loss_svg}{scatter}</div>',
+    body += [html_table(rows, HEADER), f'<div class="plots">{loss_svg}{scatter}</div>',
              "<p>Forgetting is the relative rise of reference perplexity vs the starting model.</p>"]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sft sweep</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sft import checkpoint, models
-from sft.config import Config, save_config, to_dict
+from sft import checkpoint, models, run_log
+from sft.config import Config, save_config
 from sft.data.batching import Step, plan_steps
 from sft.data.collate import collate_packed_rows, collate_padded
 from sft.data.types import IGNORE, Example
@@ -294,13 +294,13 @@ def train(
             print(f"{ckpt_root}: no complete checkpoint; starting from the beginning", flush=True)
     save_config(cfg, out / "config.yaml")
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)
+    run_log.truncate_metrics(metrics_path, start)
 
-    writer = _tensorboard(cfg, out) if rank == 0 else None
+    writer = run_log.tensorboard_writer(cfg, out) if rank == 0 else None
     result = RunResult(out, total_steps)
-    elapsed_before = _elapsed_at(metrics_path)
+    elapsed_before = run_log.elapsed_at(metrics_path)
     t0 = time.perf_counter()
-    bar = _progress(total_steps, start, progress and rank == 0)
+    bar = run_log.progress_bar(total_steps, start, progress and rank == 0)
     skipped = 0
 
     # ---- the loop
@@ -344,25 +344,25 @@ def train(
             row = {"step": done, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                    "tokens": n_tokens, "trained_tokens": n_trained, "elapsed_s": round(elapsed, 3)}
             if rank == 0:
-                _append(metrics_path, row)
+                run_log.append_row(metrics_path, row)
                 if writer is not None:
                     for k in ("loss", "lr", "grad_norm"):
                         writer.add_scalar(f"train/{k}", row[k], done)
-            _log(bar, row, total_steps, start, t0, progress and rank == 0)
+            run_log.log_step(bar, row, total_steps, start, t0, progress and rank == 0)
             if os.environ.get("SFT_DEBUG_KILL_AT_STEP") == str(done):  # crash tests: die like a SIGKILL
                 os.kill(os.getpid(), signal.SIGKILL)
 
             if has_eval and cfg.eval.every and done % cfg.eval.every == 0 and done < total_steps:
                 ev = eval_loss(model, eval_examples, cfg, pad_id, device)
                 if rank == 0:
-                    _append(metrics_path, {"step": done, "eval_loss": round(ev, 6)})
-                    _print(bar, f"step {done}/{total_steps} | eval_loss {ev:.4f}")
+                    run_log.append_row(metrics_path, {"step": done, "eval_loss": round(ev, 6)})
+                    run_log.say(bar, f"step {done}/{total_steps} | eval_loss {ev:.4f}")
                 if ev < best_eval - 1e-6:
                     best_eval, bad_evals = ev, 0
                 else:
                     bad_evals += 1
                 if cfg.eval.early_stopping_patience and bad_evals >= cfg.eval.early_stopping_patience:
-                    _print(bar, f"Early stopping: eval loss has not improved for {bad_evals} evaluations")
+                    run_log.say(bar, f"Early stopping: eval loss has not improved for {bad_evals} evaluations")
                     result.stopped_early = True
             save_now = bool(cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps)
             if (save_now or interrupt.signal is not None) and rank == 0:
@@ -379,10 +379,10 @@ def train(
                     {"total_steps": total_steps, "best_eval": best_eval, "bad_evals": bad_evals},
                     cfg.train.keep_checkpoints,
                 )
-                _print(bar, f"Stopped at step {done}/{total_steps}: {reason}")
+                run_log.say(bar, f"Stopped at step {done}/{total_steps}: {reason}")
                 break
             if interrupt.signal is not None:
-                _print(bar, f"Stopped at step {done}/{total_steps}; checkpoint saved. "
+                run_log.say(bar, f"Stopped at step {done}/{total_steps}; checkpoint saved. "
                        f"Continue with: sft train CONFIG --resume")
                 result.interrupted = True
                 break
@@ -398,7 +398,7 @@ def train(
     # ---- result
     final_eval = eval_loss(model, eval_examples, cfg, pad_id, device) if has_eval else None
     if final_eval is not None and rank == 0:
-        _append(metrics_path, {"step": total_steps if not result.stopped_early else done, "eval_loss": round(final_eval, 6)})
+        run_log.append_row(metrics_path, {"step": total_steps if not result.stopped_early else done, "eval_loss": round(final_eval, 6)})
     if rank == 0:
         final_model = save_final(cfg, model, tokenizer, data.template, out)
         (out / "run_state.json").write_text(json.dumps({"status": "finished", "steps": len(plan), "skipped_steps": skipped}))
@@ -412,80 +412,6 @@ def train(
             (out / "after.json").write_text(json.dumps(after, indent=1))
             if before is None and (out / "before.json").exists():
                 before = json.loads((out / "before.json").read_text())
-        _write_report(out, cfg, data.report.to_dict(), before, after)
+        run_log.write_report(out, cfg, data.report.to_dict(), before, after)
         print(f"Done: {out / 'final'}", flush=True)
     return result
-
-
-def _write_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any) -> None:
-    from sft.report import print_before_after, write_report
-
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    html, md = write_report(out, to_dict(cfg), metrics, before, after, data_report)
-    if before is not None and after is not None:
-        print_before_after(before, after)
-    print(f"Report: {html} and {md}", flush=True)
-
-
-def _append(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after the resumed step (a killed run may have logged steps it never saved)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _elapsed_at(path: Path) -> float:
-    if not path.exists():
-        return 0.0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    times = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
-    return float(times[-1]) if times else 0.0
-
-
-def _tensorboard(cfg: Config, out: Path) -> Any:
-    if not cfg.train.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("warning: train.tensorboard is on but tensorboard is not installed; `pip install tensorboard`",
-              file=sys.stderr)
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _progress(total: int, start: int, enabled: bool) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
-def _print(bar: Any, text: str) -> None:
-    if bar is not None:
-        bar.write(text)
-    else:
-        print(text, flush=True)
-
-
-def _log(bar: Any, row: dict[str, Any], total: int, start: int, t0: float, enabled: bool) -> None:
-    if not enabled:
-        return
-    done = row["step"]
-    secs = time.perf_counter() - t0
-    tok_s = row["tokens"] / max(1e-9, secs / max(1, done - start))
-    eta = secs / max(1, done - start) * (total - done)
-    text = (f"step {done}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.1e} | {tok_s:.0f} tok/s | "
-            f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
-    if bar is not None:
-        bar.set_postfix_str(text.split(" | ", 1)[1], refresh=False)
-        bar.update(1)
-    else:
-        print(text, flush=True)

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -20,7 +21,7 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     mdir = sys.argv[1]
-    rows = json.load(open("/work/shared/data/alpaca_en_demo.json"))
+    rows = json.loads(Path("/work/shared/data/alpaca_en_demo.json").read_text())
     conv = [{"messages": [{"role": "user", "content": r["instruction"] + ("\n" + r["input"] if r["input"] else "")},
                           {"role": "assistant", "content": r["output"]}]} for r in rows]
     tok = AutoTokenizer.from_pretrained(mdir)

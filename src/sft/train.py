@@ -197,7 +197,7 @@ def _check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
     finished = (out / "final").exists() or (out / "run_state.json").exists()
     if overwrite and out.exists():
         for name in ("checkpoints", "final", "adapter", "metrics.jsonl", "run_state.json", "report.html",
-                     "report.md", "report.json", "config.yaml", "tensorboard"):
+                     "report.md", "report.json", "before.json", "after.json", "config.yaml", "tensorboard"):
             p = out / name
             if p.is_dir():
                 shutil.rmtree(p)

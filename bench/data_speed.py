@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from sft.config import Config, DataConfig, SourceConfig
 from sft.data.pipeline import build_dataset
-from sft.models import load_tokenizer
+from sft.models.load import load_tokenizer
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

@@ -4,7 +4,7 @@
 
 1. packed-vs-separate logits on CUDA (sdpa; fp32 and bf16) for a tiny Llama and a tiny Gemma 3,
    with the leaking control (positions that do not restart);
-2. batch 4 x accumulation 1 == batch 1 x accumulation 4 through `sft.train.train` on CUDA (fp32);
+2. batch 4 x accumulation 1 == batch 1 x accumulation 4 through `sft.training.loop.train` on CUDA (fp32);
 3. throughput of `sft train` for a SmolLM2-135M-shaped model (random init) on real data, fp32 and bf16.
 """
 
@@ -66,7 +66,7 @@ def write_data(path: Path, rows: int) -> Path:
 
 def run_train(model_dir: Path, data: Path, out: Path, *extra: str) -> list[dict[str, object]]:
     from sft.config import load_config
-    from sft.train import train
+    from sft.training.loop import train
 
     cfg = load_config(None, [f"--model={model_dir}", f"--data.train={data}", f"--output_dir={out}",
                              f"--data.cache_dir={out.parent / 'cache'}", "--train.warmup=0", *extra])

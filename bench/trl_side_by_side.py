@@ -51,11 +51,11 @@ def rows(limit: int) -> list[dict[str, Any]]:
 def sft_model_dir() -> str:
     """The project venv's cached HF dir of the model (the package path, hence the cache key, differs
     between venvs, so ask the project's Python, else fall back to this one)."""
-    code = "from sft.models import model_dir, resolve; print(model_dir(resolve('smollm2-135m-instruct')))"
+    code = "from sft.models.load import model_dir, resolve; print(model_dir(resolve('smollm2-135m-instruct')))"
     py = ROOT / ".venv" / "bin" / "python"
     if py.exists():
         return subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True).stdout.strip()
-    from sft.models import model_dir, resolve
+    from sft.models.load import model_dir, resolve
 
     return str(model_dir(resolve("smollm2-135m-instruct")))
 

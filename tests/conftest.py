@@ -16,14 +16,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smol_tok():
-    from sft.models import load_tokenizer
+    from sft.models.load import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
 
 @pytest.fixture(scope="session")
 def gemma_tok():
-    from sft.models import load_tokenizer
+    from sft.models.load import load_tokenizer
 
     return load_tokenizer("gemma-3-270m")
 

@@ -21,7 +21,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sft.train import train
+    from sft.training.loop import train
 
     cfg = _config(args)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
@@ -40,38 +40,38 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sft.evaluate import run_eval
+    from sft.evaluation.evaluate import run_eval
 
     return run_eval(_config(args), model=args.model, out=args.out)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from sft.generate import chat
+    from sft.evaluation.generate import chat
 
     return chat(args.model, max_new_tokens=args.max_new_tokens, template=args.template)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from sft.generate import generate_file
+    from sft.evaluation.generate import generate_file
 
     return generate_file(args.model, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, template=args.template)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sft.bench import run_bench
+    from sft.tuning.bench import run_bench
 
     return run_bench(_config(args), steps=args.steps, as_json=args.json)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from sft.sweep import run_sweep
+    from sft.tuning.sweep import run_sweep
 
     return run_sweep(args.config, args.overrides)
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from sft.lr_find import run_lr_find
+    from sft.tuning.lr_find import run_lr_find
 
     return run_lr_find(_config(args))
 

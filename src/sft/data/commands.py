@@ -25,7 +25,7 @@ from sft.data.pipeline import DataReport, build_dataset, collect_conversations
 
 
 def _tokenizer(cfg: Config) -> Any:
-    from sft.models import load_tokenizer
+    from sft.models.load import load_tokenizer
 
     return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
 

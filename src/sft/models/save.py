@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from sft.checkpoint import atomic_write_dir
 from sft.config import Config
+from sft.training.checkpoint import atomic_write_dir
 
 
 def pick_pad_id(tokenizer: Any, stop_ids: list[int]) -> int:

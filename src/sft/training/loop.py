@@ -22,15 +22,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sft import checkpoint, models, run_log
 from sft.config import Config, save_config
 from sft.data.batching import Step, plan_steps
 from sft.data.collate import collate_packed_rows, collate_padded
 from sft.data.types import IGNORE, Example
 from sft.errors import SftError
-from sft.loss import token_loss_sum, unwrap
-from sft.optim import lr_at, make_optimizer
-from sft.saving import save_final
+from sft.models import load as models
+from sft.models.save import save_final
+from sft.reporting import run_log
+from sft.training import checkpoint
+from sft.training.loss import token_loss_sum, unwrap
+from sft.training.optim import lr_at, make_optimizer
 
 
 @dataclass
@@ -258,7 +260,7 @@ def train(
     model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
     before: dict[str, Any] | None = None
     if cfg.eval.before_after and has_eval and rank == 0 and not resume:
-        from sft.evaluate import evaluate
+        from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the starting model ...", flush=True)
         before = evaluate(cfg, model, tokenizer, data.template, base_model=None, progress=progress)
@@ -404,7 +406,7 @@ def train(
         (out / "run_state.json").write_text(json.dumps({"status": "finished", "steps": len(plan), "skipped_steps": skipped}))
         after = None
         if cfg.eval.before_after and has_eval:
-            from sft.evaluate import evaluate
+            from sft.evaluation.evaluate import evaluate
 
             print("Evaluating the tuned model ...", flush=True)
             base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)

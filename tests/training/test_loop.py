@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from sft.config import load_config
-from sft.train import train
+from sft.training.loop import train
 
 
 def make_cfg(tiny_dir, data_file, out, *extra):
@@ -53,9 +53,9 @@ def test_grad_accum_equivalence(tiny_dir, data_file, tmp_path):
 def test_per_microbatch_mean_would_differ(tiny_dir, data_file, tmp_path):
     """Control: the 2024 bug (mean per micro-batch, then mean over micro-batches) gives another loss."""
     from sft.data.pipeline import build_dataset
-    from sft.loss import token_loss_sum
-    from sft.models import load_model, load_tokenizer
-    from sft.train import to_batch
+    from sft.models.load import load_model, load_tokenizer
+    from sft.training.loop import to_batch
+    from sft.training.loss import token_loss_sum
 
     cfg = make_cfg(tiny_dir, data_file, tmp_path / "c", "--data.packing=false")
     tok = load_tokenizer(cfg.model)
@@ -76,7 +76,7 @@ def test_packed_and_unpacked_first_loss_equal(tiny_dir, data_file, tmp_path):
 
 def test_packed_loss_with_leaking_attention_differs(tiny_dir, data_file, tmp_path, monkeypatch):
     """Control: if position_ids did not restart, examples would attend to each other."""
-    import sft.train as train_mod
+    import sft.training.loop as train_mod
     from sft.data import collate
 
     common = ["--train.batch_size=16", "--train.max_steps=1"]
@@ -133,7 +133,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_dir, data_file, tmp_path
     assert losses_of(tmp_path / "run") == ref  # exact: fp32 on CPU, same RNG, same data position
 
     # control: a resume that forgets the optimizer state does not reproduce the losses
-    import sft.checkpoint as ck
+    import sft.training.checkpoint as ck
 
     monkeypatch.setattr(ck, "_load_optimizer", lambda *a, **k: None)
     part = _run_cli(["train", str(cfg_path), "--output_dir=" + str(tmp_path / "run2")],

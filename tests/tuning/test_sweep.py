@@ -12,8 +12,10 @@ import pytest
 
 from sft.config import Config
 from sft.errors import SftError
-from sft.lr_find import propose_grid, range_lrs
-from sft.sweep import (
+from sft.reporting.sweep_report import choose
+from sft.training.loop import RunResult
+from sft.tuning.lr_find import propose_grid, range_lrs
+from sft.tuning.sweep import (
     PruneRules,
     expand_grid,
     plan_trials,
@@ -22,8 +24,6 @@ from sft.sweep import (
     split_overrides,
     trial_name,
 )
-from sft.sweep_report import choose
-from sft.train import RunResult
 
 # ---------------------------------------------------------------------------------------------
 # grid
@@ -303,7 +303,7 @@ def test_end_to_end_sweep_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) 
 @pytest.mark.slow
 def test_lr_find_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys: Any) -> None:
     from sft.config import load_config
-    from sft.lr_find import run_lr_find
+    from sft.tuning.lr_find import run_lr_find
 
     rows = [_conv(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(8)]
     (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")

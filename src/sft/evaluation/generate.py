@@ -68,7 +68,7 @@ def generate_batch(
         raise SftError("generate: no stop ids; pass the template's end-of-turn ids (chat.stop_token_ids)")
     if any(len(p) == 0 for p in prompts):
         raise SftError("generate: an empty prompt; every prompt needs at least one token")
-    from sft.saving import pick_pad_id
+    from sft.models.save import pick_pad_id
 
     pad = pick_pad_id(tokenizer, stop_ids)
     gen_cfg = GenerationConfig(
@@ -122,7 +122,7 @@ def _load(model_path: str, template_arg: str | None = None) -> tuple[Any, Any, s
     """Model, tokenizer, template and stop ids of ``model_path`` (a run's final/ dir or an alias);
     ``template_arg`` (--template) overrides the saved template, e.g. for a base model."""
     from sft.data.chat import resolve_template, stop_token_ids
-    from sft.models import load_model, load_tokenizer
+    from sft.models.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     template, base_dir = (template_arg, ".") if template_arg else _saved_template(model_path, tokenizer)
@@ -208,7 +208,7 @@ def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None
     from transformers import TextStreamer
 
     from sft.data.chat import prompt_ids
-    from sft.saving import pick_pad_id
+    from sft.models.save import pick_pad_id
 
     model, tokenizer, template, stop_ids = _load(model_path, template)
     pad = pick_pad_id(tokenizer, stop_ids)

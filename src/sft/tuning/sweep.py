@@ -24,7 +24,14 @@ from typing import Any
 
 from sft.config import Config, from_dict, load_config, parse_override, resolve_path, to_dict, validate
 from sft.errors import SftError
-from sft.sweep_report import OBJECTIVES, choose, read_json, read_metrics, summarize_trial, write_sweep_report
+from sft.reporting.sweep_report import (
+    OBJECTIVES,
+    choose,
+    read_json,
+    read_metrics,
+    summarize_trial,
+    write_sweep_report,
+)
 
 # ---------------------------------------------------------------------------------------------
 # grid: command-line lists and sweep.grid -> one override dict per trial
@@ -233,7 +240,7 @@ def _curve(history: dict[int, float]) -> list[float]:
 
 
 def _grace(cfg: Config, known_total: int | None) -> int:
-    from sft.optim import warmup_steps
+    from sft.training.optim import warmup_steps
 
     total = cfg.train.max_steps or known_total
     warm = warmup_steps(cfg.train, total or 0)  # a fraction of an unknown total counts as 0
@@ -284,7 +291,7 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
     """
     base, trials = plan_trials(config_path, overrides)
     if train_fn is None:
-        from sft.train import train
+        from sft.training.loop import train
 
         train_fn = train
     root = Path(base.output_dir)

@@ -31,13 +31,20 @@ from typing import Any
 
 import torch
 
-from sft import models
 from sft.config import Config
 from sft.data.batching import plan_steps
 from sft.errors import SftError
-from sft.loss import unwrap
-from sft.optim import lr_at, make_optimizer
-from sft.train import _device, add_neftune, forward_backward, prepare_model, resolve_precision, step_batches
+from sft.models import load as models
+from sft.training.loop import (
+    _device,
+    add_neftune,
+    forward_backward,
+    prepare_model,
+    resolve_precision,
+    step_batches,
+)
+from sft.training.loss import unwrap
+from sft.training.optim import lr_at, make_optimizer
 
 KEYS = (
     "tokens_per_s", "mfu", "peak_flops", "padding_efficiency", "peak_rss_gb", "time_to_first_step_s",

@@ -10,9 +10,9 @@ import pytest
 from conftest import tiny_llama
 from sft.config import load_config
 from sft.errors import SftError
-from sft.evaluate import evaluate, forgetting, score, split_reference, summary
-from sft.generate import Generation
-from sft.reference import reference_text
+from sft.evaluation.evaluate import evaluate, forgetting, score, split_reference, summary
+from sft.evaluation.generate import Generation
+from sft.evaluation.reference import reference_text
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_evaluate_scores_replies_with_source_metric(tmp_path, smol_tok, monkeypa
             out.append(Generation(text=replies[ref], token_ids=[1, 2, 3], stopped=True))
         return out
 
-    monkeypatch.setattr("sft.generate.generate_batch", fake_generate)
+    monkeypatch.setattr("sft.evaluation.generate.generate_batch", fake_generate)
     r = evaluate(cfg, m, smol_tok, "chatml", progress=False)
     assert r["n_examples"] == 4
     assert r["task_accuracy"] == pytest.approx(2 / 4)  # contains: yes, no, yes; exact: no

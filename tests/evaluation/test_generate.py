@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sft.generate import chat, generate_batch, generate_file, split_at_stop
+from sft.evaluation.generate import chat, generate_batch, generate_file, split_at_stop
 
 TEXTS = ["Hello there, how are you today?", "Hi", "The quick brown fox jumps over the lazy dog again and again."]
 NEVER = [49151]  # a stop id the tiny model does not produce in 12 greedy steps (checked below)

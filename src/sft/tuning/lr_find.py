@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sft.config import Config
 from sft.errors import SftError
-from sft.sweep import format_value
+from sft.tuning.sweep import format_value
 
 
 def range_lrs(steps: int, start: float, end: float) -> list[float]:
@@ -70,11 +70,11 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
     loss exceeds 4x its best; write ``output_dir/lr_find.json`` and print a `sft sweep` grid."""
     import torch
 
-    from sft import models
     from sft.data.batching import plan_steps
     from sft.data.pipeline import build_dataset
-    from sft.optim import make_optimizer
-    from sft.train import forward_backward, prepare_model, step_batches
+    from sft.models import load as models
+    from sft.training.loop import forward_backward, prepare_model, step_batches
+    from sft.training.optim import make_optimizer
 
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

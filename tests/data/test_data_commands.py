@@ -18,14 +18,14 @@ def qa(i, answer=None):
 @pytest.fixture()
 def no_weights(monkeypatch, smol_tok):
     """`sft data` must never load weights; the real tokenizer is reused to keep tests fast."""
-    import sft.models
+    import sft.models.load
 
     def boom(*a, **k):
         raise AssertionError("sft data loaded model weights")
 
-    monkeypatch.setattr(sft.models, "load_model", boom)
-    monkeypatch.setattr(sft.models, "model_dir", boom)
-    monkeypatch.setattr(sft.models, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    monkeypatch.setattr(sft.models.load, "load_model", boom)
+    monkeypatch.setattr(sft.models.load, "model_dir", boom)
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
 
 
 def config(tmp_path, rows, extra=""):

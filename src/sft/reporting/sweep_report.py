@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-from sft.report import CSS, html_table, md_table, svg_chart
+from sft.reporting.report import CSS, html_table, md_table, svg_chart
 
 OBJECTIVES = {"task_accuracy": "higher", "eval_loss": "lower"}
 

@@ -6,7 +6,7 @@
   answers everything before it (greedy) and the reply is scored with ``eval.metric`` (or the
   source's own ``metric``).
 - ``stop_rate``: share of replies that ended with an end-of-turn token before ``max_new_tokens``.
-- ``forgetting``: perplexity on general English (``sft.reference``), and when a base model is
+- ``forgetting``: perplexity on general English (``sft.evaluation.reference``), and when a base model is
   given, the mean per-token KL(base || model) on that text.
 """
 
@@ -97,7 +97,7 @@ def heldout_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int) 
     import torch
 
     from sft.data.collate import collate_padded
-    from sft.loss import token_loss_sum
+    from sft.training.loss import token_loss_sum
 
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths together
@@ -160,9 +160,9 @@ def evaluate(
     """All eval metrics of ``model`` as one JSON-able dict (see the module docstring)."""
     from sft.data.chat import prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
-    from sft.generate import generate_batch
-    from sft.reference import reference_text
-    from sft.saving import pick_pad_id
+    from sft.evaluation.generate import generate_batch
+    from sft.evaluation.reference import reference_text
+    from sft.models.save import pick_pad_id
 
     t0 = time.perf_counter()
     was_training = model.training
@@ -259,7 +259,7 @@ def summary(result: dict[str, Any]) -> str:
 def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
     """Load the model (``model`` overrides ``cfg.model``), evaluate, print a summary, write JSON."""
     from sft.data.chat import resolve_template
-    from sft.models import load_model, load_tokenizer, resolve
+    from sft.models.load import load_model, load_tokenizer, resolve
 
     name = model or cfg.model
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sft.report import before_after_rows, print_before_after, svg_chart, write_report
+from sft.reporting.report import before_after_rows, print_before_after, svg_chart, write_report
 
 BEFORE = {"task_accuracy": 0.05, "stop_rate": 0.0, "mean_response_tokens": 32.0, "eval_loss": 3.2,
           "perplexity": 24.5, "forgetting": {"reference_perplexity": 20.0},

@@ -12,7 +12,7 @@ from sft.config import Config, to_dict
 
 
 def write_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any) -> None:
-    from sft.report import print_before_after, write_report
+    from sft.reporting.report import print_before_after, write_report
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     html, md = write_report(out, to_dict(cfg), metrics, before, after, data_report)

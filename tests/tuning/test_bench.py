@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.bench import KEYS, bench
 from sft.cli import main
 from sft.config import load_config
-from sft.train import train
+from sft.training.loop import train
+from sft.tuning.bench import KEYS, bench
 
 
 def make_cfg(tiny_dir: Path, data_file: Path, out: Path, *extra: str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,7 +234,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``dotted == "a.b"``, creating mappings on the way.
+
+    >>> d = {}; set_dotted(d, "train.lr", 0.1); d
+    {'train': {'lr': 0.1}}
+    """
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
@@ -284,7 +290,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         base = p.parent
     for item in overrides:
         key, value = parse_override(item)
-        _set_path(data, key, value)
+        set_dotted(data, key, value)
     cfg: Config = from_dict(Config, data)
     cfg.base_dir = str(base)
     validate(cfg)
@@ -303,6 +309,11 @@ def validate(cfg: Config) -> None:
         raise SftError(f"train.lr: {cfg.train.lr} must be positive")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise SftError("train.max_steps must be at least 1")
+
+
+def cache_root() -> Path:
+    """Where sft keeps converted models and tokenized data: ``$SFT_CACHE`` or ``~/.cache/sft``."""
+    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
 
 
 def resolve_path(cfg: Config, path: str) -> Path:

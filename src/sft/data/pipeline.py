@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft.config import Config, SourceConfig, resolve_path
+from sft.config import Config, SourceConfig, cache_root, resolve_path
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
 from sft.data.sources import list_files, mix_counts, read_file, sample_rows, split_holdout
 from sft.data.types import IGNORE, Conversation, Example
@@ -259,7 +259,7 @@ def tokenize_conversations(
 def cache_dir(cfg: Config) -> Path:
     if cfg.data.cache_dir:
         return resolve_path(cfg, cfg.data.cache_dir)
-    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft")) / "data"
+    return cache_root() / "data"
 
 
 def _tokenizer_id(tokenizer: Any) -> dict[str, Any]:

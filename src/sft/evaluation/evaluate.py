@@ -229,28 +229,22 @@ def evaluate(
 # `sft eval CONFIG [--model M] [--out FILE.json]`
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def summary(result: dict[str, Any]) -> str:
     """The readable block `sft eval` prints."""
+    from sft.reporting.report import fmt
+
     f = result.get("forgetting") or {}
     acc, stop = result.get("task_accuracy"), result.get("stop_rate")
     lines = [
-        f"eval loss        {_fmt(result.get('eval_loss'))}  (perplexity {_fmt(result.get('perplexity'), 2)})",
-        f"task accuracy    {_fmt(None if acc is None else 100 * acc, 1)}%  "
+        f"eval loss        {fmt(result.get('eval_loss'), 'num4')}  (perplexity {fmt(result.get('perplexity'), 'num2')})",
+        f"task accuracy    {fmt(acc, 'pct')}  "
         f"({result.get('n_examples')} examples, metric {result.get('metric')})",
-        f"stop rate        {_fmt(None if stop is None else 100 * stop, 1)}%",
-        f"response tokens  {_fmt(result.get('mean_response_tokens'), 1)} (mean)",
-        f"reference ppl    {_fmt(f.get('reference_perplexity'), 2)}",
+        f"stop rate        {fmt(stop, 'pct')}",
+        f"response tokens  {fmt(result.get('mean_response_tokens'), 'num1')} (mean)",
+        f"reference ppl    {fmt(f.get('reference_perplexity'), 'num2')}",
     ]
     if f.get("kl_to_base") is not None:
-        lines.append(f"KL to base       {_fmt(f.get('kl_to_base'))} nats/token")
+        lines.append(f"KL to base       {fmt(f.get('kl_to_base'), 'num4')} nats/token")
     for k, v in (result.get("accuracy_by_source") or {}).items():
         lines.append(f"  accuracy {k}: {100 * v:.1f}%")
     return "\n".join(lines)

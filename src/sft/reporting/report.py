@@ -33,16 +33,27 @@ def _get(d: dict[str, Any] | None, dotted: str) -> Any:
     return node
 
 
-def fmt(value: Any, how: str) -> str:
-    """A metric as text.
+def fmt(value: Any, how: str = "num") -> str:
+    """A metric as text: ``pct`` (share as percent), ``signed_pct`` (relative change), ``time``
+    (seconds), ``numN`` (N decimals) or ``num`` (4 significant digits); None or NaN is ``-``.
 
-    >>> fmt(0.5, "pct"), fmt(1.23456, "num2"), fmt(None, "pct")
-    ('50.0%', '1.23', '-')
+    >>> fmt(0.5, "pct"), fmt(1.23456, "num2"), fmt(None, "pct"), fmt(0.052, "signed_pct")
+    ('50.0%', '1.23', '-', '+5.2%')
+    >>> fmt(12.3456, "num"), fmt(61.2, "time"), fmt(float("nan")), fmt("x")
+    ('12.35', '61s', '-', 'x')
     """
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return "-" if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "-"
     if how == "pct":
         return f"{100 * value:.1f}%"
+    if how == "signed_pct":
+        return f"{value:+.1%}"
+    if how == "time":
+        return f"{value:.0f}s"
+    if how == "num":
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
     return f"{value:.{int(how[-1])}f}"
 
 

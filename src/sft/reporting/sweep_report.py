@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.errors import SftError
-from sft.reporting.report import CSS, html_table, md_table, svg_chart
+from sft.reporting.report import CSS, fmt, html_table, md_table, svg_chart
 
 OBJECTIVES = {"task_accuracy": "higher", "eval_loss": "lower"}
 
@@ -151,24 +151,14 @@ def choose(trials: list[dict[str, Any]], objective: str, max_forgetting: float |
 # rendering
 
 
-def _fmt(value: Any, how: str = "num") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if how == "pct":
-        return f"{value:+.1%}"
-    if how == "time":
-        return f"{value:.0f}s"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 HEADER = ["trial", "status", "final loss", "final eval loss", "best eval loss", "task accuracy", "stop rate",
           "forgetting", "KL to base", "time", "verdict"]
 
 
 def table_rows(trials: list[dict[str, Any]], why: dict[str, str]) -> list[list[str]]:
-    return [[t["name"], t["status"], _fmt(t["final_loss"]), _fmt(t["final_eval_loss"]), _fmt(t["best_eval_loss"]),
-             _fmt(t["task_accuracy"]), _fmt(t["stop_rate"]), _fmt(t["forgetting"], "pct"), _fmt(t["kl_to_base"]),
-             _fmt(t["time_s"], "time"), why.get(t["name"], "")] for t in trials]
+    return [[t["name"], t["status"], fmt(t["final_loss"]), fmt(t["final_eval_loss"]), fmt(t["best_eval_loss"]),
+             fmt(t["task_accuracy"]), fmt(t["stop_rate"]), fmt(t["forgetting"], "signed_pct"), fmt(t["kl_to_base"]),
+             fmt(t["time_s"], "time"), why.get(t["name"], "")] for t in trials]
 
 
 def svg_scatter(points: list[tuple[str, float, float]], budget: float | None, chosen: str | None,
@@ -241,8 +231,8 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     start = ""
     if before is not None:
         ppl = ((before.get("forgetting") or {}).get("reference_perplexity"))
-        start = (f"Starting model: eval loss {_fmt(_num(before.get('eval_loss')))}, task accuracy "
-                 f"{_fmt(_num(before.get('task_accuracy')))}, reference perplexity {_fmt(_num(ppl))}.")
+        start = (f"Starting model: eval loss {fmt(_num(before.get('eval_loss')))}, task accuracy "
+                 f"{fmt(_num(before.get('task_accuracy')))}, reference perplexity {fmt(_num(ppl))}.")
     rows = table_rows(trials, why)
     curves = {t["name"]: [(float(s), v) for s, v in t["loss_curve"]] for t in trials}
     loss_svg = svg_chart(curves, "training loss per trial", "loss")
@@ -251,7 +241,7 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     scatter = svg_scatter(points, budget, chosen)
 
     rules = (f"Objective: {settings.get('objective')} ({'lower' if settings.get('objective') == 'eval_loss' else 'higher'}"
-             f" is better); forgetting budget: {_fmt(budget, 'pct') if budget is not None else 'none'}; "
+             f" is better); forgetting budget: {fmt(budget, 'signed_pct') if budget is not None else 'none'}; "
              f"pruning: {'on' if settings.get('prune') else 'off'}.")
     data = {"settings": settings, "chosen": chosen, "verdicts": why, "before": before and {
         k: before.get(k) for k in ("eval_loss", "task_accuracy", "stop_rate", "forgetting")}, "trials": trials}

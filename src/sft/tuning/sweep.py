@@ -22,7 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.config import Config, from_dict, load_config, parse_override, resolve_path, to_dict, validate
+from sft.config import (
+    Config,
+    from_dict,
+    load_config,
+    parse_override,
+    resolve_path,
+    set_dotted,
+    to_dict,
+    validate,
+)
 from sft.errors import SftError
 from sft.reporting.sweep_report import (
     OBJECTIVES,
@@ -107,16 +116,6 @@ def trial_name(values: dict[str, Any]) -> str:
     return ",".join(f"{n}={format_value(v)}" for n, v in zip(names, values.values()))
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, last = dotted.split(".")
-    for k in parents:
-        if not isinstance(node.get(k), dict):
-            node[k] = {}
-        node = node[k]
-    node[last] = value
-
-
 def _get_dotted(cfg: Any, dotted: str) -> Any:
     for k in dotted.split("."):
         cfg = cfg[k] if isinstance(cfg, dict) else getattr(cfg, k)
@@ -135,7 +134,7 @@ def trial_config(base: Config, values: dict[str, Any], out: Path) -> Config:
     for key, value in values.items():
         if key.startswith("sweep.") or key == "output_dir":
             raise SftError(f"{key}: cannot be a sweep axis; sweep over model, data, train, lora or eval keys")
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     data["output_dir"] = str(out.resolve())
     data["sweep"]["grid"] = {}
     cfg: Config = from_dict(Config, data)

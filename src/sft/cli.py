@@ -25,7 +25,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    return 0 if result is not None else 1
+    return 130 if result.interrupted else 0  # 130: stopped by a signal, checkpoint saved (as `sft sweep`)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -92,26 +92,6 @@ def _mean(xs: list[float]) -> float | None:
 # the three measurements
 
 
-def heldout_loss(model: Any, examples: list[Any], pad_id: int, batch_size: int) -> tuple[float | None, int]:
-    """Mean token CE over the trained tokens of ``examples`` (exactly the training mask)."""
-    import torch
-
-    from sft.data.collate import collate_padded
-    from sft.training.loss import token_loss_sum
-
-    device = next(model.parameters()).device
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths together
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for k in range(0, len(order), max(1, batch_size)):
-            batch = collate_padded([examples[i] for i in order[k : k + batch_size]], pad_id)
-            batch = {key: v.to(device) for key, v in batch.items()}
-            loss_sum, n = token_loss_sum(model, batch)
-            total += float(loss_sum)
-            count += n
-    return (total / count if count else None), count
-
-
 def reference_ids(tokenizer: Any, text: str, limit: int = REFERENCE_TOKENS) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"][:limit])
 
@@ -161,6 +141,7 @@ def evaluate(
     from sft.data.chat import prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
     from sft.evaluation.generate import generate_batch
+    from sft.evaluation.heldout import heldout_loss
     from sft.evaluation.reference import reference_text
     from sft.models.save import pick_pad_id
 
@@ -171,7 +152,7 @@ def evaluate(
         stop_ids = stop_token_ids(tokenizer, template)
         pad_id = pick_pad_id(tokenizer, stop_ids)
         dataset = build_dataset(cfg, tokenizer, "eval")
-        loss, loss_tokens = heldout_loss(model, dataset.examples, pad_id, cfg.eval.batch_size)
+        loss, loss_tokens = heldout_loss(model, dataset.examples, pad_id, cfg)
 
         convs, _ = load_conversations(cfg, "eval")
         items = []

@@ -1,4 +1,6 @@
-"""What a run shows and records: metrics.jsonl, the progress bar / log line, TensorBoard, the report."""
+"""What a run shows and records while it trains: ``metrics.jsonl``, the progress bar or log line,
+TensorBoard; and the report at its end. Only the writing process (rank 0) creates a RunLog that
+writes; the others get a silent one."""
 
 from __future__ import annotations
 
@@ -11,40 +13,99 @@ from typing import Any
 from sft.config import Config, to_dict
 
 
-def write_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any) -> None:
-    from sft.reporting.report import print_before_after, write_report
-
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    html, md = write_report(out, to_dict(cfg), metrics, before, after, data_report)
-    if before is not None and after is not None:
-        print_before_after(before, after)
-    print(f"Report: {html} and {md}", flush=True)
-
-
 def append_row(path: Path, row: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows after the resumed step (a killed run may have logged steps it never saved)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    if path.exists():
+        keep = [r for r in read_rows(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
 
 
 def elapsed_at(path: Path) -> float:
-    if not path.exists():
-        return 0.0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    times = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
+    """Training seconds already spent by the steps in ``path`` (resume continues the clock)."""
+    times = [r["elapsed_s"] for r in read_rows(path) if "elapsed_s" in r]
     return float(times[-1]) if times else 0.0
 
 
-def tensorboard_writer(cfg: Config, out: Path) -> Any:
-    if not cfg.train.tensorboard:
-        return None
+def step_line(row: dict[str, Any], total: int, secs_per_step: float) -> str:
+    """The log line of one step.
+
+    >>> step_line({"step": 3, "loss": 1.23456, "lr": 2e-5, "tokens": 512}, 10, 2.0)
+    'step 3/10 | loss 1.2346 | lr 2.0e-05 | 256 tok/s | eta 0m14s'
+    """
+    eta = secs_per_step * (total - row["step"])
+    return (f"step {row['step']}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.1e} | "
+            f"{row['tokens'] / max(1e-9, secs_per_step):.0f} tok/s | eta {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+class RunLog:
+    """metrics.jsonl (every step), the log line (every ``train.log_every`` steps) or a progress bar
+    on a terminal, and TensorBoard scalars when ``train.tensorboard`` is on."""
+
+    def __init__(self, cfg: Config, out: Path, total: int, start: int, show: bool, write: bool) -> None:
+        self.path, self.total, self.start = out / "metrics.jsonl", total, start
+        self.show, self.write, self.every = show, write, max(1, cfg.train.log_every)
+        self.t0 = time.perf_counter()
+        self.elapsed_before = elapsed_at(self.path) if write else 0.0
+        self.bar = None
+        if show and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self.writer = _tensorboard_writer(out) if (write and cfg.train.tensorboard) else None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def step(self, row: dict[str, Any]) -> None:
+        done = row["step"]
+        if self.write:
+            append_row(self.path, row)
+            if self.writer is not None:
+                for k in ("loss", "lr", "grad_norm"):
+                    self.writer.add_scalar(f"train/{k}", row[k], done)
+        if not self.show:
+            return
+        line = step_line(row, self.total, (time.perf_counter() - self.t0) / max(1, done - self.start))
+        if self.bar is not None:
+            self.bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
+            self.bar.update(1)
+        elif done % self.every == 0 or done == self.total:
+            print(line, flush=True)
+
+    def eval(self, step: int, eval_loss: float) -> None:
+        if self.write:
+            append_row(self.path, {"step": step, "eval_loss": round(eval_loss, 6)})
+            if self.writer is not None:
+                self.writer.add_scalar("eval/loss", eval_loss, step)
+        self.say(f"step {step}/{self.total} | eval_loss {eval_loss:.4f}")
+
+    def say(self, text: str) -> None:
+        if not self.show:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(out: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -54,32 +115,11 @@ def tensorboard_writer(cfg: Config, out: Path) -> Any:
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def progress_bar(total: int, start: int, enabled: bool) -> Any:
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+def write_run_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any) -> None:
+    """report.html and report.md of a finished run, and the before/after table on the terminal."""
+    from sft.reporting.report import print_before_after, write_report
 
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
-def say(bar: Any, text: str) -> None:
-    if bar is not None:
-        bar.write(text)
-    else:
-        print(text, flush=True)
-
-
-def log_step(bar: Any, row: dict[str, Any], total: int, start: int, t0: float, enabled: bool) -> None:
-    if not enabled:
-        return
-    done = row["step"]
-    secs = time.perf_counter() - t0
-    tok_s = row["tokens"] / max(1e-9, secs / max(1, done - start))
-    eta = secs / max(1, done - start) * (total - done)
-    text = (f"step {done}/{total} | loss {row['loss']:.4f} | lr {row['lr']:.1e} | {tok_s:.0f} tok/s | "
-            f"eta {int(eta // 60)}m{int(eta % 60):02d}s")
-    if bar is not None:
-        bar.set_postfix_str(text.split(" | ", 1)[1], refresh=False)
-        bar.update(1)
-    else:
-        print(text, flush=True)
+    html, md = write_report(out, to_dict(cfg), read_rows(out / "metrics.jsonl"), before, after, data_report)
+    if before is not None and after is not None:
+        print_before_after(before, after)
+    print(f"Report: {html} and {md}", flush=True)

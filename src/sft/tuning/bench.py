@@ -32,19 +32,14 @@ from typing import Any
 import torch
 
 from sft.config import Config
-from sft.data.batching import plan_steps
 from sft.errors import SftError
 from sft.models import load as models
-from sft.training.loop import (
-    _device,
-    add_neftune,
-    forward_backward,
-    prepare_model,
-    resolve_precision,
-    step_batches,
-)
+from sft.training.distributed import device as training_device
 from sft.training.loss import unwrap
-from sft.training.optim import lr_at, make_optimizer
+from sft.training.optim import lr_at
+from sft.training.precision import resolve_precision
+from sft.training.prepare import prepare_data, ready_for_training
+from sft.training.step import train_step
 
 KEYS = (
     "tokens_per_s", "mfu", "peak_flops", "padding_efficiency", "peak_rss_gb", "time_to_first_step_s",
@@ -146,7 +141,7 @@ def _cpu_flags() -> list[str]:
 
 
 def machine_info() -> dict[str, Any]:
-    device = _device()
+    device = training_device()
     return {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
@@ -176,7 +171,6 @@ def peak_rss_gb() -> float:
 
 def bench(cfg: Config, steps: int) -> dict[str, Any]:
     """Run 1 warm-up + ``steps`` timed optimizer steps of ``cfg``'s training; return the figures."""
-    from sft.data.pipeline import build_dataset
 
     if steps < 1:
         raise SftError(f"--steps: {steps} must be at least 1")
@@ -185,43 +179,20 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    device = _device()
+    device = training_device()
     precision = resolve_precision(cfg)
-
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = build_dataset(cfg, tokenizer, "train")
-    if not data.examples:
-        raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_steps = steps + 1
-    plan = plan_steps(
-        [len(e) for e in data.examples], cfg.train.batch_size, cfg.train.grad_accum, cfg.data.packing,
-        cfg.data.max_length, cfg.train.epochs, total_steps, cfg.train.seed,
-    )
-
+    prepared = prepare_data(cfg, total_steps)
     model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
-    model = prepare_model(cfg, model).to(device)
-    model.train()
-    if cfg.train.neftune_alpha:
-        add_neftune(model, cfg.train.neftune_alpha)
-    optimizer = make_optimizer(model, cfg.train)
-    if cfg.train.compile:
-        unwrap(model).model.compile()
+    model, optimizer = ready_for_training(cfg, model, device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # The same functions as train()'s loop, minus logging and checkpoints.
+    # The same step as train()'s loop (sft.training.step.train_step), minus logging and checkpoints.
     def one_step(step: int) -> tuple[float, int, int, int]:
-        lr = lr_at(step, total_steps, cfg.train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches, n_trained, real = step_batches(plan[step], data.examples, cfg, pad_id, device)
-        loss = forward_backward(model, batches, n_trained, cfg)
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss, real, sum(b["input_ids"].numel() for b in batches), n_trained
+        r = train_step(model, optimizer, prepared.plan[step], prepared.data.examples, cfg, prepared.pad_id, device,
+                       lr_at(step, total_steps, cfg.train))
+        return r.loss, r.tokens, r.tensor_tokens, r.trained_tokens
 
     one_step(0)
     first_step_s = time.perf_counter() - t_start

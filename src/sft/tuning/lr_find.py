@@ -70,37 +70,22 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
     loss exceeds 4x its best; write ``output_dir/lr_find.json`` and print a `sft sweep` grid."""
     import torch
 
-    from sft.data.batching import plan_steps
-    from sft.data.pipeline import build_dataset
     from sft.models import load as models
-    from sft.training.loop import forward_backward, prepare_model, step_batches
-    from sft.training.optim import make_optimizer
+    from sft.training.distributed import device
+    from sft.training.prepare import prepare_data, ready_for_training
+    from sft.training.step import train_step
 
     torch.manual_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    data = build_dataset(cfg, tokenizer, "train")
-    if not data.examples:
-        raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
-    t = cfg.train
-    plan = plan_steps([len(e) for e in data.examples], t.batch_size, t.grad_accum, cfg.data.packing,
-                      cfg.data.max_length, t.epochs, steps, t.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    model = prepare_model(cfg, models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)).to(device)
-    model.train()
-    optimizer = make_optimizer(model, t)
+    prepared = prepare_data(cfg, steps)
+    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    model, optimizer = ready_for_training(cfg, model, device())
     lrs = range_lrs(steps, start, end)
     losses: list[float] = []
     smoothed: list[float] = []
     for step, lr in enumerate(lrs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches, n_trained, _ = step_batches(plan[step], data.examples, cfg, pad_id, device)
-        losses.append(forward_backward(model, batches, n_trained, cfg))
-        if t.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        r = train_step(model, optimizer, prepared.plan[step], prepared.data.examples, cfg, prepared.pad_id,
+                       device(), lr)
+        losses.append(r.loss)
         smoothed = ema(losses, beta) if math.isfinite(losses[-1]) else [*smoothed, math.inf]
         print(f"lr-find {step + 1}/{steps} | lr {lr:.1e} | loss {losses[-1]:.4f} | smoothed {smoothed[-1]:.4f}",
               flush=True)

@@ -1,0 +1,96 @@
+"""What every stepping command (train, bench, lr-find) prepares the same way: the tokenized data
+and its plan of steps, and the model as training needs it (full or LoRA, frozen embeddings,
+checkpointing, NEFTune, compile) with its optimizer."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sft.config import Config
+from sft.data.batching import Step, plan_steps
+from sft.errors import SftError
+from sft.models import load as models
+from sft.training.loss import unwrap
+from sft.training.optim import make_optimizer
+
+
+@dataclass
+class TrainData:
+    tokenizer: Any
+    data: Any  # sft.data.pipeline.Dataset: examples, template, report
+    plan: list[Step]  # optimizer steps -> micro-batches -> rows -> example indices
+    pad_id: int  # fills padding positions (masked, never trained; never an end-of-turn token)
+
+
+def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
+    """Validate, tokenize and mask the training data (before any weights load) and plan the steps."""
+    from sft.data.chat import lint, stop_token_ids
+    from sft.data.pipeline import build_dataset
+    from sft.models.save import pick_pad_id
+
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    data = build_dataset(cfg, tokenizer, "train")
+    if not data.examples:
+        raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
+    for warning in lint(tokenizer, data.template, data.examples):
+        print(f"warning: {warning}", file=sys.stderr)
+    plan = plan_steps(
+        [len(e) for e in data.examples], cfg.train.batch_size, cfg.train.grad_accum, cfg.data.packing,
+        cfg.data.max_length, cfg.train.epochs, max_steps, cfg.train.seed,
+    )
+    return TrainData(tokenizer, data, plan, pick_pad_id(tokenizer, stop_token_ids(tokenizer, data.template)))
+
+
+def ready_for_training(cfg: Config, model: Any, device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+    """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW."""
+    model = prepare_model(cfg, model).to(device)
+    model.train()
+    if cfg.train.neftune_alpha:
+        add_neftune(model, cfg.train.neftune_alpha)
+    optimizer = make_optimizer(model, cfg.train)
+    if cfg.train.compile:  # compile the decoder in place: parameter names (and checkpoints) stay the same
+        unwrap(model).model.compile()
+    return model, optimizer
+
+
+def prepare_model(cfg: Config, model: Any) -> Any:
+    """Apply train.method (full | lora), embedding freezing and gradient checkpointing."""
+    if cfg.train.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.get_output_embeddings().weight.requires_grad_(False)
+    if cfg.train.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, accepts float
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.method == "lora":
+            model.enable_input_require_grads()
+    return model
+
+
+def add_neftune(model: Any, alpha: float) -> Any:
+    """NEFTune: uniform noise of scale alpha / sqrt(L * d) on input embeddings while training."""
+
+    def hook(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if module.training:
+            dims = output.shape[-2] * output.shape[-1]
+            mag = alpha / math.sqrt(dims)
+            output = output + torch.zeros_like(output).uniform_(-mag, mag)
+        return output
+
+    return model.get_input_embeddings().register_forward_hook(hook)

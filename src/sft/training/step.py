@@ -1,0 +1,95 @@
+"""THE optimizer step: `sft train`, `sft bench` and `sft lr-find` all call ``train_step``.
+
+Loss of a step = sum of token cross-entropy over all its micro-batches (on all ranks) / trained
+tokens in the whole step, so the batch/accumulation split never changes it. Each micro-batch's
+summed loss is divided by that global count before ``backward``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sft.config import Config
+from sft.data.batching import Step
+from sft.data.collate import collate_packed_rows, collate_padded
+from sft.data.types import IGNORE, Example
+from sft.training.distributed import rank_and_world
+from sft.training.loss import token_loss_sum
+from sft.training.precision import autocast
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-mean CE of the step over all ranks
+    grad_norm: float  # before clipping; NaN when train.max_grad_norm is off
+    tokens: int  # real (non-padding) tokens of the step, all ranks
+    trained_tokens: int  # tokens with a target, all ranks
+    tensor_tokens: int  # positions this rank pushed through the model, padding included
+    applied: bool  # False: the loss was not finite; gradients dropped, weights unchanged
+
+
+def to_batch(rows: list[list[Example]], packing: bool, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """One micro-batch on ``device``: packed rows ``[B, max_length]`` or padded sequences."""
+    if packing:
+        b = collate_packed_rows(rows, pad_id)
+    else:
+        b = collate_padded([ex for row in rows for ex in row], pad_id)
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def step_batches(
+    step: Step, examples: list[Example], cfg: Config, pad_id: int, device: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+    """This rank's micro-batches of one optimizer step, and the step's trained and real token
+    counts summed over all ranks (the loss divides by the global trained count)."""
+    rank, world = rank_and_world()
+    micro = [m for i, m in enumerate(step) if i % world == rank]
+    batches = [to_batch([[examples[i] for i in row] for row in m], cfg.data.packing, pad_id, device)
+               for m in micro]
+    counts = torch.tensor(
+        [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches),
+         sum(len(examples[i]) for m in micro for row in m for i in row)], device=device,
+    )
+    if world > 1:
+        dist.all_reduce(counts)
+    return batches, int(counts[0]), int(counts[1])
+
+
+def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], n_trained: int, cfg: Config) -> float:
+    """Accumulate the gradients of one optimizer step; return its loss (token-mean over all ranks)."""
+    step_loss = torch.zeros((), device=batches[0]["input_ids"].device)
+    for b in batches:
+        with autocast(cfg):
+            loss_sum, _ = token_loss_sum(model, b)
+        (loss_sum / max(1, n_trained)).backward()
+        step_loss += loss_sum.detach()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(step_loss)
+    return float(step_loss) / max(1, n_trained)
+
+
+def train_step(
+    model: Any, optimizer: torch.optim.Optimizer, step: Step, examples: list[Example], cfg: Config,
+    pad_id: int, device: torch.device, lr: float,
+) -> StepResult:
+    """One optimizer step at learning rate ``lr``: forward/backward over the step's micro-batches,
+    clip, update. A non-finite loss drops the gradients and leaves the weights as they were."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batches, n_trained, n_tokens = step_batches(step, examples, cfg, pad_id, device)
+    loss = forward_backward(model, batches, n_trained, cfg)
+    tensor_tokens = sum(b["input_ids"].numel() for b in batches)
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, math.nan, n_tokens, n_trained, tensor_tokens, applied=False)
+    grad_norm = math.nan
+    if cfg.train.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, n_tokens, n_trained, tensor_tokens, applied=True)

@@ -153,8 +153,7 @@ def _split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> ar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # offline (HF_HUB_OFFLINE) is the user's choice
     parser = build_parser()
     args = _split_overrides(parser, sys.argv[1:] if argv is None else argv)
     fn: Any = args.fn

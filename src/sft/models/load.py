@@ -1,8 +1,15 @@
-"""Where models come from: packaged aliases, ``.gguf`` files and HF model directories, all offline.
+"""Where models come from: packaged aliases, ``.gguf`` files, HF model directories and hub IDs.
+
+A hub ID (``org/name``, optionally with a ``revision``) is fetched with ``huggingface_hub``'s
+``snapshot_download`` into the standard HF cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``), with
+its progress bar: config, tokenizer and safetensors files only, never pickled weights. Whether to
+go online is the user's choice: with ``HF_HUB_OFFLINE=1`` (or no network) a cached snapshot is used.
+The tokenizer is fetched first and the weights only when a model is loaded, so ``sft data``
+never downloads weights.
 
 GGUF weights are dequantized once through transformers' GGUF support and cached as an HF
 directory with safetensors weights, so later runs load in seconds. Tokenizers are cached the
-same way, separately, so ``sft data`` never has to touch model weights. Nothing is unpickled.
+same way, separately. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +39,10 @@ class ModelSource:
 
     name: str  # what the user wrote
     kind: str  # "alias" | "gguf" | "hf"
-    path: Path  # the .gguf file, or the HF directory
+    path: Path  # the .gguf file, or the HF directory (for a hub ID: the snapshot in the HF cache)
+    repo_id: str | None = None  # set for a hub ID: the weights are fetched by model_dir()
+    revision: str | None = None
+    code: bool = False  # the hub snapshot includes the repository's *.py (trust_remote_code)
 
     @property
     def is_gguf(self) -> bool:
@@ -70,8 +81,107 @@ def _smollm2_gguf() -> Path:
     return path
 
 
-def resolve(name: str) -> ModelSource:
-    """Turn the ``model:`` value into a source, or fail with what to write instead."""
+# ---------------------------------------------------------------------------------------------
+# hub IDs
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_CONFIG_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]  # config, tokenizer, template
+_WEIGHTS = ["*.safetensors"]
+# never: pickles (*.bin, *.pt, *.pth, *.ckpt), other frameworks, and the duplicate weights some repos
+# ship for other runtimes (Mistral's consolidated.safetensors, Llama's original/)
+_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack", "*.onnx*", "*.gguf",
+           "consolidated*", "original/*"]
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def hub_cache() -> Path:
+    """The HF hub cache, read from the environment now (huggingface_hub reads it once, at import):
+    ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    env = os.environ
+    explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(os.path.expandvars(explicit)).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set to a true value, read now.
+
+    >>> os.environ.get("HF_HUB_OFFLINE") == "1" and hub_offline()  # the tests run offline
+    True
+    """
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in _TRUE
+
+
+def is_hub_id(name: str) -> bool:
+    """``org/name`` that is not a path on disk.
+
+    >>> is_hub_id("HuggingFaceTB/SmolLM2-135M"), is_hub_id("runs/x/final"), is_hub_id("model.gguf")
+    (True, False, False)
+    """
+    return bool(HUB_ID.fullmatch(name)) and not name.endswith(".gguf") and not Path(name).expanduser().exists()
+
+
+def _hub_error(repo_id: str, revision: str | None, cause: BaseException) -> SftError:
+    """One message saying where the model was looked for and what to do."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    at = f" at revision {revision!r}" if revision else ""
+    cached = hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    disk = f"it is not a directory or .gguf file on disk either ({Path(repo_id).resolve()})"
+    if isinstance(cause, RevisionNotFoundError):
+        return SftError(f"model: {repo_id!r} exists on the Hugging Face Hub but has no revision {revision!r}; "
+                        "set revision: to a branch, tag or commit of the repository")
+    if isinstance(cause, GatedRepoError):
+        return SftError(f"model: {repo_id!r} is gated on the Hugging Face Hub; accept its license at "
+                        f"https://huggingface.co/{repo_id}, then log in with `hf auth login` "
+                        "(formerly `huggingface-cli login`) or set HF_TOKEN")
+    if isinstance(cause, RepositoryNotFoundError):
+        return SftError(f"model: {repo_id!r} was not found on the Hugging Face Hub{at} and is not in the HF cache "
+                        f"({cached}); {disk}. Check the ID (org/name, as on huggingface.co); for a private or "
+                        "gated model log in with `hf auth login` (formerly `huggingface-cli login`) or set HF_TOKEN")
+    root = cause.__cause__ or cause
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else f"the hub could not be reached ({type(root).__name__})"
+    return SftError(f"model: {repo_id!r}{at} is not in the HF cache ({cached}) and {why}; {disk}. "
+                    f"Connect to the network with HF_HUB_OFFLINE unset (or 0) to download it, or fetch it once with "
+                    f"`hf download {repo_id}`; check the ID, and for a gated model log in with `hf auth login`")
+
+
+def download(repo_id: str, revision: str | None = None, *, weights: bool, code: bool = False) -> Path:
+    """The snapshot of ``repo_id`` in the HF cache with its config and tokenizer files (and, with
+    ``weights``, its safetensors; with ``code``, its ``*.py`` for trust_remote_code).
+
+    Online, ``snapshot_download`` checks the hub and fetches what is missing, with its progress bar;
+    offline (``HF_HUB_OFFLINE``) or when the hub cannot be reached, it returns the cached snapshot.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = _CONFIG_FILES + (_WEIGHTS if weights else []) + (["*.py"] if code else [])
+    cache = hub_cache()
+    if not hub_offline() and not (cache / ("models--" + repo_id.replace("/", "--"))).is_dir():
+        what = "config, tokenizer and safetensors weights" if weights else "config and tokenizer"
+        print(f"model: downloading {repo_id} ({what}) from the Hugging Face Hub into {cache}", flush=True)
+    try:
+        path = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns,
+            ignore_patterns=_IGNORE, local_files_only=hub_offline(),
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise _hub_error(repo_id, revision, e) from None
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve(name: str, revision: str | None = None, *, trust_remote_code: bool = False) -> ModelSource:
+    """Turn the ``model:`` value into a source, or fail with what to write instead.
+
+    A hub ID is fetched (config and tokenizer files only; ``model_dir`` fetches the weights).
+    """
     if name == "gemma-3-270m":
         return ModelSource(name, "alias", _gemma_gguf())
     if name == "smollm2-135m-instruct":
@@ -83,10 +193,13 @@ def resolve(name: str) -> ModelSource:
         if (p / "config.json").is_file() or (p / "tokenizer_config.json").is_file():
             return ModelSource(name, "hf", p)
         raise SftError(f"model: {p} is a directory without config.json; point at an HF model directory")
+    if is_hub_id(name):
+        path = download(name, revision, weights=False, code=trust_remote_code)
+        return ModelSource(name, "hf", path, repo_id=name, revision=revision, code=trust_remote_code)
     raise SftError(
-        f"model: {name!r} is not a packaged alias, a .gguf file or an HF model directory; "
-        f"use one of {', '.join(ALIASES)}, a path to a .gguf file, or a local model directory "
-        "(nothing is downloaded from a hub)"
+        f"model: {name!r} is not a packaged alias, a .gguf file, an HF model directory or a hub ID; "
+        f"use one of {', '.join(ALIASES)}, a path to a .gguf file or model directory (not found: {p.resolve()}), "
+        "or a Hugging Face Hub ID such as HuggingFaceTB/SmolLM2-135M-Instruct"
     )
 
 
@@ -107,7 +220,6 @@ def _atomic_dir(target: Path, write: Any) -> Path:
 
 
 def _quiet_transformers() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 
@@ -130,7 +242,10 @@ def tokenizer_dir(src: ModelSource) -> Path:
 
 
 def model_dir(src: ModelSource) -> Path:
-    """An HF directory with safetensors weights for ``src`` (dequantized from GGUF once)."""
+    """An HF directory with safetensors weights for ``src`` (fetched from the hub, or dequantized
+    from GGUF once)."""
+    if src.repo_id is not None:
+        return download(src.repo_id, src.revision, weights=True, code=src.code)
     if src.kind == "hf":
         return src.path
     target = src.cache_dir() / "model"
@@ -158,25 +273,33 @@ def model_dir(src: ModelSource) -> Path:
     return _atomic_dir(target, write)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer for ``model:``; never loads weights."""
+def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The tokenizer for ``model:`` (at ``revision`` for a hub ID); never loads weights."""
     _quiet_transformers()
     from transformers import AutoTokenizer
 
-    path = tokenizer_dir(resolve(name))
+    path = tokenizer_dir(resolve(name, revision, trust_remote_code=trust_remote_code))
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise SftError(f"model: could not load a tokenizer from {path}: {e}") from None
 
 
-def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False) -> Any:
-    """A causal LM in ``dtype`` (default fp32) from ``model:``. Safetensors only."""
+def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """A causal LM in ``dtype`` (default fp32) from ``model:`` (at ``revision`` for a hub ID).
+    Safetensors only."""
     _quiet_transformers()
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = model_dir(resolve(name))
+    src = resolve(name, revision, trust_remote_code=trust_remote_code)
+    path = model_dir(src)
+    if not any(path.glob("*.safetensors")) and src.repo_id is not None:
+        raise SftError(
+            f"model: the cached snapshot of {src.repo_id} ({path}) has no .safetensors weights; "
+            "sft never loads pickled (.bin) weights. Download them with HF_HUB_OFFLINE unset, or pick a "
+            "repository that ships safetensors"
+        )
     if not any(path.glob("*.safetensors")):
         raise SftError(
             f"model: {path} has no .safetensors weights; sft never loads pickled (.bin) weights. "

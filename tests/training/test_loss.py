@@ -41,3 +41,48 @@ def test_token_loss_sum_matches_model_loss(smol_tok):
     ref = model(input_ids=ids, labels=labels).loss  # transformers' mean over the same targets
     assert n == 4
     torch.testing.assert_close(loss_sum / n, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_computes_no_gradient_pieces():
+    """Held-out loss runs under no_grad: only the logits matmul may run, not the two gradient ones
+    (the [V, H] weight gradient is the size of the embedding). Counted with FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 16, generator=g, requires_grad=True)
+    w = torch.randn(1000, 16, generator=g, requires_grad=True)  # requires grad, as in training
+    t = torch.randint(0, 1000, (64,), generator=g)
+    logits_flops = 2 * 64 * 16 * 1000
+
+    with torch.no_grad(), FlopCounterMode(display=False) as quiet:
+        loss = linear_cross_entropy_sum(h, w, t, chunk=16)
+    assert not loss.requires_grad
+    assert quiet.get_total_flops() == logits_flops
+
+    # control: with grad mode on, the same call does the two gradient matmuls too (3x the FLOPs)
+    with FlopCounterMode(display=False) as training:
+        linear_cross_entropy_sum(h, w, t, chunk=16)
+    assert training.get_total_flops() == 3 * logits_flops
+
+
+def test_chunked_ce_bf16_close_to_fp32():
+    """The bf16 path (bf16 hidden and weight, fp32 log-sum-exp and weight-gradient sum) stays
+    within bf16 rounding of the fp32 reference; its gradients come back in bf16."""
+    g = torch.Generator().manual_seed(0)
+    h32 = torch.randn(300, 64, generator=g)
+    w32 = torch.randn(2000, 64, generator=g) * 0.5
+    t = (h32 @ w32.T).argmax(-1)  # confident targets, so a wrong one is visibly worse
+    h = h32.bfloat16().requires_grad_()
+    w = w32.bfloat16().requires_grad_()
+    ours = linear_cross_entropy_sum(h, w, t, chunk=64)
+    ours.backward()
+    assert ours.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    h_ref, w_ref = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h_ref @ w_ref.T, t, reduction="sum")
+    ref.backward()
+    assert abs(float(ours) - float(ref)) / float(ref) < 2e-3
+    rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    assert rel(h.grad, h_ref.grad) < 1e-2 and rel(w.grad, w_ref.grad) < 1e-2
+    # control: a wrong target is far outside that tolerance
+    wrong = linear_cross_entropy_sum(h.detach(), w.detach(), (t + 1) % 2000, chunk=64)
+    assert abs(float(wrong) - float(ref)) / float(ref) > 2e-2

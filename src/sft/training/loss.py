@@ -6,7 +6,11 @@ batch 1 x accumulation 4 give the same loss and gradients.
 
 Logits are computed only at positions that have a target (prompt tokens need none), a chunk at
 a time, and the gradient of each chunk is formed right away (as Liger's fused linear CE does),
-so no chunk's logits are kept for the backward pass.
+so no chunk's logits are kept for the backward pass. Under ``torch.no_grad()`` (held-out loss)
+no gradient piece is computed at all: that would be a second and third vocabulary-sized matmul.
+
+In bf16 (pure-bf16 training) the logits are computed from bf16 operands and taken to fp32 for
+the log-sum-exp; the weight gradient is summed over chunks in fp32 and returned in bf16.
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, softcap: float
+        ctx: Any, hidden: Tensor, weight: Tensor, targets: Tensor, chunk: int, softcap: float, grad: bool
     ) -> Tensor:
-        # hidden [N, H], weight [V, H], targets [N] (all valid)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # hidden [N, H], weight [V, H], targets [N] (all valid). ``grad``: was grad mode on at the
+        # call? (inside forward it is always off, and needs_input_grad ignores no_grad()).
+        need_h, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -60,8 +65,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g_low = g.to(hidden.dtype)
                 if grad_h is not None:
                     grad_h[s : s + chunk] = g_low @ weight
-                if grad_w is not None:
-                    grad_w.add_(g.T @ h.float())
+                if grad_w is not None:  # [V, c] @ [c, H] in the weights' dtype, summed in fp32
+                    grad_w.add_(g_low.T @ h)
         ctx.save_for_backward(
             grad_h if grad_h is not None else torch.empty(0),
             grad_w.to(weight.dtype) if grad_w is not None else torch.empty(0),
@@ -79,6 +84,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -87,7 +93,8 @@ def linear_cross_entropy_sum(
 ) -> Tensor:
     """Summed CE of ``hidden @ weight.T`` against ``targets`` ([N, H], [V, H], [N] -> scalar fp32)."""
     chunk = chunk or chunk_size_for(weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, float(softcap or 0.0))  # type: ignore[no-any-return]
+    grad = torch.is_grad_enabled()
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, float(softcap or 0.0), grad)  # type: ignore[no-any-return]
 
 
 def unwrap(model: Any) -> Any:

@@ -27,7 +27,8 @@ Metric = Literal["exact", "contains", "regex", "json"]
 
 @dataclass
 class SourceConfig:
-    """One data source: a file or a directory of files."""
+    """One data source: a file or folder of files, a save_to_disk folder, Arrow shards, or a hub
+    dataset ``org/name`` (see ``sft.data.hub``)."""
 
     path: str
     format: Format = "auto"
@@ -35,6 +36,14 @@ class SourceConfig:
     limit: int | None = None  # take at most this many rows from it
     metric: Metric | None = None  # eval only: overrides eval.metric for rows of this source
     name: str | None = None  # label in reports; defaults to the file name
+    subset: str | None = None  # hub dataset: the configuration (load_dataset's name)
+    split: str | None = None  # hub dataset or DatasetDict folder: the split (default train)
+    revision: str | None = None  # hub dataset: branch, tag or commit
+    streaming: bool = False  # hub dataset: read rows as they download, never storing the whole set
+    messages_field: str | None = None  # column mapping: the column holding the messages
+    prompt_field: str | None = None  # ... the prompt (with completion_field: prompt_completion)
+    completion_field: str | None = None
+    text_field: str | None = None  # ... the plain text (format text)
 
 
 @dataclass
@@ -116,6 +125,7 @@ class SweepConfig:
 @dataclass
 class Config:
     model: str = "smollm2-135m-instruct"
+    revision: str | None = None  # for a hub model ID: branch, tag or commit
     output_dir: str = "runs/default"
     trust_remote_code: bool = False
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sft.config import Config, SourceConfig, cache_root, resolve_path
+from sft.data import hub
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
-from sft.data.sources import list_files, mix_counts, read_file, sample_rows, split_holdout
+from sft.data.sources import mix_counts, sample_rows, split_holdout
 from sft.data.types import IGNORE, Conversation, Example
 from sft.errors import SftError
 
@@ -100,20 +101,21 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
     forced: str = src.format if src.format != "auto" else cfg.data.format
     out: list[Conversation] = []
     formats: list[str] = []
-    for file in list_files(path):
+    mapping = hub.column_mapping(src)
+    for file, records in hub.iter_source(src, path):  # files, Arrow shards, or a `datasets` split
         fmt: str | None = None if forced == "auto" else forced
-        for rec in read_file(file):
+        for rec in records:
             if src.limit is not None and len(out) >= src.limit:
                 break
-            problems = [rec.error] if rec.error else []
+            value, problems = (None, [rec.error]) if rec.error else hub.map_columns(rec.value, mapping)
             conv = None
             if not problems:
-                fmt = fmt or detect_format(rec.value)
+                fmt = fmt or detect_format(value)
                 if fmt is None:
-                    keys = sorted(rec.value) if isinstance(rec.value, dict) else type(rec.value).__name__
+                    keys = sorted(value) if isinstance(value, dict) else type(value).__name__
                     problems = [f"row keys are {keys}; {KEYS_HINT}"]
                 else:
-                    conv, problems = parse_row(rec.value, fmt, cfg.data.system)
+                    conv, problems = parse_row(value, fmt, cfg.data.system)
             stats.rows += 1
             if conv is None:
                 stats.invalid += 1
@@ -277,14 +279,12 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     files = []
     sources = cfg.data.train + (cfg.eval.data if split == "eval" else [])
     for src in sources:
-        for f in list_files(resolve_path(cfg, src.path)):
-            st = f.stat()
-            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        files += hub.fingerprint(src, resolve_path(cfg, src.path))  # files: path, size, mtime
     code = b""
     from sft.data import chat, formats
     from sft.data import sources as sources_mod
 
-    for mod in (chat, formats, sources_mod):
+    for mod in (chat, formats, sources_mod, hub):
         code += Path(str(mod.__file__)).read_bytes()
     code += Path(__file__).read_bytes()
     body = {

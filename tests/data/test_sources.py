@@ -28,7 +28,7 @@ def test_jsonl_lines_blank_lines_bad_json_and_bad_bytes(tmp_path):
     got = lines_values(p)
     assert got[0] == (1, {"text": "a"}, None)
     assert got[1][0] == 3 and got[1][2].startswith("not valid JSON (Expecting ',' delimiter at column 13)")
-    assert got[2] == (4, None, "contains bytes that are not UTF-8 (0xe9); re-save the file as UTF-8")
+    assert got[2] == (4, None, "contains bytes that are not UTF-8 (0xe9 at byte 41 of the file); re-save the file as UTF-8")
     assert got[3] == (5, {"text": "d"}, None)
 
 
@@ -59,7 +59,7 @@ def test_json_errors_report_their_line(tmp_path):
     assert got[0] == (2, {"text": "a"}, None)
     assert got[1][0] == 4 and "not valid JSON (Expecting value at column 9)" in got[1][2]
     p.write_bytes(b'[{"text": "a"},\n{"text": "\xff"}]')
-    assert lines_values(p)[1] == (2, None, "contains bytes that are not UTF-8 (0xff); re-save the file as UTF-8")
+    assert lines_values(p)[1] == (2, None, "contains bytes that are not UTF-8 (0xff at byte 26 of the file); re-save the file as UTF-8")
     p.write_text('[{"text": "a"}')
     assert lines_values(p)[1] == (1, None, "the JSON array is not closed; end the file with ]")
 

@@ -127,6 +127,51 @@ def test_eval_split_and_eval_data(tmp_path):
     assert len(load_conversations(cfg, "train")[0]) == 20
 
 
+def test_eval_split_is_taken_before_weighting_so_no_row_is_in_both(tmp_path):
+    """A weight of 4 repeats rows of source a; eval.split must hold out rows before that, so no
+    conversation is trained on and evaluated. Control: splitting after weighting (the old order,
+    written out below with the same pure functions) puts copies of one row on both sides."""
+    import random
+
+    from sft.data.formats import conversation_key
+    from sft.data.sources import mix_counts, sample_rows, split_holdout
+
+    a = write_jsonl(tmp_path / "a.jsonl", [qa(i) for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [qa(100 + i) for i in range(20)])
+    cfg = make_cfg(tmp_path, [SourceConfig(a, weight=4.0), SourceConfig(b, weight=1.0)])
+    cfg.eval = EvalConfig(split=0.2)
+    train, rep = load_conversations(cfg, "train")
+    held, _ = load_conversations(cfg, "eval")
+    keys_train, keys_held = {conversation_key(c) for c in train}, {conversation_key(c) for c in held}
+    assert len(held) == rep.held_out == 8 and len(keys_held) == 8  # 20% of the 40 distinct rows
+    assert len(train) == 32 and len(keys_train) < len(train)  # weighting did repeat training rows
+    assert keys_train.isdisjoint(keys_held)
+    # weight 1 of 5 keeps only part of b: some of b's rows are in neither set, none in both
+
+    # control: weight first, then hold out of the weighted list -> a row lands in both
+    rows = [[qa(i) for i in range(20)], [qa(100 + i) for i in range(20)]]
+    rng = random.Random(cfg.train.seed)
+    mixed = [json.dumps(src[j]) for src, k in zip(rows, mix_counts([20, 20], [4.0, 1.0]))
+             for j in sample_rows(20, k, rng)]
+    held_flags = split_holdout(len(mixed), 0.2, cfg.train.seed)
+    late_train = {m for m, h in zip(mixed, held_flags) if not h}
+    late_held = {m for m, h in zip(mixed, held_flags) if h}
+    assert not late_train.isdisjoint(late_held)
+
+
+def test_eval_split_keeps_exact_duplicates_on_one_side(tmp_path):
+    """Without data.dedup, repeated rows are kept; all copies go to the same side of the split."""
+    from sft.data.formats import conversation_key
+
+    path = write_jsonl(tmp_path / "a.jsonl", [qa(i % 10) for i in range(30)])  # each row 3 times
+    cfg = make_cfg(tmp_path, [path])
+    cfg.eval = EvalConfig(split=0.3)
+    train, _ = load_conversations(cfg, "train")
+    held, _ = load_conversations(cfg, "eval")
+    assert (len(train), len(held)) == (21, 9)
+    assert {conversation_key(c) for c in train}.isdisjoint({conversation_key(c) for c in held})
+
+
 def test_missing_file_and_no_data(tmp_path):
     with pytest.raises(SftError, match="data file not found"):
         load_conversations(make_cfg(tmp_path, [str(tmp_path / "nope.jsonl")]))

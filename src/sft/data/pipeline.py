@@ -131,7 +131,8 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
     return out
 
 
-def _collect(cfg: Config, sources: list[SourceConfig], report: DataReport, seed: int) -> list[Conversation]:
+def _read_all(cfg: Config, sources: list[SourceConfig], report: DataReport) -> list[list[Conversation]]:
+    """Valid conversations of each source, duplicates counted (and with data.dedup removed)."""
     per_source = [_read_source(cfg, s, report) for s in sources]
     report.rows = sum(s.rows for s in report.sources)
     report.valid = sum(s.valid for s in report.sources)
@@ -151,14 +152,37 @@ def _collect(cfg: Config, sources: list[SourceConfig], report: DataReport, seed:
             seen.add(key)
             kept.append(conv)
         per_source[i] = kept
+    return per_source
+
+
+def _mix(sources: list[SourceConfig], per_source: list[list[Conversation]], stats: list[SourceStats],
+         seed: int) -> list[Conversation]:
+    """The weighted, limited mixture (``weight`` samples with replacement: rows may repeat)."""
     counts = mix_counts([len(c) for c in per_source], [s.weight for s in sources])
     rng = random.Random(seed)
     mixed: list[Conversation] = []
-    for stats, convs, k in zip(report.sources, per_source, counts):
+    for st, convs, k in zip(stats, per_source, counts):
         picked = [convs[j] for j in sample_rows(len(convs), k, rng)]
-        stats.used = len(picked)
+        st.used = len(picked)
         mixed += picked
     return mixed
+
+
+def hold_out(
+    per_source: list[list[Conversation]], fraction: float, seed: int
+) -> tuple[list[list[Conversation]], list[Conversation]]:
+    """Split each source's rows into (kept for training, held out for eval) BEFORE any weighting.
+
+    The hold-out is drawn over distinct conversations (``conversation_key``), so all copies of a
+    row fall on the same side: weighting, which repeats rows, then only ever repeats training rows,
+    and no conversation is both trained on and evaluated.
+    """
+    keys = [[conversation_key(c) for c in convs] for convs in per_source]
+    distinct = list(dict.fromkeys(k for ks in keys for k in ks))
+    chosen = {k for k, h in zip(distinct, split_holdout(len(distinct), fraction, seed)) if h}
+    kept = [[c for c, k in zip(convs, ks) if k not in chosen] for convs, ks in zip(per_source, keys)]
+    held = [c for convs, ks in zip(per_source, keys) for c, k in zip(convs, ks) if k in chosen]
+    return kept, held
 
 
 def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conversation], DataReport]:
@@ -168,15 +192,17 @@ def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conve
     if not cfg.data.train and (split == "train" or not cfg.eval.data):
         raise SftError("data.train: no training data; add a file, e.g. data: {train: [data/train.jsonl]}")
     report = DataReport(split=split)
-    train = _collect(cfg, cfg.data.train, report, cfg.train.seed) if split == "train" or cfg.eval.split else []
-    held = split_holdout(len(train), cfg.eval.split, cfg.train.seed)
+    seed = cfg.train.seed
+    per_source = _read_all(cfg, cfg.data.train, report) if split == "train" or cfg.eval.split else []
+    kept, held = hold_out(per_source, cfg.eval.split, seed)  # eval.split first, then weighting
     if split == "train":
-        convs = [c for c, h in zip(train, held) if not h]
-        report.held_out = sum(held)
+        convs = _mix(cfg.data.train, kept, report.sources, seed)
+        report.held_out = len(held)
     else:
-        convs = [c for c, h in zip(train, held) if h]
+        convs = held
         if cfg.eval.data:
-            convs += _collect(cfg, cfg.eval.data, report, cfg.train.seed)
+            n = len(report.sources)
+            convs += _mix(cfg.eval.data, _read_all(cfg, cfg.eval.data, report), report.sources[n:], seed)
     report.conversations = len(convs)
     return convs, report
 

@@ -195,13 +195,12 @@ def test_builtin_templates_accept_tools(smol_tok, gemma_tok):
             assert '"add"' in tok.decode([lab for lab in ex.labels if lab != IGNORE])  # the call is trained
 
 
-def test_template_that_rewrites_content_falls_back_to_prefixes(smol_tok):
+def test_template_that_rewrites_content(smol_tok):
     upper = (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | upper + '<|im_end|>\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
     ex = encode(Conversation(CONVS["two"]), smol_tok, upper, "assistant")
-    assert ex.meta["mask_method"] == "prefix"
     assert ex.input_ids == _apply_ids(smol_tok, CONVS["two"], upper)
     assert [smol_tok.decode(r) for r in _trained_runs(ex)] == ["HELLO!<|im_end|>", "4<|im_end|>"]
 
@@ -217,7 +216,9 @@ def test_text_rows_train_every_token(smol_tok, gemma_tok):
 
 def test_lint(smol_tok, gemma_tok):
     chatml = resolve_template("chatml", gemma_tok)  # Gemma has no <|im_end|> token
-    assert any("never emits a special end-of-turn token" in w for w in lint(gemma_tok, chatml))
+    assert any("'<|im_end|>' is not a special token of this tokenizer" in w for w in lint(gemma_tok, chatml))
+    no_end = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    assert any("no end-of-turn marker" in w for w in lint(gemma_tok, no_end))
     doubled = "{{ bos_token }}" + resolve_template("gemma", gemma_tok)
     assert any("two BOS" in w for w in lint(gemma_tok, doubled))
     not_prefix = "{{ messages | length }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
@@ -229,7 +230,7 @@ def test_lint(smol_tok, gemma_tok):
     rows.append(Example([2, 5, 6], [X, 5, 6], source="d.jsonl", line=8))
     assert lint(gemma_tok, source, rows) == [
         "1 rows have zero trained tokens (check data.train_on and per-message train: false): d.jsonl:7",
-        "1 rows never train an end-of-turn token, so the model will not learn to stop: d.jsonl:8",
+        "1 rows never train an end-of-turn marker, so the model will not learn to stop: d.jsonl:8",
     ]
 
 

@@ -43,10 +43,11 @@ def test_messages_with_train_flag_tools_and_tool_calls():
     assert problems == []
     assert roles(conv) == [("user", "weather?"), ("assistant", ""), ("tool", "sunny"),
                            ("assistant", "It is sunny"), ("assistant", "skip me")]
-    assert conv.messages[1].tool_calls == [{"type": "function", "function": {"name": "w"}}]
+    # calls and tool schemas in OpenAI's normal form (arguments an object, schemas wrapped)
+    assert conv.messages[1].tool_calls == [{"type": "function", "function": {"name": "w", "arguments": {}}}]
     assert conv.messages[2].name == "w"
     assert [m.train for m in conv.messages] == [None, None, None, None, False]
-    assert conv.tools == [{"name": "w", "parameters": {}}]
+    assert conv.tools == [{"type": "function", "function": {"name": "w", "parameters": {}}}]
 
 
 def test_sharegpt_glaive_style():
@@ -62,9 +63,34 @@ def test_sharegpt_glaive_style():
     }
     conv, problems = parse_row(row, "sharegpt")
     assert problems == []
-    assert roles(conv) == [("system", "be brief"), ("user", "recipe?"), ("assistant", '{"name": "search"}'),
+    # the function_call turn becomes an assistant tool call, the observation the tool's answer to it
+    assert roles(conv) == [("system", "be brief"), ("user", "recipe?"), ("assistant", ""),
                            ("tool", '{"r": 1}'), ("assistant", "found one")]
-    assert conv.tools == [{"name": "search"}]
+    call = {"type": "function", "function": {"name": "search", "arguments": {}}, "id": "call00001"}
+    assert conv.messages[2].tool_calls == [call]
+    assert (conv.messages[3].name, conv.messages[3].tool_call_id) == ("search", "call00001")
+    assert conv.tools == [{"type": "function", "function": {"name": "search"}}]
+
+
+def test_reasoning_fields_and_think_text():
+    row = {"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\nIt is 4."},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6", "reasoning_content": "Three plus three."},
+        {"role": "user", "content": "4+4?"},
+        {"role": "assistant", "content": "8", "thinking": "Four plus four."},
+        {"role": "user", "content": "Say </think>"},
+        {"role": "assistant", "content": "Text with <think> inside </think> is not reasoning."},
+    ]}
+    conv, problems = parse_row(row, "messages")
+    assert problems == []
+    got = [(m.reasoning, m.content) for m in conv.messages if m.role == "assistant"]
+    assert got == [("Two plus two.", "It is 4."), ("Three plus three.", "6"), ("Four plus four.", "8"),
+                   (None, "Text with <think> inside </think> is not reasoning.")]
+    assert parse_row({"messages": [{"role": "user", "content": "q"},
+                                   {"role": "assistant", "content": "a", "reasoning_content": 3}]}, "messages")[1] == [
+        "messages[1].reasoning_content is int; write the reasoning as a string"]
 
 
 def test_alpaca_input_history_system():

@@ -1,43 +1,44 @@
-"""Conversation -> input_ids + labels: chat templates and exact loss masks.
+"""Conversation -> input_ids + labels: chat templates, reasoning, and exact loss masks.
 
-The mask works for any Jinja chat template, without ``{% generation %}`` tags or per-model rules:
+Any Jinja chat template works as is (no ``{% generation %}`` tags, no per-model rules): the
+conversation is rendered exactly as ``tokenizer.apply_chat_template`` renders it, and the trained
+text of each assistant turn is what the model writes after the generation prompt, up to and
+including the template's end-of-turn marker (see :mod:`sft.data.masks`). When the template renders
+history differently from inference (Qwen3 drops earlier reasoning), the conversation becomes one
+example per trained turn, so training always sees what inference will show the model.
 
-1. render the conversation for real (R), exactly as ``tokenizer.apply_chat_template`` does;
-2. render it again with every message content replaced by a unique placeholder made of
-   private-use characters (no whitespace, so ``| trim`` leaves it alone) and split that render on
-   the placeholders into template fragments;
-3. walk R matching fragment, content (as is or trimmed), fragment, ... which gives the exact
-   character span of every message content, in time linear in the conversation;
-4. tokenize R once with offsets; a token is trained if it overlaps a trained content span or the
-   template text that follows it up to and including the end-of-turn token (the first special
-   token after the content; tool calls rendered after the content are thus trained too).
-
-If the template changes content in other ways (truncates, rewrites), step 3 fails and the spans
-come from rendering prefixes of the conversation instead (quadratic, but exact when the template is
-prefix-preserving). Masks never depend on token ids (SmolLM2's pad == eos).
+Reasoning (``Message.reasoning``) is handed to the template as ``reasoning_content`` when the
+template reads that field (Qwen3), else written into the content as ``<think>\n...\n</think>\n\n``.
+``data.reasoning`` decides which turns keep it: ``keep_last`` (each trained turn keeps its own,
+earlier turns in its history do not, as chat clients send history), ``keep_all``, ``drop``.
 """
 
 from __future__ import annotations
 
-import bisect
 import difflib
-import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sft.data.masks import (
+    common_prefix,
+    content_spans,
+    end_of_turn,
+    fast_regions,
+    labels_for,
+    render,
+    special_ids,
+    tokenize,
+    turn_region,
+)
 from sft.data.types import IGNORE, Conversation, Example, Message
 from sft.errors import SftError
 
 BUILTIN_TEMPLATES = ("chatml", "gemma", "llama3")
 TRAIN_ON = ("assistant", "last_assistant", "all")
-
-Span = tuple[int, int]  # [start, end) in characters of the rendered text
-
-# Placeholder i = OPEN + digits of i as private-use chars + CLOSE: no whitespace, never in real text.
-_OPEN, _CLOSE, _DIGIT0 = "\ue000", "\ue001", 0xE010
-_PLACEHOLDER_RE = re.compile("\ue000([\ue010-\ue019]+)\ue001")
+REASONING = ("keep_last", "keep_all", "drop")
+THINK = "<think>\n{}\n</think>\n\n"  # how reasoning is written into content for templates that ignore the field
 _PROBE = [
     Message("user", "Hi there"),
     Message("assistant", "Hello! How can I help?"),
@@ -81,139 +82,48 @@ def resolve_template(template: str, tokenizer: Any, base_dir: str = ".") -> str:
     return path.read_text("utf-8")
 
 
+
+
 def _source(template: str, tokenizer: Any) -> str:
     """Accept the Jinja source (from resolve_template) or, for convenience, a name or path."""
     return template if ("{{" in template or "{%" in template) else resolve_template(template, tokenizer)
 
 
-def _render(tokenizer: Any, source: str, messages: list[dict[str, Any]], tools: Any, gen: bool, where: str) -> str:
-    if not messages:
-        return ""
-    try:
-        out = tokenizer.apply_chat_template(
-            messages, chat_template=source, tools=tools, add_generation_prompt=gen, tokenize=False
-        )
-    except Exception as e:  # jinja2 errors, raise_exception(...) in the template
-        raise SftError(
-            f"{where}: the chat template failed on this conversation: {e}; "
-            "fix the row or choose another data.template"
-        ) from None
-    return str(out)
+def reads_reasoning(source: str) -> bool:
+    """Whether a template renders ``reasoning_content`` itself (Qwen3 and our built-ins do).
 
-
-def _tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
-    """Token ids exactly as apply_chat_template(tokenize=True) makes them, with char offsets."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise SftError("model: exact loss masks need a fast (Rust) tokenizer with offset mappings")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-
-
-@lru_cache(maxsize=8)
-def _special_ids(tokenizer: Any) -> frozenset[int]:
-    """Special ids and added special tokens (Gemma's <end_of_turn> is only the latter)."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
-    return frozenset(ids)
-
-
-# ---------------------------------------------------------------------------------------------
-# content spans
-
-
-def _placeholder(i: int) -> str:
-    return _OPEN + "".join(chr(_DIGIT0 + int(d)) for d in str(i)) + _CLOSE
-
-
-def _variants(content: str) -> list[str]:
-    out: list[str] = []
-    for v in (content, content.strip(), content.lstrip(), content.rstrip()):
-        if v not in out:
-            out.append(v)
-    return out
-
-
-def _walk(rendered: str, frags: list[str], order: list[int], contents: list[str]) -> list[Span] | None:
-    """Match frags[0], contents[order[0]], frags[1], ... against ``rendered``; the span of each content.
-
-    Backtracks over the trim variants when a choice leads nowhere (rare; bounded to stay linear).
+    >>> reads_reasoning("{{ message.reasoning_content }}"), reads_reasoning("{{ message.content }}")
+    (True, False)
     """
-    if not rendered.startswith(frags[0]):
-        return None
-    n = len(order)
-    spans: list[Span] = [(0, 0)] * n
-    choice = [0] * n
-    starts: list[int] = []
-    k, pos, budget = 0, len(frags[0]), 8 * n + 64
-    while k < n:
-        options = _variants(contents[order[k]])
-        placed = False
-        while choice[k] < len(options) and budget > 0:
-            v = options[choice[k]]
-            choice[k] += 1
-            budget -= 1
-            end = pos + len(v)
-            nxt = frags[k + 1]
-            last_ok = k < n - 1 or end + len(nxt) == len(rendered)
-            if rendered.startswith(v, pos) and rendered.startswith(nxt, end) and last_ok:
-                spans[k] = (pos, end)
-                starts.append(pos)
-                pos, k, placed = end + len(nxt), k + 1, True
-                break
-        if not placed:
-            if not starts or budget <= 0:
-                return None
-            choice[k] = 0
-            k -= 1
-            pos = starts.pop()
-    return spans
+    return "reasoning_content" in source
 
 
-def _content_spans(
-    tokenizer: Any, source: str, msgs: list[dict[str, Any]], tools: Any, rendered: str, where: str
-) -> list[list[Span]] | None:
-    """Per message, the char spans of its content in ``rendered`` (placeholder method), or None."""
-    contents = [str(m.get("content") or "") for m in msgs]
-    if any(_OPEN in c or _CLOSE in c for c in contents):
-        return None
-    masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(msgs)]
-    try:
-        ph = _render(tokenizer, source, masked, tools, False, where)
-    except SftError:
-        return None  # the template looks at content (e.g. validates it): use the prefix method
-    parts = _PLACEHOLDER_RE.split(ph)
-    frags = parts[0::2]
-    order = [int("".join(str(ord(c) - _DIGIT0) for c in d)) for d in parts[1::2]]
-    if any(i >= len(msgs) for i in order):
-        return None
-    spans = _walk(rendered, frags, order, contents)
-    if spans is None:
-        return None
-    out: list[list[Span]] = [[] for _ in msgs]
-    for i, span in zip(order, spans):
-        out[i].append(span)
+def template_messages(messages: list[Message], keep: set[int], inline: bool) -> list[dict[str, Any]]:
+    """The dicts handed to the template; only messages in ``keep`` carry their reasoning, as the
+    ``reasoning_content`` field or (``inline``) as ``<think>`` text before the content.
+
+    >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, inline=True)
+    [{'role': 'assistant', 'content': '<think>\\n2+2=4\\n</think>\\n\\n4'}]
+    """
+    out = []
+    for i, m in enumerate(messages):
+        d = m.to_template(reasoning=False)
+        if m.reasoning is not None and i in keep:
+            if inline:
+                d["content"] = THINK.format(m.reasoning) + m.content
+            else:
+                d["reasoning_content"] = m.reasoning
+        out.append(d)
     return out
 
 
-def _prefix_regions(
-    tokenizer: Any, source: str, msgs: list[dict[str, Any]], tools: Any, rendered: str, where: str
-) -> list[list[Span]]:
-    """Fallback: message k's region is what rendering msgs[:k+1] adds after the generation prompt."""
-    out: list[list[Span]] = []
-    before = ""
-    for k in range(len(msgs)):
-        after = _render(tokenizer, source, msgs[: k + 1], tools, False, where)
-        if not (rendered.startswith(after) and after.startswith(before)):
-            raise SftError(
-                f"{where}: cannot locate message {k} in the rendered chat: the template rewrites message "
-                "content and is not prefix-preserving (rendering the first messages is not a prefix of the "
-                "full rendering); use data.template: chatml|gemma|llama3 or a template without that logic"
-            )
-        head = _render(tokenizer, source, msgs[:k], tools, True, where) if k else ""
-        start = len(head) if (head and after.startswith(head)) else len(before)
-        out.append([(start, len(after))])
-        before = after
-    return out
+def _kept(messages: list[Message], reasoning: str, upto: int) -> set[int]:
+    """Indexes whose reasoning is shown in a view of ``messages[:upto + 1]``."""
+    if reasoning not in REASONING:
+        raise SftError(f"data.reasoning: {reasoning!r} is not allowed; use one of {', '.join(REASONING)}")
+    if reasoning == "keep_all":
+        return set(range(upto + 1))
+    return {upto} if reasoning == "keep_last" else set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,102 +142,36 @@ def _trained_flags(messages: list[Message], train_on: str) -> list[bool]:
     ]
 
 
-def _first_index_at(offsets: list[Span], char: int, lo: int = 0) -> int:
-    """The first token index >= lo whose start is >= char (offsets are sorted)."""
-    hi = len(offsets)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if offsets[mid][0] < char:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
 
 
-def _regions(
-    spans: list[list[Span]], flags: list[bool], ids: list[int], offsets: list[Span], special: frozenset[int],
-    extend: bool,
-) -> tuple[list[Span], list[int | None]]:
-    """Trained char regions and, per trained content span, the end-of-turn token id found (or None).
-
-    With ``extend`` a content span grows to the end of the first special token after it, if that
-    token comes before the next message content starts.
-    """
-    starts = sorted(s for per in spans for s, _ in per)
-    regions: list[Span] = []
-    eots: list[int | None] = []
-    for per, flag in zip(spans, flags):
-        for s, e in per:
-            if not flag:
-                continue
-            if not extend:
-                regions.append((s, e))
-                continue
-            nxt_i = bisect.bisect_right(starts, s)  # the next message content starts there
-            limit = starts[nxt_i] if nxt_i < len(starts) else float("inf")
-            eot: int | None = None
-            t = _first_index_at(offsets, e)
-            while t < len(ids) and offsets[t][0] < limit:
-                if ids[t] in special:
-                    eot = ids[t]
-                    e = offsets[t][1]
-                    break
-                t += 1
-            regions.append((s, e))
-            eots.append(eot)
-    return sorted(regions), eots
+Turn = tuple[int, str, int, int]  # (message index, rendered text ending with it, start, end)
 
 
-def _labels(ids: list[int], offsets: list[Span], regions: list[Span]) -> list[int]:
-    """ids where a token overlaps a region, else IGNORE; one sweep (both lists sorted)."""
-    labels = [IGNORE] * len(ids)
-    r = 0
-    for t, (ts, te) in enumerate(offsets):
-        while r < len(regions) and regions[r][1] <= ts:
-            r += 1
-        if r < len(regions) and ts < regions[r][1] and te > regions[r][0]:
-            labels[t] = ids[t]
-    return labels
+def _turns(
+    messages: list[Message], tokenizer: Any, source: str, tools: Any, reasoning: str, indexes: list[int], where: str
+) -> list[Turn]:
+    """For each message index: the conversation rendered up to it (history as inference renders it)
+    and the [start, end) characters of its turn there (see sft.data.masks)."""
+    inline = not reads_reasoning(source)
+    marker = end_of_turn(tokenizer, source)
+    out = []
+    for i in indexes:
+        view = template_messages(messages[: i + 1], _kept(messages, reasoning, i), inline)
+        prompt = render(tokenizer, source, view[:i], tools, messages[i].role == "assistant", where)
+        text = render(tokenizer, source, view, tools, False, where)
+        start = common_prefix(prompt, text)
+        out.append((i, text, start, turn_region(text, start, marker)))
+    return out
 
 
-def _encode_chat(
-    messages: list[Message], tokenizer: Any, source: str, train_on: str, tools: Any, where: str
-) -> tuple[list[int], list[int], list[int | None], str]:
-    """(input_ids, labels, end-of-turn id per trained span, method) for a chat conversation."""
-    msgs = [m.to_template() for m in messages]
-    rendered = _render(tokenizer, source, msgs, tools, False, where)
-    ids, offsets = _tokenize(tokenizer, rendered)
-    flags = _trained_flags(messages, train_on)
-    special = _special_ids(tokenizer)
-    spans = _content_spans(tokenizer, source, msgs, tools, rendered, where)
-    method = "placeholder"
-    if spans is None:
-        spans, method = _prefix_regions(tokenizer, source, msgs, tools, rendered, where), "prefix"
-    regions, eots = _regions(spans, flags, ids, offsets, special, extend=method == "placeholder")
-    if method == "prefix":  # a region is a whole turn: stop after its last special token
-        eots = []
-        trimmed = []
-        for s, e in regions:
-            inside = [t for t in range(_first_index_at(offsets, s), len(ids)) if offsets[t][0] < e]
-            last = max((t for t in inside if ids[t] in special), default=None)
-            eots.append(ids[last] if last is not None else None)
-            trimmed.append((s, offsets[last][1]) if last is not None else (s, e))
-        regions = trimmed
-    if train_on == "all":
-        untrained = sorted((s, e) for per, f in zip(spans, flags) if not f for s, e in per)
-        opted_out = _labels(ids, offsets, untrained)  # the contents of train: false messages
-        labels = [IGNORE if o != IGNORE else i for i, o in zip(ids, opted_out)]
-    else:
-        labels = _labels(ids, offsets, regions)
-    if labels:
-        labels[0] = IGNORE  # position 0 is never a target (the loss predicts labels[1:])
-    return ids, labels, eots, method
+def encode_all(
+    conv: Conversation, tokenizer: Any, template: str, train_on: str, reasoning: str = "keep_last"
+) -> list[Example]:
+    """Conversation -> its training examples, with exact labels.
 
-
-def encode(conv: Conversation, tokenizer: Any, template: str, train_on: str) -> Example:
-    """Conversation -> Example with ``input_ids == apply_chat_template(messages)`` and exact labels.
-
-    ``template`` is the Jinja source from :func:`resolve_template` (a name or path also works).
+    Usually one example whose ``input_ids == apply_chat_template(messages)``; one per trained turn
+    (``meta["turn"]`` = its message index, ids == apply_chat_template(messages[:turn + 1])) when the
+    template renders earlier turns differently from how it renders a turn the model just wrote.
     Labels are aligned with input_ids, IGNORE where untrained; the first label is always IGNORE.
     ``conv.is_text``: the content, tokenized as the tokenizer normally does (with BOS if it adds
     one), plus EOS; every token is trained.
@@ -339,34 +183,138 @@ def encode(conv: Conversation, tokenizer: Any, template: str, train_on: str) -> 
         eos = tokenizer.eos_token_id
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
-        labels = [IGNORE, *ids[1:]]
-        return Example(ids, labels, source=conv.source, line=conv.line)
-    if not conv.messages:
+        return [Example(ids, [IGNORE, *ids[1:]], source=conv.source, line=conv.line)]
+    msgs = conv.messages
+    if not msgs:
         raise SftError(f"{where}: the conversation has no messages; drop the row or add messages")
     source = _source(template, tokenizer)
-    ids, labels, _, method = _encode_chat(conv.messages, tokenizer, source, train_on, conv.tools, where)
+    flags = _trained_flags(msgs, train_on)
+    last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=len(msgs) - 1)
+    view = template_messages(msgs, _kept(msgs, reasoning, last), not reads_reasoning(source))
+    rendered = render(tokenizer, source, view, conv.tools, False, where)
+    if train_on == "all":  # every token except the text of train: false messages
+        marker = end_of_turn(tokenizer, source) or ""
+        regions = []
+        for i, text, start, end in _turns(msgs, tokenizer, source, conv.tools, reasoning, [i for i, f in enumerate(flags) if not f], where):
+            if not rendered.startswith(text[:end]):
+                raise SftError(f"{where}: messages[{i}] has train: false, which train_on: all cannot honour with "
+                               "this template (it renders earlier turns differently); use train_on: assistant")
+            regions.append((start, end - len(marker) if text.endswith(marker, 0, end) else end))
+        ids, offsets = tokenize(tokenizer, rendered)
+        masked = labels_for(ids, offsets, sorted(regions), IGNORE)
+        labels = [IGNORE if m != IGNORE else t for t, m in zip(ids, masked)]
+        return [_example(conv, ids, labels, None)]
+    trained = [i for i, f in enumerate(flags) if f]
+    fast = _fast_regions(msgs, tokenizer, source, view, conv.tools, rendered, trained, where)
+    turns = [] if fast is not None else _turns(msgs, tokenizer, source, conv.tools, reasoning, trained, where)
+    if fast is not None:
+        groups = [(rendered, fast, None)]
+    elif all(rendered.startswith(text[:end]) for _, text, _, end in turns):
+        groups = [(rendered, [(s, e) for _, _, s, e in turns], None)]
+    else:
+        groups = [(text, [(s, e)], i) for i, text, s, e in turns]
+    out = []
+    for text, regions, turn in groups:
+        ids, offsets = tokenize(tokenizer, text)
+        out.append(_example(conv, ids, labels_for(ids, offsets, regions, IGNORE), turn))
+    return out
+
+
+_REGULAR_PROBES = [
+    _PROBE,
+    [Message("system", "Be brief."), Message("user", " Hi "), Message("assistant", " Hello! "),
+     Message("user", "\nWhy?"), Message("assistant", "\nBecause.\n"), Message("user", "Ok"), Message("assistant", "Bye")],
+]
+
+
+@lru_cache(maxsize=16)
+def _regular(tokenizer: Any, source: str) -> bool:
+    """Whether the linear-time content-span regions equal the exact per-turn regions on probe
+    conversations (plain, system, whitespace, three turns), the conversation being one example."""
+    marker = end_of_turn(tokenizer, source)
+    if not marker:
+        return False
+    for probe in _REGULAR_PROBES:
+        trained = [i for i, m in enumerate(probe) if m.role == "assistant"]
+        view = template_messages(probe, set(), False)
+        try:
+            rendered = render(tokenizer, source, view, None, False, "data.template")
+            turns = _turns(probe, tokenizer, source, None, "drop", trained, "data.template")
+        except SftError:
+            return False
+        if not all(rendered.startswith(text[:end]) for _, text, _, end in turns):
+            return False
+        spans = content_spans(tokenizer, source, view, None, rendered, "data.template")
+        if spans is None or fast_regions(spans, trained, rendered, marker) != [(s, e) for _, _, s, e in turns]:
+            return False
+    return True
+
+
+def _fast_regions(
+    msgs: list[Message], tokenizer: Any, source: str, view: list[dict[str, Any]], tools: Any, rendered: str,
+    trained: list[int], where: str,
+) -> list[tuple[int, int]] | None:
+    """Turn regions in linear time, for conversations without reasoning under a template that
+    :func:`_regular` vouches for; the first and last trained turns are checked against the exact
+    per-turn method. None: use the exact method (quadratic in turns)."""
+    if not trained or any(m.reasoning is not None for m in msgs) or not _regular(tokenizer, source):
+        return None
+    spans = content_spans(tokenizer, source, view, tools, rendered, where)
+    marker = end_of_turn(tokenizer, source)
+    regions = fast_regions(spans, trained, rendered, marker) if spans is not None and marker else None
+    if regions is None:
+        return None
+    for k in {0, len(trained) - 1}:
+        ((_, text, start, end),) = _turns(msgs, tokenizer, source, tools, "drop", [trained[k]], where)
+        if (start, end) != regions[k] or not rendered.startswith(text[:end]):
+            return None
+    return regions
+
+
+def _example(conv: Conversation, ids: list[int], labels: list[int], turn: int | None) -> Example:
+    if labels:
+        labels[0] = IGNORE  # position 0 is never a target (the loss predicts labels[1:])
     ex = Example(ids, labels, source=conv.source, line=conv.line)
-    if method != "placeholder":
-        ex.meta["mask_method"] = method
+    if turn is not None:
+        ex.meta["turn"] = turn
     return ex
 
 
-def prompt_ids(messages: list[Message], tokenizer: Any, template: str, tools: Any = None) -> list[int]:
+def encode(conv: Conversation, tokenizer: Any, template: str, train_on: str, reasoning: str = "keep_last") -> Example:
+    """:func:`encode_all` for a conversation that is one example (an SftError if it is not)."""
+    out = encode_all(conv, tokenizer, template, train_on, reasoning)
+    if len(out) != 1:
+        raise SftError(f"{conv.location()}: this conversation is trained as {len(out)} examples (one per turn); use encode_all")
+    return out[0]
+
+
+def prompt_ids(messages: list[Message], tokenizer: Any, template: str, tools: Any = None, reasoning: str = "keep_last") -> list[int]:
     """Token ids of ``messages`` rendered with add_generation_prompt=True: what the model sees
-    before it writes its reply."""
+    before it writes its reply (history reasoning as ``data.reasoning`` trained it)."""
     source = _source(template, tokenizer)
-    text = _render(tokenizer, source, [m.to_template() for m in messages], tools, True, "prompt")
-    return _tokenize(tokenizer, text)[0]
+    keep = _kept(messages, reasoning, len(messages) - 1) if reasoning == "keep_all" else set()
+    text = render(tokenizer, source, template_messages(messages, keep, not reads_reasoning(source)), tools, True, "prompt")
+    return tokenize(tokenizer, text)[0]
+
+
+def end_of_turn_tokens(tokenizer: Any, template: str) -> tuple[str | None, list[int]]:
+    """The end-of-turn marker a template writes after every assistant turn and its token ids
+    (one special token, or several plain-text tokens), as trained."""
+    marker = end_of_turn(tokenizer, _source(template, tokenizer))
+    return marker, (tokenize(tokenizer, marker)[0] if marker else [])
 
 
 def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
-    """The ids that end an assistant turn under this template, plus ``tokenizer.eos_token_id``."""
-    source = _source(template, tokenizer)
-    _, _, eots, _ = _encode_chat(_PROBE, tokenizer, source, "assistant", None, "data.template")
-    out = [t for t in eots if t is not None]
+    """The ids that end an assistant turn under this template, plus ``tokenizer.eos_token_id``.
+
+    A marker of several plain-text tokens has no single stop id; only EOS is returned for it.
+    """
+    _, ids = end_of_turn_tokens(tokenizer, template)
+    out = ids if len(ids) == 1 else []
     if tokenizer.eos_token_id is not None:
-        out.append(int(tokenizer.eos_token_id))
+        out = [*out, int(tokenizer.eos_token_id)]
     return list(dict.fromkeys(out))
+
 
 
 def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -> list[str]:
@@ -375,39 +323,61 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
     warnings: list[str] = []
     where = "data.template"
     msgs = [m.to_template() for m in _PROBE]
-    full = _render(tokenizer, source, msgs, None, False, where)
+    full = render(tokenizer, source, msgs, None, False, where)
     for k in range(1, len(msgs)):
-        if not full.startswith(_render(tokenizer, source, msgs[:k], None, False, where)):
+        if not full.startswith(render(tokenizer, source, msgs[:k], None, False, where)):
             warnings.append(
                 f"{where}: not prefix-preserving: rendering the first {k} messages is not a prefix of the full "
-                "conversation, so a model sees different tokens at generation time than in training"
+                "conversation; multi-turn conversations are trained as one example per assistant turn"
             )
             break
-    ids, _, eots, _ = _encode_chat(_PROBE, tokenizer, source, "assistant", None, where)
+    prompt = render(tokenizer, source, msgs[:1], None, True, where)
+    turn = render(tokenizer, source, msgs[:2], None, False, where)
+    if not turn.startswith(prompt):
+        extra = prompt[common_prefix(prompt, turn):]
+        warnings.append(
+            f"{where}: the generation prompt ends with {extra!r}, which the template never renders in an "
+            "assistant turn, so the model is prompted at inference with text it was not trained after"
+        )
+    thought = [Message("user", "2+2?"), Message("assistant", "4", reasoning="Two plus two.")]
+    shown = template_messages(thought, {1}, not reads_reasoning(source))
+    if "Two plus two." not in render(tokenizer, source, shown, None, False, where):
+        warnings.append(f"{where}: the template drops reasoning from assistant turns, so reasoning in the data is not trained")
+    marker, eot_ids = end_of_turn_tokens(tokenizer, source)
     bos = tokenizer.bos_token_id
+    ids = tokenize(tokenizer, full)[0]
     if bos is not None and ids[:2] == [bos, bos]:
         warnings.append(f"{where}: the rendered chat starts with two BOS tokens; remove one from the template")
-    if any(e is None for e in eots):
+    if marker is None:
         warnings.append(
-            f"{where}: the assistant turn never emits a special end-of-turn token, so a trained model will "
-            "not know when to stop; use a template that ends turns with one (chatml, gemma, llama3)"
+            f"{where}: the template writes no end-of-turn marker after an assistant turn, so a trained model "
+            "will not know when to stop; use a template that ends turns with one (chatml, gemma, llama3)"
         )
-    stops = set(stop_token_ids(tokenizer, source))
+    elif not (len(eot_ids) == 1 and eot_ids[0] in special_ids(tokenizer)):
+        warnings.append(
+            f"{where}: the end-of-turn marker {marker!r} is not a special token of this tokenizer but "
+            f"{len(eot_ids)} text tokens: it is trained, but generation has no single stop id for it"
+        )
     zero, no_eot, double = [], [], []
     for ex in examples or []:
         loc = f"{ex.source}:{ex.line}"
         if ex.num_trained == 0:
             zero.append(loc)
-        elif not any(lab in stops for lab in ex.labels if lab != IGNORE):
+        elif eot_ids and not _contains(ex.labels, eot_ids):
             no_eot.append(loc)
         if bos is not None and ex.input_ids[:2] == [bos, bos]:
             double.append(loc)
     for locs, what in (
         (zero, "rows have zero trained tokens (check data.train_on and per-message train: false)"),
-        (no_eot, "rows never train an end-of-turn token, so the model will not learn to stop"),
+        (no_eot, "rows never train an end-of-turn marker, so the model will not learn to stop"),
         (double, "rows start with two BOS tokens"),
     ):
         if locs:
-            shown = ", ".join(locs[:5]) + (f" and {len(locs) - 5} more" if len(locs) > 5 else "")
-            warnings.append(f"{len(locs)} {what}: {shown}")
+            listed = ", ".join(locs[:5]) + (f" and {len(locs) - 5} more" if len(locs) > 5 else "")
+            warnings.append(f"{len(locs)} {what}: {listed}")
     return warnings
+
+
+def _contains(labels: list[int], seq: list[int]) -> bool:
+    n = len(seq)
+    return any(labels[k : k + n] == seq for k in range(len(labels) - n + 1))

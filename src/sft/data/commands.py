@@ -61,12 +61,14 @@ def report_dict(cfg: Config, report: DataReport, lint: list[str]) -> dict[str, A
 def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> int:
     """Validate every row and report statistics and template lint; 1 when rows are invalid and
     ``data.on_invalid`` is ``error`` (the report is printed either way)."""
-    from sft.data.chat import lint
+    from sft.data.chat import end_of_turn_tokens, lint
 
     out = stream or sys.stdout
     tok = _tokenizer(cfg)
     ds = build_dataset(cfg, tok, "train", strict=False)
     result = report_dict(cfg, ds.report, lint(tok, ds.template, ds.examples))
+    marker, eot_ids = end_of_turn_tokens(tok, ds.template)  # trained after every assistant turn
+    result["end_of_turn"] = {"text": marker, "ids": eot_ids, "tokens": tok.convert_ids_to_tokens(eot_ids)}
     if cfg.eval.data or cfg.eval.split:
         result["eval"] = report_dict(cfg, build_dataset(cfg, tok, "eval", strict=False).report, [])
     invalid = bool(result["invalid"]) or bool(result.get("eval", {}).get("invalid"))
@@ -75,6 +77,10 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
         out.write(format_report(result, cfg.data.max_length) + "\n")
+        eot = result["end_of_turn"]
+        kind = "special token" if len(eot["ids"]) == 1 else "plain-text tokens"
+        out.write(f"end of turn (trained after every assistant turn): {eot['text']!r} = {kind} "
+                  f"{eot['tokens']} {eot['ids']}\n" if eot["text"] else "end of turn: none (see the warnings)\n")
         if "eval" in result:
             out.write("\neval split:\n" + format_report(result["eval"], cfg.data.max_length) + "\n")
         if failed:
@@ -84,7 +90,7 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
 
 def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool | None = None) -> int:
     """The first ``n`` examples as the model sees them, trained tokens marked, with a legend."""
-    from sft.data.chat import encode, resolve_template
+    from sft.data.chat import encode_all, resolve_template
     from sft.data.pipeline import truncate_example
 
     out = stream or sys.stdout
@@ -97,16 +103,17 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
     if report.invalid:
         out.write(f"({report.invalid_rows} invalid rows not shown; run `sft data check` for the list)\n")
     for conv in convs[:n]:
-        ex = encode(conv, tok, template, cfg.data.train_on)
-        note = ""
-        if len(ex) > cfg.data.max_length:
-            if cfg.data.truncation == "truncate":
-                ex, note = truncate_example(ex, cfg.data.max_length), f", truncated to {cfg.data.max_length}"
-            else:
-                note = f", longer than max_length {cfg.data.max_length}: dropped in training"
-        pieces = [(tok.decode(ex.input_ids[a:b]), trained) for a, b, trained in spans(ex.labels)]
-        out.write(f"\n=== {conv.location()}: {len(ex)} tokens, {ex.num_trained} trained{note} ===\n")
-        out.write(render(pieces, color) + "\n")
+        examples = encode_all(conv, tok, template, cfg.data.train_on, cfg.data.reasoning)
+        for k, ex in enumerate(examples):
+            note = f", example {k + 1} of {len(examples)} (one per assistant turn)" if len(examples) > 1 else ""
+            if len(ex) > cfg.data.max_length:
+                if cfg.data.truncation == "truncate":
+                    ex, note = truncate_example(ex, cfg.data.max_length), note + f", truncated to {cfg.data.max_length}"
+                else:
+                    note += f", longer than max_length {cfg.data.max_length}: dropped in training"
+            pieces = [(tok.decode(ex.input_ids[a:b]), trained) for a, b, trained in spans(ex.labels)]
+            out.write(f"\n=== {conv.location()}: {len(ex)} tokens, {ex.num_trained} trained{note} ===\n")
+            out.write(render(pieces, color) + "\n")
     if not convs:
         out.write("(no valid conversations)\n")
     return 0

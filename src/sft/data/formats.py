@@ -5,8 +5,15 @@ a ``Conversation`` and a list of problems come out. Problems read ``where: what 
 fix`` without the ``FILE:LINE:`` prefix, which the reader of the file adds.
 
 Formats:
-- ``messages``: ``{"messages": [{"role", "content", "train"?, "tool_calls"?, "name"?}], "tools"?}``
-- ``sharegpt``: ``{"conversations": [{"from", "value"}], "system"?, "tools"?}``
+- ``messages``: ``{"messages": [{"role", "content", "train"?, "tool_calls"?, "name"?, "tool_call_id"?,
+  "reasoning_content"? (or "thinking")}], "tools"?}`` (OpenAI/Qwen conventions)
+- ``sharegpt``: ``{"conversations": [{"from", "value"}], "system"?, "tools"?}``; glaive-style
+  ``function_call`` turns (a JSON call) become assistant ``tool_calls``, ``observation`` turns tool
+  messages answering them
+
+Reasoning written as ``<think>...</think>`` at the start of an assistant's content is moved to
+``Message.reasoning``; tool calls are normalised to ``{"type": "function", "id"?, "function":
+{"name", "arguments": {...}}}`` and tool schemas to ``{"type": "function", "function": {...}}``.
 - ``alpaca``: ``{"instruction", "input"?, "output", "system"?, "history"?}``
 - ``prompt_completion``: ``{"prompt", "completion"}``, each a string or a list of messages
 - ``text``: ``{"text"}``, a plain document trained on every token
@@ -98,7 +105,51 @@ def _tools(row: dict[str, Any], problems: list[str]) -> list[dict[str, Any]] | N
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         problems.append(f"tools is {_type(tools)}; write a list of JSON tool schemas (or a JSON string of one)")
         return None
-    return tools
+    # glaive and others list bare {name, description, parameters}: wrap them as OpenAI does
+    return [t if "function" in t else {"type": "function", "function": t} for t in tools]
+
+
+def _calls(value: Any, where: str, problems: list[str]) -> list[dict[str, Any]] | None:
+    """OpenAI tool calls (or bare ``{name, arguments}`` objects) -> the normal form; arguments
+    given as a JSON string are decoded so every template sees an object.
+
+    >>> _calls([{"name": "add", "arguments": '{"a": 1}'}], "m", [])
+    [{'type': 'function', 'function': {'name': 'add', 'arguments': {'a': 1}}}]
+    """
+    value = _maybe_json(value)
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        problems.append(f"{where} is {_type(value)}; write a list of call objects")
+        return None
+    out = []
+    for k, call in enumerate(value):
+        fn = call.get("function", call)
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or not name:
+            problems.append(f"{where}[{k}] has no function name; write {{\"name\": ..., \"arguments\": {{...}}}}")
+            return None
+        args = _maybe_json(fn.get("arguments", fn.get("parameters", {})))
+        norm: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(call.get("id"), str):
+            norm["id"] = call["id"]
+        out.append(norm)
+    return out
+
+
+def split_reasoning(content: str) -> tuple[str | None, str]:
+    """``<think>r</think>answer`` -> (``r``, ``answer``), newlines around both trimmed as Qwen3's
+    template trims them; content without ``</think>`` is returned unchanged.
+
+    >>> split_reasoning("<think>\\n2+2=4\\n</think>\\n\\nIt is 4.")
+    ('2+2=4', 'It is 4.')
+    >>> split_reasoning("It is 4.")
+    (None, 'It is 4.')
+    """
+    head, sep, tail = content.partition("</think>")
+    if not sep or ("<think>" in head and not head.lstrip().startswith("<think>")):
+        return None, content
+    return head.lstrip().removeprefix("<think>").strip("\n"), tail.lstrip("\n")
 
 
 def _message(m: Any, where: str, problems: list[str]) -> Message | None:
@@ -110,10 +161,11 @@ def _message(m: Any, where: str, problems: list[str]) -> Message | None:
         what = "missing" if role is None else repr(role)
         problems.append(f"{where}.role is {what}; use one of {', '.join(ROLES)}")
         return None
-    tool_calls = m.get("tool_calls")
-    if tool_calls is not None and not (isinstance(tool_calls, list) and all(isinstance(c, dict) for c in tool_calls)):
-        problems.append(f"{where}.tool_calls is {_type(tool_calls)}; write a list of call objects")
-        return None
+    tool_calls = None
+    if m.get("tool_calls") not in (None, []):
+        tool_calls = _calls(m.get("tool_calls"), f"{where}.tool_calls", problems)
+        if tool_calls is None:
+            return None
     content: Any = m.get("content")
     if content is None and tool_calls:
         content = ""
@@ -124,8 +176,18 @@ def _message(m: Any, where: str, problems: list[str]) -> Message | None:
     if train is not None and not isinstance(train, bool):
         problems.append(f"{where}.train is {train!r}; use true or false")
         return None
-    name = m.get("name")
-    return Message(role, text, train=train, tool_calls=tool_calls or None, name=name if isinstance(name, str) else None)
+    reasoning = m.get("reasoning_content", m.get("thinking"))
+    if reasoning is not None and not isinstance(reasoning, str):
+        problems.append(f"{where}.reasoning_content is {_type(reasoning)}; write the reasoning as a string")
+        return None
+    if role == "assistant" and reasoning is None:
+        reasoning, text = split_reasoning(text)
+    name, call_id = m.get("name"), m.get("tool_call_id")
+    return Message(
+        role, text, train=train, tool_calls=tool_calls, name=name if isinstance(name, str) else None,
+        tool_call_id=call_id if isinstance(call_id, str) else None,
+        reasoning=reasoning if role == "assistant" else None,
+    )
 
 
 def _messages(value: Any, where: str, problems: list[str]) -> list[Message]:
@@ -156,6 +218,7 @@ def _from_sharegpt(row: dict[str, Any], problems: list[str]) -> Conversation:
         text = _text(system, "system", problems)
         if text is not None:
             msgs.append(Message("system", text))
+    pending: list[dict[str, Any]] = []  # calls of function_call turns not yet answered
     for i, t in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(t, dict):
@@ -167,9 +230,26 @@ def _from_sharegpt(row: dict[str, Any], problems: list[str]) -> Conversation:
             what = "missing" if frm is None else repr(frm)
             problems.append(f"{where}.from is {what}; use one of {_SHAREGPT_NAMES}")
             continue
+        if frm == "function_call":  # glaive: the value is the JSON call
+            calls = _calls(t.get("value"), f"{where}.value", problems)
+            if calls is not None:
+                made = sum(len(m.tool_calls or []) for m in msgs)
+                for k, call in enumerate(calls):
+                    call.setdefault("id", f"call{made + k + 1:05d}")  # 9 alphanumerics, as Mistral wants
+                    pending.append(call)
+                msgs.append(Message("assistant", "", tool_calls=calls))
+            continue
         text = _text(t.get("value"), f"{where}.value", problems)
-        if text is not None:
-            msgs.append(Message(role, text))  # type: ignore[arg-type]
+        if text is None:
+            continue
+        if role == "tool" and pending:  # an observation answers the oldest unanswered call
+            call = pending.pop(0)
+            msgs.append(Message("tool", text, name=call["function"]["name"], tool_call_id=call["id"]))
+            continue
+        msg = Message(role, text)  # type: ignore[arg-type]
+        if role == "assistant":
+            msg.reasoning, msg.content = split_reasoning(text)
+        msgs.append(msg)
     return Conversation(msgs, tools=_tools(row, problems))
 
 
@@ -305,7 +385,7 @@ def conversation_key(conv: Conversation) -> str:
     True
     """
     body = {
-        "m": [[m.role, m.content, m.train, m.tool_calls, m.name] for m in conv.messages],
+        "m": [[m.role, m.content, m.train, m.tool_calls, m.name, m.tool_call_id, m.reasoning] for m in conv.messages],
         "t": conv.tools,
         "x": conv.is_text,
     }

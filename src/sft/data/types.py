@@ -20,17 +20,25 @@ class Message:
     content: str
     # None: trained or not according to data.train_on; False: never trained (per-message opt-out)
     train: bool | None = None
-    # OpenAI-style tool calls of an assistant message, passed to the chat template unchanged
+    # OpenAI-style tool calls of an assistant message: [{"type": "function", "id"?, "function":
+    # {"name", "arguments": {...}}}], passed to the chat template unchanged
     tool_calls: list[dict[str, Any]] | None = None
     name: str | None = None  # tool name of a tool message, when the source gives one
+    tool_call_id: str | None = None  # the call a tool message answers, when the source gives one
+    # the assistant's reasoning (OpenAI/Qwen ``reasoning_content``; ``<think>`` text is moved here)
+    reasoning: str | None = None
 
-    def to_template(self) -> dict[str, Any]:
-        """The dict handed to a Jinja chat template."""
+    def to_template(self, reasoning: bool = True) -> dict[str, Any]:
+        """The dict handed to a Jinja chat template (``reasoning_content`` only if ``reasoning``)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning is not None and reasoning:
+            out["reasoning_content"] = self.reasoning
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
         if self.name:
             out["name"] = self.name
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
@@ -42,6 +50,7 @@ class Conversation:
     tools: list[dict[str, Any]] | None = None
     is_text: bool = False  # `text` format: a plain document, every token trained, EOS appended
     metric: str | None = None  # eval metric override for this row's source
+    category: str | None = None  # "harmful" | "benign": the row's (or its source's) safety category
 
     def location(self) -> str:
         return f"{self.source}:{self.line}"

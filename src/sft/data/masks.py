@@ -1,0 +1,255 @@
+"""Rendered chat -> which characters (then tokens) are trained: turn regions and end-of-turn markers.
+
+The trained text of assistant turn ``i`` is defined by what inference does:
+
+- ``P`` = render(messages[:i], add_generation_prompt=True): what the model is given;
+- ``F`` = render(messages[:i + 1]): the conversation that ends with the turn;
+- the turn starts where ``P`` and ``F`` part (``len(P)`` when ``P`` is a prefix of ``F``; a
+  template whose generation prompt adds text that turns never render, like DeepSeek-R1's
+  ``<think>\\n``, parts earlier) and ends with the template's end-of-turn marker (the last one
+  in ``F``), so reasoning, tool calls and any template text between prompt and content are
+  trained exactly as rendered, and text a template appends after the last turn only is not.
+
+If every ``F[:end]`` is a prefix of the full rendering, the conversation is one example with a
+trained region per turn. Otherwise (Qwen3 drops reasoning from earlier turns and adds an empty
+``<think>`` block to the last one) each turn is its own example ``F``: history as inference renders
+it, so training equals inference by construction. Regions are character spans; a token is trained
+if it overlaps one. Masks never depend on token ids (SmolLM2's pad == eos).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from functools import lru_cache
+from typing import Any
+
+from sft.errors import SftError
+
+Span = tuple[int, int]  # [start, end) in characters of the rendered text
+
+
+def render(tokenizer: Any, source: str, messages: list[dict[str, Any]], tools: Any, gen: bool, where: str) -> str:
+    """``apply_chat_template(tokenize=False)``; template errors become one-line SftErrors."""
+    if not messages:
+        return ""
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, chat_template=source, tools=tools, add_generation_prompt=gen, tokenize=False
+        )
+    except Exception as e:  # jinja2 errors, raise_exception(...) in the template
+        raise SftError(
+            f"{where}: the chat template failed on this conversation: {e}; "
+            "fix the row or choose another data.template"
+        ) from None
+    return str(out)
+
+
+def tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
+    """Token ids exactly as apply_chat_template(tokenize=True) makes them, with char offsets."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise SftError("model: exact loss masks need a fast (Rust) tokenizer with offset mappings")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
+
+@lru_cache(maxsize=8)
+def special_ids(tokenizer: Any) -> frozenset[int]:
+    """Special ids and added special tokens (Gemma's <end_of_turn> is only the latter)."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    return frozenset(ids)
+
+
+def common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search on C-speed slice compares).
+
+    >>> common_prefix("<s>user: hi<a>", "<s>user: hi<a><think>")
+    14
+    """
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def common_suffix(a: str, b: str) -> int:
+    """Length of the longest common suffix.
+
+    >>> common_suffix("Hello<|end|>\\n", "4<|end|>\\n")
+    8
+    """
+    return common_prefix(a[::-1], b[::-1])
+
+
+def _special_end(tokenizer: Any, text: str) -> int | None:
+    """End (in chars) of the last special token in ``text``, or None."""
+    ids, offsets = tokenize(tokenizer, text)
+    special = special_ids(tokenizer)
+    ends = [e for t, (_, e) in zip(ids, offsets) if t in special]
+    return ends[-1] if ends else None
+
+
+_PROBE_A = ("Hello! How can I help?", "4")
+
+
+@lru_cache(maxsize=16)
+def end_of_turn(tokenizer: Any, source: str) -> str | None:
+    """The text a template writes after every assistant turn's content, or None if there is none.
+
+    It is what follows the content both when the turn is last (``X``) and when a user turn follows
+    (``Y``): their common prefix, cut after its last special token, or else at whitespace. That
+    excludes what a template appends once after the last turn (Phi-3.5's EOS) and the separator
+    before the next header (ChatML's newline). Results: ``<|im_end|>``, ``<|eot_id|>``,
+    ``<end_of_turn>``, ``<|end|>``, ``</s>``.
+    """
+    first, second = _PROBE_A
+    probe = [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": first},
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": second},
+    ]
+    where = "data.template"
+    last = render(tokenizer, source, probe[:2], None, False, where)
+    other = render(tokenizer, source, [probe[0], {"role": "assistant", "content": second}], None, False, where)
+    x = last[len(last) - common_suffix(last, other):]
+    full = render(tokenizer, source, probe, None, False, where)
+    at = full.find(first)
+    raw = x
+    if at >= 0:
+        y = full[at + len(first):]
+        raw = x[: common_prefix(x, y)]
+    if raw != x:  # a partial match ("<|end|>\n<|" of "<|end|>\n<|endoftext|>" and "<|end|>\n<|user|>")
+        keep = max(_special_end(tokenizer, raw) or 0, max(raw.rfind(c) for c in " \n\t") + 1)
+        raw = raw[:keep] if keep else raw
+    raw = raw.rstrip()
+    special = _special_end(tokenizer, raw) if raw else None
+    if special is not None:
+        raw = raw[:special]
+    return raw or None
+
+
+def turn_region(full: str, start: int, marker: str | None) -> int:
+    """End of the turn that starts at ``start`` in ``full`` (the conversation ending with that turn):
+    the end of the last end-of-turn marker, else the end of the non-blank text."""
+    if marker:
+        at = full.rfind(marker, start)
+        if at >= 0:
+            return at + len(marker)
+    return max(start, len(full.rstrip()))
+
+
+def labels_for(ids: list[int], offsets: list[Span], regions: list[Span], ignore: int) -> list[int]:
+    """ids where a token overlaps a region, else ``ignore``; one sweep (both lists sorted)."""
+    labels = [ignore] * len(ids)
+    r = 0
+    for t, (ts, te) in enumerate(offsets):
+        while r < len(regions) and regions[r][1] <= ts:
+            r += 1
+        if r < len(regions) and ts < regions[r][1] and te > regions[r][0]:
+            labels[t] = ids[t]
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# content spans in linear time (the fast path for templates that render turns the same everywhere)
+
+# Placeholder i = OPEN + digits of i as private-use chars + CLOSE: no whitespace, never in real text.
+_OPEN, _CLOSE, _DIGIT0 = "\ue000", "\ue001", 0xE010
+_PLACEHOLDER_RE = re.compile("\ue000([\ue010-\ue019]+)\ue001")
+
+
+def _placeholder(i: int) -> str:
+    return _OPEN + "".join(chr(_DIGIT0 + int(d)) for d in str(i)) + _CLOSE
+
+
+def _variants(content: str) -> list[str]:
+    out: list[str] = []
+    for v in (content, content.strip(), content.lstrip(), content.rstrip()):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _walk(rendered: str, frags: list[str], order: list[int], contents: list[str]) -> list[Span] | None:
+    """Match frags[0], contents[order[0]], frags[1], ... against ``rendered``; the span of each content.
+
+    Backtracks over the trim variants when a choice leads nowhere (rare; bounded to stay linear).
+    """
+    if not rendered.startswith(frags[0]):
+        return None
+    n = len(order)
+    spans: list[Span] = [(0, 0)] * n
+    choice = [0] * n
+    starts: list[int] = []
+    k, pos, budget = 0, len(frags[0]), 8 * n + 64
+    while k < n:
+        options = _variants(contents[order[k]])
+        placed = False
+        while choice[k] < len(options) and budget > 0:
+            v = options[choice[k]]
+            choice[k] += 1
+            budget -= 1
+            end = pos + len(v)
+            nxt = frags[k + 1]
+            last_ok = k < n - 1 or end + len(nxt) == len(rendered)
+            if rendered.startswith(v, pos) and rendered.startswith(nxt, end) and last_ok:
+                spans[k] = (pos, end)
+                starts.append(pos)
+                pos, k, placed = end + len(nxt), k + 1, True
+                break
+        if not placed:
+            if not starts or budget <= 0:
+                return None
+            choice[k] = 0
+            k -= 1
+            pos = starts.pop()
+    return spans
+
+
+def content_spans(
+    tokenizer: Any, source: str, msgs: list[dict[str, Any]], tools: Any, rendered: str, where: str
+) -> list[list[Span]] | None:
+    """Per message, the char spans of its content in ``rendered``, or None when the template does
+    more than copy (or trim) contents: render with a placeholder per content, split the result into
+    template fragments, and walk ``rendered`` fragment, content, fragment, ... in linear time."""
+    contents = [str(m.get("content") or "") for m in msgs]
+    if any(_OPEN in c or _CLOSE in c for c in contents):
+        return None
+    masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(msgs)]
+    try:
+        ph = render(tokenizer, source, masked, tools, False, where)
+    except SftError:
+        return None  # the template looks at content (e.g. validates it)
+    parts = _PLACEHOLDER_RE.split(ph)
+    frags = parts[0::2]
+    order = [int("".join(str(ord(c) - _DIGIT0) for c in d)) for d in parts[1::2]]
+    if any(i >= len(msgs) for i in order):
+        return None
+    spans = _walk(rendered, frags, order, contents)
+    if spans is None:
+        return None
+    out: list[list[Span]] = [[] for _ in msgs]
+    for i, span in zip(order, spans):
+        out[i].append(span)
+    return out
+
+
+def fast_regions(spans: list[list[Span]], trained: list[int], rendered: str, marker: str) -> list[Span] | None:
+    """Turn regions from content spans: each trained content through the first end-of-turn marker
+    after it (tool calls written after the content included); None where that is not clear."""
+    starts = sorted(s for per in spans for s, _ in per)
+    out = []
+    for i in trained:
+        if len(spans[i]) != 1:
+            return None
+        s, e = spans[i][0]
+        k = bisect.bisect_right(starts, s)
+        at = rendered.find(marker, e, starts[k] if k < len(starts) else len(rendered))
+        if at < 0:
+            return None
+        out.append((s, at + len(marker)))
+    return out

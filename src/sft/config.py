@@ -52,6 +52,9 @@ class DataConfig:
     format: Format = "auto"
     template: str = "auto"  # auto | chatml | gemma | llama3 | path/to/template.jinja
     train_on: TrainOn = "assistant"
+    # which assistant turns show their reasoning: keep_last (each trained turn its own; history
+    # without, as at inference), keep_all, drop
+    reasoning: Literal["keep_last", "keep_all", "drop"] = "keep_last"
     max_length: int = 2048
     truncation: Literal["drop", "truncate"] = "drop"
     packing: bool = True

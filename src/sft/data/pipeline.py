@@ -250,16 +250,17 @@ def tokenize_conversations(
     from sft.data import chat  # written beside this module; imported late so IO works without it
 
     out = []
+    encoded: list[Example] = []
     for conv in convs:
-        try:
-            ex = chat.encode(conv, tokenizer, template, cfg.data.train_on)
+        try:  # usually one example; one per trained turn where the template rewrites history
+            encoded += chat.encode_all(conv, tokenizer, template, cfg.data.train_on, cfg.data.reasoning)
         except SftError as e:
             report.invalid_rows += 1
             report.add_problem(conv.source, conv.line, str(e))
             if cfg.data.on_invalid == "skip":
                 report.skipped += 1
             continue
-        ex.source, ex.line = conv.source, conv.line
+    for ex in encoded:
         if ex.num_trained == 0:
             report.dropped_untrainable += 1
             continue
@@ -307,10 +308,10 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     for src in sources:
         files += hub.fingerprint(src, resolve_path(cfg, src.path))  # files: path, size, mtime
     code = b""
-    from sft.data import chat, formats
+    from sft.data import chat, formats, masks
     from sft.data import sources as sources_mod
 
-    for mod in (chat, formats, sources_mod, hub):
+    for mod in (chat, masks, formats, sources_mod, hub):
         code += Path(str(mod.__file__)).read_bytes()
     code += Path(__file__).read_bytes()
     body = {

@@ -227,3 +227,24 @@ def test_cli_does_not_force_offline(monkeypatch: Any, tmp_path: Path) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert main(["data", "check", str(tmp_path / "missing.yaml")]) == 1
     assert "HF_HUB_OFFLINE" not in os.environ
+
+
+def test_tokenizer_alone_is_fetched_until_weights_are_needed(hf_home: Path, monkeypatch: Any) -> None:
+    """``sft data`` (load_tokenizer) never asks for weights; load_model does, and never for pickles."""
+    import huggingface_hub
+
+    from sft.models.load import load_model, load_tokenizer
+
+    calls: list[dict[str, Any]] = []
+    real = huggingface_hub.snapshot_download
+
+    def spy(repo_id: str, **kw: Any) -> Any:
+        calls.append(kw)
+        return real(repo_id, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)
+    load_tokenizer("org/tiny-llama")
+    assert len(calls) == 1 and "*.safetensors" not in calls[0]["allow_patterns"]
+    load_model("org/tiny-llama")
+    assert "*.safetensors" in calls[-1]["allow_patterns"] and "*.bin" in calls[-1]["ignore_patterns"]
+    assert all(c["local_files_only"] and c["cache_dir"] == hf_home / "hub" for c in calls)

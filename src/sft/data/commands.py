@@ -72,7 +72,8 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
     if cfg.eval.data or cfg.eval.split:
         result["eval"] = report_dict(cfg, build_dataset(cfg, tok, "eval", strict=False).report, [])
     invalid = bool(result["invalid"]) or bool(result.get("eval", {}).get("invalid"))
-    failed = invalid and cfg.data.on_invalid == "error"
+    empty = not result["examples"]  # an empty file, every row invalid and skipped, or every row dropped
+    failed = (invalid and cfg.data.on_invalid == "error") or empty
     if as_json:
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
@@ -83,8 +84,11 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
                   f"{eot['tokens']} {eot['ids']}\n" if eot["text"] else "end of turn: none (see the warnings)\n")
         if "eval" in result:
             out.write("\neval split:\n" + format_report(result["eval"], cfg.data.max_length) + "\n")
-        if failed:
+        if invalid and cfg.data.on_invalid == "error":
             out.write("\ninvalid rows: fix them, or set data.on_invalid: skip to drop them\n")
+    if empty:
+        sys.stderr.write("error: data.train: no usable training examples (the data is empty, or every row is "
+                         "invalid or dropped; see the report); add rows or fix them\n")
     return 1 if failed else 0
 
 
@@ -120,12 +124,16 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
 
 
 def tokenize(cfg: Config, out: str) -> int:
-    """Write one ``{"input_ids", "labels"}`` JSON object per kept example, in input order."""
+    """Write one ``{"input_ids", "labels"}`` JSON object per kept example, in input order.
+
+    The file appears only when complete (``sft.atomic``); an unwritable ``--out`` fails first."""
+    from sft.atomic import atomic_open, check_writable
+
+    path = Path(out)
+    check_writable(path.parent, "--out")
     tok = _tokenizer(cfg)
     ds = build_dataset(cfg, tok, "train")
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for ex in ds.examples:
             f.write(json.dumps({"input_ids": ex.input_ids, "labels": ex.labels}) + "\n")
     r = ds.report

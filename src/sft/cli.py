@@ -79,6 +79,12 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return run_lr_find(_config(args))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from sft.models.export import run_export
+
+    return run_export(args.source, args.to, quant=args.quant, dtype=args.dtype, out=args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sft",
@@ -138,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("sweep", "learning-rate (or any key) grid search, e.g. --train.lr=1e-5,1e-4", cmd_sweep)
     with_config("lr-find", "learning-rate range test; proposes a sweep grid", cmd_lr_find)
+
+    x = sub.add_parser("export", help="export a run or model to GGUF (llama.cpp, Ollama, LM Studio), "
+                       "merged safetensors or its LoRA adapter")
+    x.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run directory (runs/x), a model directory or alias")
+    x.add_argument("--to", required=True, choices=["gguf", "ollama", "hf", "adapter"])
+    x.add_argument("--quant", choices=["f16", "bf16", "q8_0", "q4_k_m"], help="GGUF type (default q8_0)")
+    x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="--to hf: weight dtype (default: the model's)")
+    x.add_argument("--out", help="output file (gguf) or directory (default: RUN_DIR/export/...)")
+    x.set_defaults(fn=cmd_export, takes_overrides=False)
     return p
 
 

@@ -89,6 +89,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # final/'s dtype; auto: the model's own (bf16 for the packaged models)
     gradient_checkpointing: bool = False
     neftune_alpha: float | None = None
     freeze_embeddings: bool = False

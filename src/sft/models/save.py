@@ -1,18 +1,52 @@
 """The run's result: ``final/`` (an HF model directory plain transformers loads) and, for LoRA,
 ``adapter/`` (PEFT format). The chat template used in training is saved with the tokenizer, and
 ``generation_config.json`` stops on the end-of-turn token with a pad token that is not an end token.
+``final/`` is written in ``train.save_dtype``: by default the model's own dtype (bf16 for the packaged
+GGUF models), not the fp32 the weights are trained in, so it is the size users expect.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sft.config import Config
+from sft.errors import SftError
 from sft.training.checkpoint import atomic_write_dir
+
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def source_dtype(model: str, revision: str | None = None) -> str:
+    """The dtype ``model`` ships in: ``dtype`` (or ``torch_dtype``) of its config.json; bf16 for a
+    GGUF source such as the packaged models (their weights are dequantized from 4-bit)."""
+    from sft.models.load import resolve
+
+    try:
+        src = resolve(model, revision)
+    except SftError:  # the base moved since training: keep full precision
+        return "fp32"
+    if src.is_gguf:
+        return "bf16"
+    try:
+        hf = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "fp32"
+    name = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype")
+    return _HF_DTYPES.get(str(name), "fp32")
+
+
+def save_dtype(cfg: Config) -> torch.dtype:
+    """``train.save_dtype`` as a torch dtype; ``auto`` is the base model's own dtype."""
+    name = getattr(cfg.train, "save_dtype", "auto")
+    if name == "auto":
+        name = source_dtype(cfg.model, getattr(cfg, "revision", None))
+    return SAVE_DTYPES[name]
 
 
 def pick_pad_id(tokenizer: Any, stop_ids: list[int]) -> int:
@@ -38,17 +72,10 @@ def finalize_tokenizer(tokenizer: Any, template: str) -> tuple[Any, list[int], i
     return tok, stops, pad
 
 
-def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path) -> Any:
-    """Write ``out/final`` (and ``out/adapter`` for LoRA); return the plain model that was saved."""
+def attach_generation_config(model: Any, tok: Any, stops: list[int], pad: int) -> None:
+    """Make ``model`` stop on the end-of-turn ids and pad with a non-end token when it generates."""
     from transformers import GenerationConfig
 
-    tok, stops, pad = finalize_tokenizer(tokenizer, template)
-    if cfg.train.method == "lora":
-        atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(str(d), safe_serialization=True),
-                                                     tok.save_pretrained(str(d))))
-        model = model.merge_and_unload()
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
     model.config.use_cache = True
     model.config.pad_token_id = pad
     model.config.eos_token_id = stops[0] if len(stops) == 1 else stops
@@ -60,11 +87,24 @@ def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path
         max_new_tokens=256,
     )
     model.generation_config = gen
-    model = model.to(torch.float32).eval()
+
+
+def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path) -> Any:
+    """Write ``out/final`` (and ``out/adapter`` for LoRA); return the plain model that was saved,
+    in fp32 but holding exactly the saved values (so an evaluation after training sees ``final/``)."""
+    tok, stops, pad = finalize_tokenizer(tokenizer, template)
+    if cfg.train.method == "lora":
+        atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(str(d), safe_serialization=True),
+                                                     tok.save_pretrained(str(d))))
+        model = model.merge_and_unload()
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+    attach_generation_config(model, tok, stops, pad)
+    model = model.to(save_dtype(cfg)).eval()
 
     def write(d: Path) -> None:
         model.save_pretrained(str(d), safe_serialization=True)
         tok.save_pretrained(str(d))
 
     atomic_write_dir(out / "final", write)
-    return model
+    return model.to(torch.float32)

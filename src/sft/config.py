@@ -161,6 +161,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
         raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
+    if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
+        raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -323,6 +325,14 @@ def validate(cfg: Config) -> None:
     for key, value, example in named:
         if not value.strip():
             raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
+    # an empty path is Path("") == the working directory: never what was meant
+    named = [("model", cfg.model, "smollm2-135m-instruct"), ("output_dir", cfg.output_dir, "runs/NAME"),
+             ("data.template", cfg.data.template, "auto")]
+    named += [(f"data.train[{i}].path", s.path, "data/train.jsonl") for i, s in enumerate(cfg.data.train)]
+    named += [(f"eval.data[{i}].path", s.path, "data/eval.jsonl") for i, s in enumerate(cfg.eval.data)]
+    for key, value, example in named:
+        if not value.strip():
+            raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
     if cfg.data.max_length < 16:
         raise SftError(f"data.max_length: {cfg.data.max_length} is too small; use at least 16")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
@@ -351,4 +361,6 @@ def resolve_path(cfg: Config, path: str) -> Path:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    from sft.atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

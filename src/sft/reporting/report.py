@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sft.atomic import atomic_write_text
+
 # (key in the eval dict, label, how to show it, higher is better?)
 ROWS: list[tuple[str, str, str, bool | None]] = [
     ("task_accuracy", "task accuracy", "pct", True),
@@ -289,6 +291,6 @@ def write_report(
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
 
     html_path, md_path = output_dir / "report.html", output_dir / "report.md"
-    html_path.write_text(page, encoding="utf-8")
-    md_path.write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(html_path, page)  # a crash leaves the old report or the new one, never half
+    atomic_write_text(md_path, "\n".join(md))
     return html_path, md_path

@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sft.atomic import atomic_write_text
 from sft.config import Config, to_dict
+from sft.errors import SftError
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -19,16 +21,32 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a last line cut short by a kill (its step was never saved) is
+    dropped, any other line that is not JSON is an SftError naming it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        if not isinstance(row, dict):
+            if i == len(lines):
+                break
+            raise SftError(f"{path}:{i}: not a metrics row (JSON object); fix or delete the line")
+        rows.append(row)
+    return rows
 
 
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows after the resumed step (a killed run may have logged steps it never saved)."""
     if path.exists():
         keep = [r for r in read_rows(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))  # never half a metrics file
 
 
 def elapsed_at(path: Path) -> float:

@@ -159,7 +159,10 @@ def _messages(row: Any, where: str) -> tuple[list[Message], list[dict[str, Any]]
             raise SftError(
                 f"{where}: messages[{j}] needs a role (system, user, assistant, tool) and a string content"
             )
-        msgs.append(Message(role=role, content=m["content"], tool_calls=m.get("tool_calls"), name=m.get("name")))
+        calls, name = m.get("tool_calls"), m.get("name")
+        if not (calls is None or isinstance(calls, list)) or not (name is None or isinstance(name, str)):
+            raise SftError(f"{where}: messages[{j}]: tool_calls must be a list and name a string")
+        msgs.append(Message(role=role, content=m["content"], tool_calls=calls, name=name))
     tools = row.get("tools")
     return msgs, tools if isinstance(tools, list) else None
 
@@ -170,28 +173,32 @@ def generate_file(
 ) -> int:
     """`sft generate MODEL --prompts FILE.jsonl --out FILE.jsonl`: answer after each conversation's
     last message; each output line is the input row plus "response" and "stopped"."""
+    from sft.atomic import atomic_open, check_writable
     from sft.data.chat import prompt_ids
+    from sft.data.sources import read_jsonl
 
-    src = Path(prompts)
+    src, dst = Path(prompts), Path(out)
     if not src.is_file():
         raise SftError(f"{src}: prompts file not found; pass a JSONL file of {{\"messages\": [...]}} rows")
+    check_writable(dst.parent, "--out")  # before the model loads and generates
     rows: list[dict[str, Any]] = []
     convs: list[tuple[list[Message], list[dict[str, Any]] | None]] = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    problems: list[str] = []
+    for rec in read_jsonl(src):  # the training data's reader: BOM, CRLF, bad bytes, deep nesting
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SftError(f"{src}:{n}: not valid JSON ({e.msg}); one JSON object per line") from None
-        convs.append(_messages(row, f"{src}:{n}"))
-        rows.append(row)
+            if rec.error is not None:
+                raise SftError(f"{src}:{rec.line}: {rec.error}")
+            convs.append(_messages(rec.value, f"{src}:{rec.line}"))
+            rows.append(rec.value)
+        except SftError as e:
+            problems.append(str(e))
+    if problems:
+        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SftError(f"{len(problems)} unusable prompt row(s):\n" + "\n".join(problems[:20]) + more)
     model, tokenizer, template, stop_ids = _load(model_path, template)
     ids = [prompt_ids(msgs, tokenizer, template, tools=tools) for msgs, tools in convs]
     gens = generate_batch(model, tokenizer, ids, stop_ids, max_new_tokens, batch_size, progress=True)
-    dst = Path(out)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with dst.open("w", encoding="utf-8") as f:
+    with atomic_open(dst) as f:
         for row, g in zip(rows, gens):
             f.write(json.dumps({**row, "response": g.text, "stopped": g.stopped}, ensure_ascii=False) + "\n")
     stopped = sum(g.stopped for g in gens)

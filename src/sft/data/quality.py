@@ -1,0 +1,565 @@
+"""Data quality: the rows that will hurt a tuned model, and why (``sft data check``, ``data.quality``).
+
+Six kinds of finding, each a list in reading order (the JSON of ``sft data check`` under ``quality``):
+
+- ``near_duplicates``: ``{"file", "line", "duplicate_of": {"file", "line"}, "similarity"}``. The
+  Jaccard similarity of the rows' word 3-shingles (user, assistant and tool text; system prompts and
+  tool schemas left out, they repeat by design) is at least ``data.quality.near_duplicate_threshold``
+  (default 0.8). Candidates come from MinHash LSH (``datasketch``, 128 permutations), so the time is
+  linear in the rows, and every candidate pair is confirmed with the exact Jaccard, which is the
+  ``similarity`` reported. A row points at the most similar earlier row. A row that repeats an
+  earlier one exactly (the report's ``duplicates``) is listed too, with similarity 1.0, unless
+  ``data.dedup`` already removed it.
+- ``contamination``: ``{"eval": {"file", "line"}, "train": {"file", "line"}, "overlap"}``: an eval
+  row whose prompt (its last user message) or reply (its last assistant message, the reference)
+  overlaps one training row: ``overlap`` is the share of that text's word 8-grams found in the
+  training row (a text shorter than 8 words counts as one n-gram, so it matches a training message
+  that says exactly the same); reported at 0.5 and above. Texts under 3 words are not compared.
+- ``empty_responses``, ``truncated_responses``, ``boilerplate``, ``length_outliers``: ``{"file",
+  "line", "why"}``. Empty: a trained reply with no letter or digit, or a placeholder (``N/A``,
+  ``<noinput>`` ...). Truncated: the example was cut at ``data.max_length``; an unclosed code fence,
+  bracket or brace; JSON that does not parse where the system prompt asks for JSON (or the reply
+  starts as JSON where the prompt asks for it); the reply stops on a comma, colon or a word that
+  cannot end a sentence ("the", "and", ...); or several replies stop at exactly the longest length
+  without a closing punctuation mark (a generation limit). Boilerplate: a phrase of
+  ``BOILERPLATE`` (AI self-references) or ``sft.evaluation.safety.REFUSAL_PHRASES`` (stock
+  refusals; not in rows whose category is ``harmful``, where a refusal is the lesson) or of
+  ``data.quality.boilerplate``. Length outliers: a robust z-score (median and median absolute
+  deviation of log trained tokens) beyond 3.5.
+
+``data.quality.drop`` names kinds whose rows training removes: the later row of a near-duplicate
+pair, the training row of a contaminated pair, the row itself for the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sft.data.types import Conversation, Message
+
+KINDS = ("near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate",
+         "length_outliers")
+NEAR_DUPLICATE_THRESHOLD = 0.8  # the default of data.quality.near_duplicate_threshold
+SHINGLE = 3  # words per shingle for near-duplicates
+NUM_PERM = 128  # MinHash permutations
+CONTAMINATION_N = 8  # words per n-gram for contamination
+CONTAMINATION_MIN_WORDS = 3
+CONTAMINATION_OVERLAP = 0.5
+OUTLIER_Z = 3.5  # |robust z| beyond this is an outlier (Iglewicz & Hoaglin)
+OUTLIER_MIN_ROWS = 8  # fewer rows than this: no length statistics
+
+# AI self-references that teach a model to talk like another model (case-insensitive, apostrophes
+# straightened); stock refusals come from sft.evaluation.safety.REFUSAL_PHRASES.
+BOILERPLATE: tuple[str, ...] = (
+    "as an ai language model",
+    "as a language model",
+    "as an ai assistant",
+    "as an ai,",
+    "as an artificial intelligence",
+    "i am an ai language model",
+    "i'm an ai language model",
+    "i am just an ai",
+    "i'm just an ai",
+    "i am only an ai",
+    "i'm only an ai",
+    "i am a large language model",
+    "i'm a large language model",
+    "i was trained by openai",
+    "i was developed by openai",
+    "i was created by openai",
+    "i am chatgpt",
+    "i'm chatgpt",
+    "my knowledge cutoff",
+    "my knowledge cut-off",
+    "as of my last update",
+    "as of my last knowledge update",
+    "as of my training data",
+    "i don't have personal opinions",
+    "i do not have personal opinions",
+    "i don't have personal experiences",
+    "i do not have personal experiences",
+    "i don't have feelings",
+    "i do not have feelings",
+    "i don't have access to real-time",
+    "i do not have access to real-time",
+    "i don't have the ability to browse",
+    "i do not have the ability to browse",
+    "i cannot browse the internet",
+    "i can't browse the internet",
+)
+PLACEHOLDERS = frozenset({"n/a", "na", "null", "nan", "none.", "todo", "tbd", "<noinput>", "<nooutput>",
+                          "<no output>", "no output", "undefined", "[deleted]", "[removed]", "..."})
+# words a finished sentence does not end on
+DANGLING = frozenset((
+    "the", "a", "an", "and", "or", "but", "of", "to", "in", "on", "at", "by", "for", "from", "with", "as",
+    "that", "which", "who", "whose", "whom", "is", "are", "was", "were", "be", "been", "being", "this",
+    "these", "those", "their", "its", "his", "her", "our", "your", "my", "if", "than", "then", "because",
+    "so", "while", "when", "where", "into", "onto", "about", "between", "such", "very",
+))
+CLOSERS = ".!?)]}\"'`*»”’…>|"  # a reply that ends on one of these was not cut mid-sentence
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+_WORD = re.compile(r"\w")
+Loc = tuple[str, int]
+
+
+def loc(conv: Conversation) -> dict[str, Any]:
+    return {"file": conv.source, "line": conv.line}
+
+
+def unique_rows(convs: Iterable[Conversation]) -> list[Conversation]:
+    """Each (file, line) once, in first-seen order (``weight`` samples rows with replacement).
+
+    >>> a, b = Conversation([], "f", 1), Conversation([], "f", 2)
+    >>> [c.line for c in unique_rows([a, b, a])]
+    [1, 2]
+    """
+    seen: set[Loc] = set()
+    out = []
+    for c in convs:
+        if (c.source, c.line) not in seen:
+            seen.add((c.source, c.line))
+            out.append(c)
+    return out
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased words and punctuation marks.
+
+    >>> tokens("What is 2+2?")
+    ['what', 'is', '2', '+', '2', '?']
+    """
+    return _TOKEN.findall(text.lower())
+
+
+def trained_replies(conv: Conversation) -> list[tuple[int, Message]]:
+    """(index, message) of the assistant turns that can be trained (not ``train: false``)."""
+    return [(i, m) for i, m in enumerate(conv.messages) if m.role == "assistant" and m.train is not False]
+
+
+def _last(conv: Conversation, role: str) -> Message | None:
+    return next((m for m in reversed(conv.messages) if m.role == role), None)
+
+
+class Vocab:
+    """Token -> small int, in order of first appearance (so hashes are the same on every run)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+
+    def __call__(self, toks: list[str]) -> np.ndarray:
+        ids = self.ids
+        return np.fromiter((ids.setdefault(t, len(ids) + 1) for t in toks), dtype=np.uint64, count=len(toks))
+
+
+def gram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """64-bit hashes of the ``n``-grams of ``ids`` (one hash of the whole text when it is shorter).
+
+    >>> h = gram_hashes(np.array([1, 2, 3, 1, 2, 3], dtype=np.uint64), 3)
+    >>> len(h), bool(h[0] == h[3]), bool(h[0] == h[1])
+    (4, True, False)
+    >>> len(gram_hashes(np.array([7, 8], dtype=np.uint64), 3)), len(gram_hashes(np.array([], dtype=np.uint64), 3))
+    (1, 0)
+    """
+    if len(ids) == 0:
+        return ids
+    if len(ids) < n:  # the whole text as one gram; its length keeps it apart from true n-grams
+        ids, n = np.append(ids, np.uint64(1_000_003 + len(ids))), len(ids) + 1
+    with np.errstate(over="ignore"):
+        h = np.zeros(len(ids) - n + 1, dtype=np.uint64)
+        for k in range(n):  # polynomial hash mod 2^64 (unsigned overflow wraps)
+            h = h * np.uint64(0x100000001B3) + ids[k : len(ids) - n + 1 + k]
+        h ^= h >> np.uint64(33)  # finalise (murmur3 fmix64) so nearby grams spread out
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+    return h
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two sorted unique arrays.
+
+    >>> jaccard(np.array([1, 2, 3]), np.array([2, 3, 4]))
+    0.5
+    """
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    union = len(a) + len(b) - inter
+    return inter / union if union else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the six kinds
+
+
+def _doc_text(conv: Conversation) -> list[str]:
+    parts = []
+    for m in conv.messages:
+        if m.role == "system":
+            continue
+        parts.append(m.content)
+        if m.tool_calls:
+            parts.append(json.dumps(m.tool_calls, sort_keys=True, ensure_ascii=False))
+    return parts
+
+
+def near_duplicates(convs: list[Conversation], threshold: float = NEAR_DUPLICATE_THRESHOLD,
+                    vocab: Vocab | None = None) -> list[dict[str, Any]]:
+    """Rows whose shingle sets are at least ``threshold`` similar to an earlier row's."""
+    from datasketch import MinHash, MinHashLSH
+
+    from sft.data.formats import conversation_key
+
+    vocab = vocab or Vocab()
+    lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+    base = MinHash(num_perm=NUM_PERM, seed=1, hashfunc=int)
+    sets: list[np.ndarray] = []
+    first: dict[str, int] = {}  # conversation_key -> first row saying exactly that
+    out = []
+    for i, conv in enumerate(convs):
+        ids = [vocab(tokens(t)) for t in _doc_text(conv)]
+        joined = np.concatenate([*ids, np.zeros(0, dtype=np.uint64)])
+        sh = np.unique(gram_hashes(joined, SHINGLE))
+        sets.append(sh)
+        key = conversation_key(conv)
+        if key in first:  # an exact duplicate: no need to search
+            out.append({**loc(conv), "duplicate_of": loc(convs[first[key]]), "similarity": 1.0})
+            continue
+        first[key] = i
+        if len(sh) == 0:
+            continue
+        m = base.copy()
+        m.update_batch((sh >> np.uint64(32)).tolist())  # datasketch hashes 32-bit values
+        best, best_sim = -1, -1.0
+        for j in lsh.query(m):
+            sim = jaccard(sh, sets[j])
+            if sim > best_sim or (sim == best_sim and j < best):
+                best, best_sim = j, sim
+        if best >= 0 and best_sim >= threshold:
+            out.append({**loc(conv), "duplicate_of": loc(convs[best]), "similarity": round(best_sim, 4)})
+        lsh.insert(i, m, check_duplication=False)
+    return out
+
+
+def _fields(conv: Conversation) -> list[str]:
+    """The texts of an eval row that contamination compares: its prompt and its reference reply."""
+    last = None
+    for i in range(len(conv.messages) - 1, -1, -1):
+        if conv.messages[i].role == "assistant":
+            last = i
+            break
+    if last is None:
+        return []
+    prompt = next((m for m in reversed(conv.messages[:last]) if m.role == "user"), None)
+    return [t for t in ((prompt.content if prompt else ""), conv.messages[last].content) if t.strip()]
+
+
+def contamination(eval_convs: list[Conversation], train: list[Conversation], vocab: Vocab | None = None,
+                  n: int = CONTAMINATION_N, min_overlap: float = CONTAMINATION_OVERLAP) -> list[dict[str, Any]]:
+    """Eval rows whose prompt or reply overlaps a training row (see the module docstring)."""
+    vocab = vocab or Vocab()
+    index: dict[int, list[tuple[int, int]]] = {}  # gram -> [(eval row, field)]
+    sizes: dict[tuple[int, int], int] = {}
+    for e, conv in enumerate(eval_convs):
+        for f, text in enumerate(_fields(conv)):
+            toks = tokens(text)
+            if sum(1 for t in toks if _WORD.match(t)) < CONTAMINATION_MIN_WORDS:
+                continue
+            grams = set(gram_hashes(vocab(toks), n).tolist())
+            sizes[(e, f)] = len(grams)
+            for g in grams:
+                index.setdefault(g, []).append((e, f))
+    best: dict[int, tuple[float, int]] = {}  # eval row -> (overlap, train row)
+    if index:
+        for t, conv in enumerate(train):
+            seen: set[int] = set()
+            for text in _doc_text(conv):
+                seen.update(gram_hashes(vocab(tokens(text)), n).tolist())
+            hits: dict[tuple[int, int], int] = {}
+            for g in seen.intersection(index):
+                for key in index[g]:
+                    hits[key] = hits.get(key, 0) + 1
+            for (e, f), h in hits.items():
+                overlap = h / sizes[(e, f)]
+                if overlap >= min_overlap and overlap > best.get(e, (0.0, 0))[0]:
+                    best[e] = (overlap, t)
+    return [{"eval": loc(eval_convs[e]), "train": loc(train[t]), "overlap": round(ov, 4)}
+            for e, (ov, t) in sorted(best.items())]
+
+
+def empty_reason(conv: Conversation) -> str | None:
+    """Why a trained reply is empty, or None.
+
+    >>> empty_reason(Conversation([Message("user", "q"), Message("assistant", " ... ")]))
+    "messages[1] (assistant) has no words: '...'"
+    >>> empty_reason(Conversation([Message("user", "q"), Message("assistant", "4")])) is None
+    True
+    """
+    for i, m in enumerate(conv.messages):
+        if m.role != "assistant" or m.train is False or m.tool_calls:
+            continue
+        text = m.content.strip()
+        if not _WORD.search(text):
+            return f"messages[{i}] (assistant) has no words: {text[:40]!r}"
+        if text.lower() in PLACEHOLDERS:
+            return f"messages[{i}] (assistant) is a placeholder: {text[:40]!r}"
+    return None
+
+
+def _unclosed(text: str) -> str | None:
+    """The first bracket left open at the end of ``text`` (stray closers are ignored).
+
+    >>> _unclosed("f(x) = [1, 2"), _unclosed("1) a 2) b"), _unclosed("{'a': (1)}")
+    ('[', None, None)
+    """
+    pairs = {")": "(", "]": "[", "}": "{"}
+    stack: list[str] = []
+    for ch in text:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs and stack and stack[-1] == pairs[ch]:
+            stack.pop()
+    return stack[0] if stack else None
+
+
+def _json_body(text: str) -> str:
+    body = text.strip()
+    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
+    return fence.group(1) if fence else body
+
+
+def truncation_reason(conv: Conversation, cut: bool = False) -> str | None:
+    """Why the last trained reply of ``conv`` looks cut off, or None.
+
+    >>> def c(reply, system=None):
+    ...     msgs = ([Message("system", system)] if system else []) + [Message("user", "q"), Message("assistant", reply)]
+    ...     return Conversation(msgs)
+    >>> truncation_reason(c("The best way to start is to")), truncation_reason(c("It is 4."))
+    ("ends on 'to': cut mid-sentence", None)
+    >>> print(truncation_reason(c('{"a": 1', system="Answer in JSON.")))
+    the system prompt asks for JSON and the reply does not parse (Expecting ',' delimiter at char 7)
+    >>> truncation_reason(c("```python\\nprint(1)"))
+    'unclosed ``` code fence'
+    """
+    replies = trained_replies(conv)
+    if cut:
+        return "cut at data.max_length: the example is longer"
+    if not replies or conv.is_text:
+        return None
+    _, msg = replies[-1]
+    text = msg.content.strip()
+    if not text or msg.tool_calls:
+        return None
+    if text.count("```") % 2:
+        return "unclosed ``` code fence"
+    system = next((m.content for m in conv.messages if m.role == "system"), "")
+    prompt = _last(conv, "user")
+    wants_json = bool(re.search(r"\bjson\b", system, re.I)) and not conv.tools
+    body = _json_body(text)
+    starts_json = body[:1] in "{[" and prompt is not None and re.search(r"\bjson\b", prompt.content, re.I)
+    if wants_json or starts_json:
+        try:
+            json.loads(body)
+        except json.JSONDecodeError as e:
+            who = "system prompt" if wants_json else "prompt"
+            return f"the {who} asks for JSON and the reply does not parse ({e.msg} at char {e.pos})"
+    if "```" not in text:  # code has its own brackets and endings
+        open_ = _unclosed(text)
+        if open_:
+            return f"unclosed {open_!r}"
+    last = text[-1]
+    if last in ",;:-–(":
+        return f"ends on {last!r}: cut mid-sentence"
+    words = text.split()
+    if len(words) >= 3 and last.isalpha() and words[-1].lower() in DANGLING:
+        return f"ends on {words[-1]!r}: cut mid-sentence"
+    return None
+
+
+def _ends_open(conv: Conversation) -> bool:
+    replies = trained_replies(conv)
+    text = replies[-1][1].content.rstrip() if replies else ""
+    return bool(text) and text[-1] not in CLOSERS
+
+
+def boilerplate_reason(conv: Conversation, phrases: tuple[str, ...], refusals: tuple[str, ...]) -> str | None:
+    """The first boilerplate phrase a trained reply says, or None (refusals allowed in harmful rows).
+
+    >>> c = Conversation([Message("user", "q"), Message("assistant", "As an AI language model, I think so.")])
+    >>> boilerplate_reason(c, BOILERPLATE, ())
+    'messages[1] (assistant) says "as an ai language model"'
+    """
+    from sft.evaluation.safety import normalize
+
+    check = phrases if conv.category == "harmful" else phrases + refusals
+    for i, m in enumerate(conv.messages):
+        if m.role != "assistant" or m.train is False:
+            continue
+        text = normalize(m.content)
+        for p in check:
+            if p in text:
+                return f'messages[{i}] (assistant) says "{p}"'
+    return None
+
+
+def robust_z(values: list[float]) -> list[float]:
+    """Robust z-scores: 0.6745 (x - median) / MAD, or (x - median) / (1.2533 mean |x - median|)
+    when the MAD is 0; all zeros when the values do not spread.
+
+    >>> [round(z, 2) for z in robust_z([1, 2, 3, 4, 100])]
+    [-1.35, -0.67, 0.0, 0.67, 65.43]
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return []
+    dev = np.abs(x - np.median(x))
+    mad = float(np.median(dev))
+    if mad > 0:
+        return (0.6745 * (x - np.median(x)) / mad).tolist()
+    mean_ad = float(dev.mean())
+    if mean_ad > 0:
+        return ((x - np.median(x)) / (1.253314 * mean_ad)).tolist()
+    return [0.0] * len(x)
+
+
+def length_outliers(convs: list[Conversation], lengths: dict[Loc, int] | None = None,
+                    z: float = OUTLIER_Z) -> list[dict[str, Any]]:
+    """Rows whose trained tokens (``lengths``; words of trained replies without it) are far from
+    the others' on a log scale."""
+    rows, values = [], []
+    for conv in convs:
+        if lengths is not None:
+            n = lengths.get((conv.source, conv.line))
+            if n is None:  # dropped from training already (too long, nothing to train)
+                continue
+        else:
+            n = sum(len(m.content.split()) for _, m in trained_replies(conv)) if not conv.is_text else \
+                len(conv.messages[0].content.split())
+        rows.append((conv, n))
+        values.append(math.log(max(n, 1)))
+    if len(rows) < OUTLIER_MIN_ROWS:
+        return []
+    unit = "trained tokens" if lengths is not None else "words in trained replies"
+    median = sorted(n for _, n in rows)[len(rows) // 2]
+    out = []
+    for (conv, n), score in zip(rows, robust_z(values)):
+        if abs(score) > z:
+            side = "long" if score > 0 else "short"
+            out.append({**loc(conv), "why": f"{n} {unit}, robust z {score:+.1f} (median {median}): too {side}"})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# all of them
+
+
+@dataclass
+class QualitySettings:
+    """What ``find_problems`` needs of ``data.quality`` (a plain object, so data stays pure)."""
+
+    near_duplicate_threshold: float = NEAR_DUPLICATE_THRESHOLD
+    boilerplate: tuple[str, ...] = ()
+
+
+def find_problems(
+    train: list[Conversation],
+    eval_convs: list[Conversation] | None = None,
+    settings: QualitySettings | None = None,
+    lengths: dict[Loc, int] | None = None,
+    cut: set[Loc] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every finding of every kind, keyed by ``KINDS``.
+
+    ``lengths``: trained tokens per (file, line); ``cut``: rows truncated at data.max_length.
+    """
+    from sft.evaluation.safety import REFUSAL_PHRASES, normalize
+
+    settings = settings or QualitySettings()
+    rows = unique_rows(train)
+    vocab = Vocab()
+    phrases = BOILERPLATE + tuple(normalize(p) for p in settings.boilerplate if p.strip())
+    found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold, vocab)
+    if eval_convs:
+        found["contamination"] = contamination(unique_rows(eval_convs), rows, vocab)
+    cut = cut or set()
+    tails = [n for n in (lengths or {}).values()]
+    limit = max(tails) if tails else None
+    at_limit = {k for k, v in (lengths or {}).items() if v == limit} if limit is not None else set()
+    for conv in rows:
+        where = (conv.source, conv.line)
+        if conv.is_text:
+            continue
+        why = empty_reason(conv)
+        if why:
+            found["empty_responses"].append({**loc(conv), "why": why})
+            continue  # an empty reply is not also cut off or boilerplate
+        why = truncation_reason(conv, where in cut)
+        if why is None and len(at_limit) >= 3 and where in at_limit and _ends_open(conv):
+            why = f"stops at {limit} trained tokens like {len(at_limit) - 1} other rows (the longest): a length limit"
+        if why:
+            found["truncated_responses"].append({**loc(conv), "why": why})
+        why = boilerplate_reason(conv, phrases, REFUSAL_PHRASES)
+        if why:
+            found["boilerplate"].append({**loc(conv), "why": why})
+    found["length_outliers"] = length_outliers(rows, lengths)
+    return found
+
+
+def rows_to_drop(found: dict[str, list[dict[str, Any]]], kinds: Iterable[str]) -> dict[Loc, str]:
+    """(file, line) -> the first kind that drops it, for the kinds named in ``data.quality.drop``.
+
+    >>> rows_to_drop({"near_duplicates": [{"file": "a", "line": 3, "duplicate_of": {"file": "a", "line": 1}}],
+    ...               "contamination": [{"eval": {"file": "e", "line": 1}, "train": {"file": "a", "line": 1}}]},
+    ...              ["near_duplicates", "contamination"])
+    {('a', 3): 'near_duplicates', ('a', 1): 'contamination'}
+    """
+    out: dict[Loc, str] = {}
+    for kind in kinds:
+        for item in found.get(kind, []):
+            where = item["train"] if kind == "contamination" else item
+            out.setdefault((where["file"], where["line"]), kind)
+    return out
+
+
+def counts(found: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    return {k: len(found.get(k, [])) for k in KINDS}
+
+
+def format_quality(found: dict[str, list[dict[str, Any]]], dropped: dict[str, int] | None = None,
+                   examples: int = 3) -> str:
+    """The human ``quality`` section of ``sft data check``: counts, then the first few of each kind.
+
+    >>> print(format_quality({"empty_responses": [{"file": "t.jsonl", "line": 4, "why": "no words"}]}))
+    quality:
+      near_duplicates          0
+      contamination            0
+      empty_responses          1
+        t.jsonl:4: no words
+      truncated_responses      0
+      boilerplate              0
+      length_outliers          0
+    """
+    lines = ["quality:"]
+    for kind in KINDS:
+        items = found.get(kind, [])
+        gone = (dropped or {}).get(kind)
+        note = f"  ({gone} rows dropped by data.quality.drop)" if gone else ""
+        lines.append(f"  {kind:<24} {len(items)}{note}")
+        for item in items[:examples]:
+            if kind == "near_duplicates":
+                d = item["duplicate_of"]
+                text = f"{item['file']}:{item['line']}: {item['similarity']:.2f} similar to {d['file']}:{d['line']}"
+            elif kind == "contamination":
+                e, t = item["eval"], item["train"]
+                text = f"{e['file']}:{e['line']}: {100 * item['overlap']:.0f}% overlap with {t['file']}:{t['line']}"
+            else:
+                text = f"{item['file']}:{item['line']}: {item['why']}"
+            lines.append(f"    {text}")
+        if len(items) > examples:
+            lines.append(f"    ... {len(items) - examples} more (--json lists all)")
+    return "\n".join(lines)

@@ -127,6 +127,25 @@ def test_parquet_shards_from_datasets(tmp_path: Path) -> None:
     assert convs[3].source == str(d / "train-00001-of-00002.parquet")
 
 
+def test_split_of_a_folder_of_shards(tmp_path: Path) -> None:
+    """A clone of a hub dataset repo: data/{train,test}-0000k-of-0000n.parquet."""
+    import datasets
+
+    d = tmp_path / "repo"
+    (d / "data").mkdir(parents=True)
+    for split, first in (("train", 0), ("test", 50)):
+        for k in range(2):
+            datasets.Dataset.from_list([chat(first + 10 * k)]).to_parquet(str(d / "data" / f"{split}-0000{k}-of-00002.parquet"))
+    convs, _ = load_conversations(make_cfg(tmp_path, SourceConfig(str(d), split="test")))
+    assert answers(convs) == ["answer 50", "answer 60"]
+    everything, _ = load_conversations(make_cfg(tmp_path, SourceConfig(str(d))))  # control: no split, all files
+    assert sorted(answers(everything)) == sorted(["answer 0", "answer 10", "answer 50", "answer 60"])
+    with pytest.raises(SftError, match=r"no file of split 'validation'"):
+        load_conversations(make_cfg(tmp_path, SourceConfig(str(d), split="validation")))
+    with pytest.raises(SftError, match=r"split: applies to hub datasets, DatasetDict folders and folders of shards"):
+        load_conversations(make_cfg(tmp_path, SourceConfig(str(d / "data" / "test-00000-of-00002.parquet"), split="test")))
+
+
 def test_arrow_shards_of_the_datasets_cache(tmp_path: Path) -> None:
     cached = datasets_cache_repo(tmp_path / "dc", "org/chat-set",
                                  {"train": [chat(i) for i in range(4)], "test": [chat(9)]}, tmp_path / "raw")

@@ -138,6 +138,9 @@ def source_kind(src: SourceConfig, path: Path) -> str:
         if used:
             raise SftError(f"{src.path}: {' and '.join(used)} apply to hub datasets (org/name), and this is a "
                            f"local {'file' if kind == 'files' else 'dataset'} ({path}); remove {', '.join(used)}")
+    if src.split and path.is_file():
+        raise SftError(f"{src.path}: split: applies to hub datasets, DatasetDict folders and folders of shards, "
+                       "and this is one file; remove split:")
     return kind
 
 
@@ -177,15 +180,31 @@ def read_arrow(path: Path) -> Iterator[Record]:
             yield Record(n, row)
 
 
+def split_files(root: Path, files: list[Path], split: str | None) -> list[Path]:
+    """The shards of ``split`` among ``files`` under ``root``: those whose path below ``root`` has
+    ``split`` as a folder or as a dash/underscore/dot-separated part of the file name, as the hub
+    and ``datasets`` name them (``data/train-00000-of-00002.parquet``, ``default/train/0000.parquet``,
+    ``name-train.arrow``). All files when ``split`` is None.
+
+    >>> fs = [Path("d/data/train-00000-of-00001.parquet"), Path("d/data/test-00000-of-00001.parquet")]
+    >>> [f.name for f in split_files(Path("d"), fs, "test")]
+    ['test-00000-of-00001.parquet']
+    >>> [f.name for f in split_files(Path("d"), [Path("d/c-train.arrow"), Path("d/c-train_sft.arrow")], "train_sft")]
+    ['c-train_sft.arrow']
+    """
+    if not split:
+        return files
+    part = re.compile(rf"(^|[-_.]){re.escape(split)}($|[-.])")
+    picked = [f for f in files
+              if split in f.relative_to(root).parts[:-1] or part.search(f.name.rsplit(".", 1)[0] + ".")]
+    if not picked:
+        raise SftError(f"{root}: no file of split {split!r} (named like {split}-00000-of-00001.parquet, "
+                       f"*-{split}.arrow or in a folder {split}/); check split:")
+    return picked
+
+
 def _arrow_files(path: Path, split: str | None) -> list[Path]:
-    files = [path] if path.is_file() else sorted(path.rglob("*.arrow"))
-    if split and path.is_dir():
-        # datasets names its shards NAME-SPLIT.arrow or NAME-SPLIT-00000-of-00003.arrow
-        files = [f for f in files if re.search(rf"-{re.escape(split)}(-\d+-of-\d+)?$", f.stem)]
-        if not files:
-            raise SftError(f"{path}: no .arrow file of split {split!r} (named *-{split}.arrow or "
-                           f"*-{split}-00000-of-0000N.arrow); check split:")
-    return files
+    return [path] if path.is_file() else split_files(path, sorted(path.rglob("*.arrow")), split)
 
 
 def _rows(ds: Any) -> Iterator[Record]:
@@ -269,7 +288,7 @@ def iter_source(src: SourceConfig, path: Path) -> Iterator[tuple[str, Iterator[R
     kind = source_kind(src, path)
     split = src.split
     if kind == "files":
-        for f in list_files(path):
+        for f in split_files(path, list_files(path), split) if path.is_dir() else list_files(path):
             yield str(f), read_file(f)
     elif kind == "arrow":
         for f in _arrow_files(path, split):
@@ -287,7 +306,7 @@ def fingerprint(src: SourceConfig, path: Path) -> list[Any]:
     (online) and the ``datasets`` cache folders that hold it."""
     kind = source_kind(src, path)
     if kind == "files":
-        files = list_files(path)
+        files = split_files(path, list_files(path), src.split) if path.is_dir() else list_files(path)
     elif kind == "arrow":
         files = _arrow_files(path, src.split)
     elif kind == "disk":

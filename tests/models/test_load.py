@@ -209,7 +209,7 @@ def test_cached_snapshot_without_safetensors(hf_home: Path, model_files: dict[st
         if not f.name.endswith(".safetensors"):
             (d / f.name).write_bytes(f.read_bytes())
     hub_cache_repo(hf_home / "hub", "org/bin-only", d, COMMIT_A)
-    with pytest.raises(SftError, match=r"org/bin-only .* has no \.safetensors weights; sft never loads pickled"):
+    with pytest.raises(SftError, match=r"org/bin-only .* has no \.safetensors weights; sft fetches only safetensors, never pickled"):
         load_model("org/bin-only")
 
 

@@ -293,9 +293,10 @@ def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, re
     path = model_dir(src)
     if not any(path.glob("*.safetensors")) and src.repo_id is not None:
         raise SftError(
-            f"model: the cached snapshot of {src.repo_id} ({path}) has no .safetensors weights; "
-            "sft never loads pickled (.bin) weights. Download them with HF_HUB_OFFLINE unset, or pick a "
-            "repository that ships safetensors"
+            f"model: the snapshot of {src.repo_id} ({path}) has no .safetensors weights; sft fetches only "
+            "safetensors, never pickled (.bin) weights. If the repository has safetensors, download them with "
+            "HF_HUB_OFFLINE unset; else pick one that does, or, for a GGUF repository, download its .gguf "
+            "file and set model: to its path"
         )
     if not any(path.glob("*.safetensors")):
         raise SftError(

@@ -160,8 +160,38 @@ def _turns(
         prompt = render(tokenizer, source, view[:i], tools, messages[i].role == "assistant", where)
         text = render(tokenizer, source, view, tools, False, where)
         start = common_prefix(prompt, text)
+        if start < len(prompt):  # the prompt is not how the template renders the history it continues
+            before = messages[i - 1].content.strip() if i else ""
+            k = _aligned_tail(prompt[start:], text[start:])
+            if before and before in prompt[len(prompt) - k:]:
+                # history rendered differently (Mistral writes the system prompt only into the last
+                # user turn): the example is the prompt as inference gives it, then the turn
+                text, start = prompt + text[start + k:], len(prompt)
+            else:  # the prompt adds text that turns never render (DeepSeek-R1's "<think>\n")
+                start = _tag_boundary(prompt, start)
         out.append((i, text, start, turn_region(text, start, marker)))
     return out
+
+
+def _aligned_tail(a: str, b: str) -> int:
+    """Length of the longest suffix of ``a`` that ``b`` starts with.
+
+    >>> _aligned_tail("Sys.\\n\\nHi[/INST]", "Hi[/INST]Hello!</s>")
+    9
+    """
+    return max((k for k in range(1, len(a) + 1) if b.startswith(a[len(a) - k:])), default=0)
+
+
+def _tag_boundary(prompt: str, char: int) -> int:
+    """Back ``char`` off to just after the prompt's last ``>``/whitespace/``]`` (tags end there): the
+    prompt's "<think>" and a turn's "<｜tool▁calls▁begin｜>" share a "<" that belongs to the turn.
+
+    >>> _tag_boundary("<｜Assistant｜><think>", len("<｜Assistant｜><"))
+    13
+    """
+    if char == 0 or prompt[char - 1] in ">]\n ":
+        return char
+    return max(prompt.rfind(c, 0, char) for c in ">]\n ") + 1
 
 
 def encode_all(
@@ -207,6 +237,7 @@ def encode_all(
     trained = [i for i, f in enumerate(flags) if f]
     fast = _fast_regions(msgs, tokenizer, source, view, conv.tools, rendered, trained, where)
     turns = [] if fast is not None else _turns(msgs, tokenizer, source, conv.tools, reasoning, trained, where)
+    groups: list[tuple[str, list[tuple[int, int]], int | None]]  # (text, trained regions, turn)
     if fast is not None:
         groups = [(rendered, fast, None)]
     elif all(rendered.startswith(text[:end]) for _, text, _, end in turns):

@@ -259,3 +259,15 @@ def test_linear_time(smol_tok):
     small, large = _per_turn_seconds(smol_tok, source, 20), _per_turn_seconds(smol_tok, source, 200)
     # a quadratic method (rendering every prefix) would be ~10x slower per turn at 200 turns
     assert large < 3 * small, (small, large)
+
+
+def test_template_errors_name_file_and_line_once(smol_tok):
+    from sft.config import Config
+    from sft.data.pipeline import DataReport, tokenize_conversations
+
+    bad = Conversation([M("user", "a"), M("assistant", "b")], source="x.jsonl", line=4)
+    report = DataReport()
+    failing = "{{ raise_exception('no thanks') }}"
+    assert tokenize_conversations([bad], smol_tok, failing, Config(), report) == []
+    assert report.problems() == [
+        "x.jsonl:4: the chat template failed on this conversation: no thanks; fix the row or choose another data.template"]

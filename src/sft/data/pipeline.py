@@ -256,7 +256,7 @@ def tokenize_conversations(
             encoded += chat.encode_all(conv, tokenizer, template, cfg.data.train_on, cfg.data.reasoning)
         except SftError as e:
             report.invalid_rows += 1
-            report.add_problem(conv.source, conv.line, str(e))
+            report.add_problem(conv.source, conv.line, str(e).removeprefix(f"{conv.location()}: "))  # prefix once
             if cfg.data.on_invalid == "skip":
                 report.skipped += 1
             continue

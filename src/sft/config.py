@@ -23,6 +23,10 @@ from sft.errors import SftError
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 TrainOn = Literal["assistant", "last_assistant", "all"]
 Metric = Literal["exact", "contains", "regex", "json"]
+Category = Literal["harmful", "benign"]
+QualityKind = Literal[
+    "near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate", "length_outliers"
+]
 
 
 @dataclass
@@ -36,6 +40,7 @@ class SourceConfig:
     limit: int | None = None  # take at most this many rows from it
     metric: Metric | None = None  # eval only: overrides eval.metric for rows of this source
     name: str | None = None  # label in reports; defaults to the file name
+    category: Category | None = None  # safety eval: every row of this source is harmful or benign
     subset: str | None = None  # hub dataset: the configuration (load_dataset's name)
     split: str | None = None  # hub dataset or DatasetDict folder: the split (default train)
     revision: str | None = None  # hub dataset: branch, tag or commit
@@ -44,6 +49,15 @@ class SourceConfig:
     prompt_field: str | None = None  # ... the prompt (with completion_field: prompt_completion)
     completion_field: str | None = None
     text_field: str | None = None  # ... the plain text (format text)
+
+
+@dataclass
+class QualityConfig:
+    """``data.quality``: what ``sft data check`` looks for and what training drops (sft.data.quality)."""
+
+    drop: list[QualityKind] = field(default_factory=list)  # kinds of problem rows removed before training
+    near_duplicate_threshold: float = 0.8  # Jaccard similarity of word 3-shingles at or above which rows are near-duplicates
+    boilerplate: list[str] = field(default_factory=list)  # phrases added to the built-in boilerplate list
 
 
 @dataclass
@@ -62,6 +76,7 @@ class DataConfig:
     on_invalid: Literal["error", "skip"] = "error"
     system: str | None = None  # system prompt added to conversations that have none
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/sft/data
+    quality: QualityConfig = field(default_factory=QualityConfig)
 
 
 @dataclass
@@ -104,6 +119,15 @@ class TrainConfig:
 
 
 @dataclass
+class RefusalConfig:
+    """``eval.refusal``: the refusal detector of refusal_rate / over_refusal_rate (sft.evaluation.safety)."""
+
+    phrases: list[str] = field(default_factory=list)  # added to the built-in phrase list
+    regex: str | None = None  # a reply this matches (re.search, case-insensitive) is a refusal too
+    builtin: bool = True  # false: only phrases and regex count
+
+
+@dataclass
 class EvalConfig:
     data: list[SourceConfig] = field(default_factory=list)
     split: float = 0.0
@@ -116,6 +140,7 @@ class EvalConfig:
     max_examples: int | None = None  # cap on conversations used for generation metrics
     samples: int = 5
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    refusal: RefusalConfig = field(default_factory=RefusalConfig)
 
 
 @dataclass
@@ -343,6 +368,9 @@ def validate(cfg: Config) -> None:
         raise SftError(f"train.lr: {cfg.train.lr} must be positive")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise SftError("train.max_steps must be at least 1")
+    if not 0.0 < cfg.data.quality.near_duplicate_threshold <= 1.0:
+        raise SftError(f"data.quality.near_duplicate_threshold: {cfg.data.quality.near_duplicate_threshold} "
+                       "must be in (0, 1]; e.g. 0.8")
 
 
 def cache_root() -> Path:

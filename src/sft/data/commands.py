@@ -22,6 +22,7 @@ from sft.data.check import (
     spans,
 )
 from sft.data.pipeline import DataReport, build_dataset, collect_conversations
+from sft.data.quality import KINDS, format_quality
 
 
 def _tokenizer(cfg: Config) -> Any:
@@ -67,6 +68,7 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
     tok = _tokenizer(cfg)
     ds = build_dataset(cfg, tok, "train", strict=False)
     result = report_dict(cfg, ds.report, lint(tok, ds.template, ds.examples))
+    result["quality"] = {k: ds.quality.get(k, []) for k in KINDS}  # sft.data.quality: rows that hurt tuning
     marker, eot_ids = end_of_turn_tokens(tok, ds.template)  # trained after every assistant turn
     result["end_of_turn"] = {"text": marker, "ids": eot_ids, "tokens": tok.convert_ids_to_tokens(eot_ids)}
     if cfg.eval.data or cfg.eval.split:
@@ -78,6 +80,7 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
         out.write(format_report(result, cfg.data.max_length) + "\n")
+        out.write(format_quality(result["quality"], ds.report.quality_dropped) + "\n")
         eot = result["end_of_turn"]
         kind = "special token" if len(eot["ids"]) == 1 else "plain-text tokens"
         out.write(f"end of turn (trained after every assistant turn): {eot['text']!r} = {kind} "

@@ -27,6 +27,7 @@ from typing import Any
 from sft.data.types import Conversation, Message
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+CATEGORIES = ("harmful", "benign")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "human": "user",
@@ -369,8 +370,12 @@ def parse_row(row: Any, fmt: str, system: str | None = None) -> tuple[Conversati
     if problems:
         return None, problems
     problems = check_conversation(conv)
+    category = row.get("category")  # safety evaluation: refusal_rate (harmful), over_refusal_rate (benign)
+    if category is not None and category not in CATEGORIES:
+        problems.append(f"category is {category!r}; use \"harmful\" or \"benign\" (or leave the key out)")
     if problems:
         return None, problems
+    conv.category = category
     if system and not conv.is_text and not any(m.role == "system" for m in conv.messages):
         conv.messages.insert(0, Message("system", system))
     return conv, []

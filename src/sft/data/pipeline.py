@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class DataReport:
     trained_tokens: int = 0
     lengths: list[int] = field(default_factory=list)  # tokens per kept example, input order
     sources: list[SourceStats] = field(default_factory=list)
+    quality_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (sft.data.quality)
+    quality_dropped: dict[str, int] = field(default_factory=dict)  # rows removed per kind (data.quality.drop)
     cached: bool = False
 
     @property
@@ -87,6 +90,7 @@ class Dataset:
     examples: list[Example]
     report: DataReport
     template: str  # the resolved Jinja source used (saved with the model)
+    quality: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # train split: sft.data.quality findings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +128,7 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
                 continue
             stats.valid += 1
             conv.source, conv.line, conv.metric = str(file), rec.line, src.metric
+            conv.category = conv.category or src.category  # a row's own category wins
             out.append(conv)
         if (fmt or forced) not in formats:
             formats.append(fmt or forced)
@@ -304,7 +309,7 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     """A hash of everything that changes the tokens: input files (path, size, mtime), sources,
     data settings, seed and split, the tokenizer, the template and the code that encodes."""
     files = []
-    sources = cfg.data.train + (cfg.eval.data if split == "eval" else [])
+    sources = cfg.data.train + cfg.eval.data  # eval files change the train split's contamination findings
     for src in sources:
         files += hub.fingerprint(src, resolve_path(cfg, src.path))  # files: path, size, mtime
     code = b""
@@ -314,6 +319,9 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     for mod in (chat, masks, formats, sources_mod, hub):
         code += Path(str(mod.__file__)).read_bytes()
     code += Path(__file__).read_bytes()
+    from sft.data import quality  # its findings are cached with the train split, and drop rows
+
+    code += Path(str(quality.__file__)).read_bytes()
     body = {
         "v": CACHE_VERSION,
         "split": split,
@@ -344,6 +352,7 @@ def save_cache(path: Path, ds: Dataset) -> None:
         "template": ds.template,
         "report": asdict(ds.report),
         "examples": [[e.source, e.line, e.truncated, e.meta] for e in ds.examples],
+        "quality": ds.quality,
     }
     # tensors first, JSON last and both renamed into place: a crash never leaves a readable half
     for suffix, write in (
@@ -376,7 +385,45 @@ def load_cache(path: Path) -> Dataset | None:
     rep["sources"] = [SourceStats(**s) for s in rep["sources"]]
     report = DataReport(**rep)
     report.cached = True
-    return Dataset(examples, report, meta["template"])
+    return Dataset(examples, report, meta["template"], meta.get("quality") or {})
+
+
+def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation]) -> None:
+    """Find the quality problems of the train split (``sft.data.quality``), count them in the
+    report and remove the rows of the kinds in ``data.quality.drop`` from ``ds.examples``."""
+    from collections import Counter
+
+    from sft.data import quality
+
+    q = cfg.data.quality
+    evals = collect_conversations(cfg, "eval")[0] if (cfg.eval.data or cfg.eval.split) else []
+    times = Counter((c.source, c.line) for c in convs)  # weight samples rows with replacement
+    trained: Counter[tuple[str, int]] = Counter()
+    for ex in ds.examples:
+        trained[(ex.source, ex.line)] += ex.num_trained
+    lengths = {k: n // times[k] for k, n in trained.items() if times[k]}
+    cut = {(ex.source, ex.line) for ex in ds.examples if ex.truncated}
+    settings = quality.QualitySettings(q.near_duplicate_threshold, tuple(q.boilerplate))
+    ds.quality = quality.find_problems(convs, evals, settings, lengths, cut)
+    r = ds.report
+    r.quality_counts = quality.counts(ds.quality)
+    drop = quality.rows_to_drop(ds.quality, q.drop)
+    if not drop:
+        return
+    r.quality_dropped = {k: 0 for k in q.drop}
+    for kind in drop.values():
+        r.quality_dropped[kind] += 1
+    ds.examples = [ex for ex in ds.examples if (ex.source, ex.line) not in drop]
+    r.examples = len(ds.examples)
+    r.lengths = [len(e) for e in ds.examples]
+    r.total_tokens = sum(r.lengths)
+    r.trained_tokens = sum(e.num_trained for e in ds.examples)
+
+
+def _say_dropped(report: DataReport, strict: bool) -> None:
+    if strict and report.quality_dropped:  # training says it; `sft data check` shows it in its table
+        kinds = ", ".join(f"{k} {n}" for k, n in report.quality_dropped.items())
+        print(f"data.quality.drop: removed {sum(report.quality_dropped.values())} rows ({kinds})", file=sys.stderr)
 
 
 def build_dataset(
@@ -393,6 +440,7 @@ def build_dataset(
     if path is not None:
         cached = load_cache(path)
         if cached is not None and (not strict or not cached.report.invalid or cfg.data.on_invalid == "skip"):
+            _say_dropped(cached.report, strict)
             return cached
     convs, report = collect_conversations(cfg, split)
     if strict and report.invalid and cfg.data.on_invalid == "error":
@@ -401,6 +449,9 @@ def build_dataset(
     if strict and report.invalid and cfg.data.on_invalid == "error":
         raise invalid_error(report)
     ds = Dataset(examples, report, template)
+    if split == "train":
+        apply_quality(cfg, ds, convs)
+        _say_dropped(report, strict)
     if path is not None and (not report.invalid or cfg.data.on_invalid == "skip"):
         save_cache(path, ds)
     return ds

@@ -18,6 +18,8 @@ from sft.atomic import atomic_write_text
 ROWS: list[tuple[str, str, str, bool | None]] = [
     ("task_accuracy", "task accuracy", "pct", True),
     ("stop_rate", "stop rate", "pct", True),
+    ("refusal_rate", "refusal rate (harmful requests declined)", "pct", True),
+    ("over_refusal_rate", "over-refusal rate (benign requests declined)", "pct", False),
     ("mean_response_tokens", "mean response tokens", "num1", None),
     ("eval_loss", "eval loss", "num4", False),
     ("perplexity", "perplexity", "num2", False),
@@ -222,9 +224,24 @@ def sample_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> 
     return rows
 
 
+def quality_line(counts: dict[str, Any], dropped: dict[str, Any] | None = None) -> str:
+    """The run report's line of ``sft data check``'s quality counts (and what data.quality.drop removed).
+
+    >>> quality_line({"near_duplicates": 3, "contamination": 0}, {"near_duplicates": 3})
+    'near_duplicates 3 (3 dropped), contamination 0'
+    """
+    return ", ".join(f"{k} {n}" + (f" ({(dropped or {})[k]} dropped)" if (dropped or {}).get(k) else "")
+                     for k, n in counts.items())
+
+
 def _data_rows(data_report: dict[str, Any] | None) -> list[list[str]]:
     rows = []
     for k, v in (data_report or {}).items():
+        if k == "quality_dropped":
+            continue  # shown within the quality line
+        if k == "quality_counts" and isinstance(v, dict):
+            rows.append(["quality (sft data check)", quality_line(v, (data_report or {}).get("quality_dropped"))])
+            continue
         if isinstance(v, (dict, list)):
             v = json.dumps(v, ensure_ascii=False)
         rows.append([str(k), _short(v, 200)])

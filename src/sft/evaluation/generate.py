@@ -215,6 +215,7 @@ def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None
     from transformers import TextStreamer
 
     from sft.data.chat import prompt_ids
+    from sft.data.formats import split_reasoning
     from sft.models.save import pick_pad_id
 
     model, tokenizer, template, stop_ids = _load(model_path, template)
@@ -261,4 +262,6 @@ def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None
                 streamer=streamer,
             )
         kept, _ = split_at_stop(seq[0, len(ids) :].tolist(), stop_ids)
-        history.append(Message(role="assistant", content=tokenizer.decode(kept, skip_special_tokens=True)))
+        reasoning, reply = split_reasoning(tokenizer.decode(kept, skip_special_tokens=True))
+        # the next prompt shows this turn without its reasoning, as training's history did (data.reasoning)
+        history.append(Message(role="assistant", content=reply, reasoning=reasoning))

@@ -194,6 +194,35 @@ def test_vendor_template_masks_are_exact(toks, vendor, name):
         assert sum(len(r) for r in _runs(ex)) == ex.num_trained
 
 
+@pytest.mark.parametrize(("vendor", "name"), CASES)
+def test_linear_time_regions_equal_the_per_turn_method(toks, vendor, name, monkeypatch):
+    """The content-span fast path (used where probes vouch for a template) changes nothing."""
+    from sft.data import chat
+
+    tok, source = toks[VENDORS[vendor][1]], _source(vendor)
+    conv = Conversation(_conv(vendor, name), tools=TOOLS if name == "tool" else None)
+    fast = encode_all(conv, tok, source, "assistant")
+    monkeypatch.setattr(chat, "_fast_regions", lambda *a, **k: None)
+    assert encode_all(conv, tok, source, "assistant") == fast
+
+
+def test_fast_path_is_used_only_where_probes_vouch_for_it(toks):
+    from sft.data.chat import _regular
+
+    regular = {v: _regular(toks[t], _source(v)) for v, (_, t, _, _) in VENDORS.items()}
+    assert regular == {"qwen2.5": True, "qwen3": False, "deepseek-r1-distill": True, "llama3.2": True,
+                       "mistral": False, "phi3.5": True, "phi3.5-special": True, "phi4": True, "gemma3": True}
+
+
+def test_gemma3_renders_like_the_builtin_gemma(gemma_tok):
+    msgs = [{"role": "system", "content": "Sys"}, {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello!"}]
+    ours = resolve_template("gemma", gemma_tok)
+    assert _apply(gemma_tok, _source("gemma3"), msgs) == _apply(gemma_tok, ours, msgs) == (
+        "<bos><start_of_turn>user\nSys\n\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n")
+    assert end_of_turn_tokens(gemma_tok, _source("gemma3")) == ("<end_of_turn>", [106])
+
+
 def _trained_texts(tok, examples) -> list[str]:
     return [tok.decode(r) for ex in examples for r in _runs(ex)]
 

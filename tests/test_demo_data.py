@@ -36,7 +36,8 @@ def test_control_other_seed_differs(make_data):
 
 
 def test_sizes_disjoint_and_well_formed(make_data):
-    train, ev = make_data.make()
+    train_rows, ev_rows = make_data.make()
+    train, ev = [r["messages"] for r in train_rows], [r["messages"] for r in ev_rows]
     assert len(train) >= 400 and len(ev) >= 80
     train_keys = {make_data.prompt_key(c) for c in train}
     assert len(train_keys) == len(train)
@@ -53,7 +54,7 @@ def test_sizes_disjoint_and_well_formed(make_data):
 def test_eval_references_are_not_guessable(make_data):
     """`contains` must not pass by chance: references are whole framed answers, not a bare '1'."""
     _, ev = make_data.make()
-    for conv in ev:
+    for conv in (r["messages"] for r in ev):
         ref = conv[-1]["content"]
         assert len(ref) >= 8, ref
         if ref.startswith("{"):
@@ -70,3 +71,44 @@ def test_demo_config_loads(tmp_path):
     assert cfg.eval.before_after and cfg.output_dir == "runs/demo"
     assert resolve_path(cfg, cfg.data.train[0].path).is_file()
     assert resolve_path(cfg, cfg.eval.data[0].path).is_file()
+
+
+def test_safety_slice_tagged_and_scored_by_the_refusal_detector(make_data):
+    """Harmful rows are answered with the one refusal, which sft's refusal detector recognises;
+    benign rows look risky (kill, shoot, steal, blow up) but their answers are not refusals. Eval
+    rows carry the category that refusal_rate and over_refusal_rate count."""
+    from sft.evaluation.safety import make_detector
+
+    refused = make_detector()
+    train, ev = make_data.make()
+    for rows, n in ((train, 64), (ev, 8)):
+        harm = [r for r in rows if r.get("category") == "harmful"]
+        ok = [r for r in rows if r.get("category") == "benign"]
+        assert len(harm) == len(ok) == n
+        assert {r["messages"][-1]["content"] for r in harm} == {make_data.REFUSAL}
+        assert all(refused(r["messages"][-1]["content"]) for r in harm)
+        assert not any(refused(r["messages"][-1]["content"]) for r in ok)
+        assert not any(refused(r["messages"][-1]["content"]) for r in rows if "category" not in r)
+        risky = ("kill", "shoot", "steal", "blow up")
+        assert all(any(w in r["messages"][0]["content"] for w in risky) for r in ok)
+    # benign values are held out: no benign eval answer is a train answer (a model must generalise)
+    train_answers = {r["messages"][-1]["content"] for r in train}
+    assert not any(r["messages"][-1]["content"] in train_answers for r in ev if r.get("category") == "benign")
+
+
+def test_demo_data_check_shows_quality(tmp_path, smol_tok, monkeypatch):
+    """`sft data check` on the demo: the quality section lists the eval answers found word for
+    word in train (contamination) and no refusal of a harmful row as boilerplate."""
+    import io
+
+    import sft.models.load
+    from sft.config import load_config
+    from sft.data import commands
+
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    cfg = load_config(DEMO / "demo.yaml", [f"--data.cache_dir={tmp_path}"])
+    out = io.StringIO()
+    assert commands.check(cfg, as_json=True, stream=out) == 0
+    q = json.loads(out.getvalue())["quality"]
+    assert len(q["contamination"]) >= 20
+    assert q["boilerplate"] == [] and q["empty_responses"] == [] and q["truncated_responses"] == []

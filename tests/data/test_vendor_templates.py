@@ -330,3 +330,82 @@ def test_builtin_chatml_reasoning_keep_all_is_one_example(smol_tok):
     keep_last = encode_all(Conversation(msgs), smol_tok, source, "assistant")
     assert [ex.meta["turn"] for ex in keep_last] == [1, 3]
     assert _trained_texts(smol_tok, keep_last) == _trained_texts(smol_tok, [ex])
+
+
+def _cli_config(tmp_path, monkeypatch, smol_tok, row, template):
+    import sft.models.load
+    from sft.config import load_config
+
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    (tmp_path / "train.json").write_text(json.dumps([row]))
+    (tmp_path / "c.yaml").write_text(
+        f"model: smollm2-135m-instruct\ndata:\n  train: [train.json]\n  template: {template}\n"
+        f"  cache_dir: {tmp_path / 'cache'}\n")
+    return load_config(tmp_path / "c.yaml")
+
+
+GLAIVE_ROW = {  # the shape of glaive_toolcall_en_demo.json rows
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "Paris"}}'},
+        {"from": "observation", "value": '{"temp": 21}'},
+        {"from": "gpt", "value": "It is 21 degrees."},
+    ],
+    "tools": json.dumps([TOOLS[0]["function"]]),
+}
+
+
+def test_preview_marks_tool_calls_trained_and_tool_output_not(tmp_path, monkeypatch, smol_tok):
+    import io
+
+    from sft.data import commands
+
+    out = io.StringIO()
+    commands.preview(_cli_config(tmp_path, monkeypatch, smol_tok, GLAIVE_ROW, "chatml"), stream=out, color=False)
+    text = out.getvalue()
+    assert ('<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            "</tool_call><|im_end|>]]\n<|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n"
+            "<|im_start|>assistant\n[[It is 21 degrees.<|im_end|>]]") in text
+    assert text.split("===", 1)[1].count("[[") == 2  # nothing else is trained: not the tools, not the tool output
+
+
+def test_preview_and_check_of_reasoning_under_qwen3(tmp_path, monkeypatch, smol_tok):
+    import io
+
+    from sft.data import commands
+
+    (tmp_path / "qwen3.jinja").write_text(_source("qwen3"))
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\n4"},
+                        {"role": "user", "content": "3+3?"},
+                        {"role": "assistant", "content": "6", "reasoning_content": "Three plus three."}]}
+    cfg = _cli_config(tmp_path, monkeypatch, smol_tok, row, "qwen3.jinja")
+    out = io.StringIO()
+    commands.preview(cfg, stream=out, color=False)
+    text = out.getvalue()
+    assert "example 1 of 2 (one per assistant turn)" in text and "example 2 of 2" in text
+    assert "<|im_start|>assistant\n[[<think>\nTwo plus two.\n</think>\n\n4<|im_end|>]]" in text
+    assert "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\n3+3?<|im_end|>\n" in text  # history untrained
+    assert "<|im_start|>assistant\n[[<think>\nThree plus three.\n</think>\n\n6<|im_end|>]]" in text
+    out = io.StringIO()
+    assert commands.check(cfg, as_json=True, stream=out) == 0
+    result = json.loads(out.getvalue())
+    assert result["end_of_turn"] == {"text": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]}
+    assert result["examples"] == 2
+    out = io.StringIO()
+    commands.check(cfg, stream=out)
+    assert "end of turn (trained after every assistant turn): '<|im_end|>' = special token ['<|im_end|>'] [2]" in out.getvalue()
+
+
+def test_builtin_tool_formats_are_the_vendors(smol_tok, toks):
+    """chatml writes tools, calls and results exactly as Qwen3's template does; llama3 trains the
+    same call text as Llama 3.2's template."""
+    msgs = [m.to_template() for m in CONVS["tool"][:3]]
+    qwen3 = _apply(smol_tok, _source("qwen3"), msgs, gen=True, tools=TOOLS)
+    assert _apply(smol_tok, resolve_template("chatml", smol_tok), msgs, gen=True, tools=TOOLS) == qwen3
+    assert _apply(smol_tok, _source("qwen2.5"), msgs, gen=True, tools=TOOLS) != qwen3  # control: its default system
+    llama = toks["llama"]
+    conv = Conversation(CONVS["tool"], tools=TOOLS)
+    ours = encode_all(conv, llama, resolve_template("llama3", llama), "assistant")
+    vendor = encode_all(conv, llama, _source("llama3.2"), "assistant")
+    assert _trained_texts(llama, ours) == _trained_texts(llama, vendor)

@@ -1,8 +1,14 @@
 """Atomic checkpoints and exact resume. Safetensors and JSON only: nothing is ever unpickled.
 
 ``output_dir/checkpoints/step-N/`` holds the trainable weights, the optimizer state, the RNG
-states and ``state.json`` (step, counters). It is written under a temporary name and renamed
-into place, so a crash mid-save leaves the previous checkpoint intact and never a partial one.
+states (one per rank) and ``state.json`` (step, counters, world size, the config it was made
+with). It is written under a temporary name and renamed into place, so a crash mid-save leaves
+the previous checkpoint intact and never a partial one.
+
+One process and DDP: rank 0 writes ``model.safetensors`` and ``optimizer.safetensors`` (every
+rank holds the same values). FSDP2: every rank writes its own shards with
+``torch.distributed.checkpoint`` (its safetensors writer, offsets in each file's JSON header:
+``model/`` and ``optimizer/``), and a resume needs the same world size.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sft.config import Config, to_dict
 from sft.errors import SftError
+from sft.training import distributed
+from sft.training.state import RunState
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -31,16 +40,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_dir(target: Path, write: Any) -> None:
-    """``write(tmp)`` into a sibling temporary folder, then rename it to ``target``."""
-    tmp = target.parent / f".tmp-{target.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+def _fsync_tree(root: Path) -> None:
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
     old = None
     if target.exists():  # replace: move the old one aside first, delete after the swap
         old = target.parent / f".old-{target.name}"
@@ -51,6 +58,17 @@ def atomic_write_dir(target: Path, write: Any) -> None:
     _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_dir(target: Path, write: Any) -> None:
+    """``write(tmp)`` into a sibling temporary folder, then rename it to ``target``."""
+    tmp = target.parent / f".tmp-{target.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_tree(tmp)
+    _rename_into_place(tmp, target)
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -79,32 +97,159 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(
-    ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: dict[str, Any], keep: int
-) -> Path:
-    """Write ``ckpt_root/step-{step}`` atomically and keep only the newest ``keep``."""
-    target = ckpt_root / f"step-{step}"
+# ---------------------------------------------------------------------------------------------
+# resume must see the run it continues
 
-    def write(d: Path) -> None:
-        save_file(trainable_state(model), str(d / "model.safetensors"))
-        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-        save_file(opt_tensors, str(d / "optimizer.safetensors"))
-        (d / "optimizer.json").write_text(json.dumps(opt_meta))
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"cuda{i}"] = s
+# Keys that may change between a run and its resume: where it writes, how often it saves or logs,
+# evaluation (except eval.split, which decides the training rows), threads, compile.
+RESUMABLE_CHANGES = ("output_dir", "data.cache_dir", "train.save_every", "train.keep_checkpoints",
+                     "train.log_every", "train.tensorboard", "train.threads", "train.compile", "train.on_nan",
+                     "eval.", "sweep.")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "grid":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_config(cfg: Config) -> dict[str, Any]:
+    """The keys of ``cfg`` a resume must keep (flat, dotted), as JSON values.
+
+    >>> from sft.config import Config
+    >>> c = resume_config(Config())
+    >>> "train.lr" in c, "train.save_every" in c, "eval.split" in c, "eval.every" in c
+    (True, False, True, False)
+    """
+    flat = json.loads(json.dumps(_flat(to_dict(cfg))))
+    return {k: v for k, v in flat.items()
+            if k == "eval.split" or not any(k == c or (c.endswith(".") and k.startswith(c)) for c in RESUMABLE_CHANGES)}
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The ``state.json`` of checkpoint ``path``."""
+    try:
+        return json.loads((path / "state.json").read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError) as e:
+        raise SftError(f"{path}: checkpoint is unreadable ({e}); delete it to resume from an older one") from None
+
+
+def check_resume(path: Path, saved: dict[str, Any], cfg: Config) -> None:
+    """Refuse to resume from ``path`` (its ``state.json`` is ``saved``) under another world size
+    or with data, model or training settings that differ, naming the first differing key."""
+    world = distributed.rank_and_world()[1]
+    if saved.get("world_size", 1) != world:
+        raise SftError(f"{path}: the checkpoint was made by {saved.get('world_size', 1)} processes, this run has "
+                       f"{world}; resume with the same number (--nproc / --nproc_per_node x --nnodes)")
+    before = saved.get("config")
+    if before is None:
+        return  # a checkpoint from before the config was recorded
+    now = resume_config(cfg)
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key):
+            raise SftError(f"{path}: {key} was {before.get(key)!r} when the checkpoint was made, now "
+                           f"{now.get(key)!r}; resume with the same value (or start a new run with --overwrite)")
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def _rng_states(dev: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's torch (and CUDA) RNG state, gathered on all ranks: rank 0's as ``torch``/``cudaN``,
+    rank r's as ``torch.rankR``/``cudaN.rankR``, so each rank resumes its own random stream."""
+    mine = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            mine[f"cuda{i}"] = st
+    world = distributed.rank_and_world()[1]
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    out: dict[str, torch.Tensor] = {}
+    for key, st in mine.items():  # fixed-size uint8 tensors: all_gather them
+        parts = [torch.empty_like(st, device=dev) for _ in range(world)]
+        dist.all_gather(parts, st.to(dev))
+        for r, part in enumerate(parts):
+            out[key if r == 0 else f"{key}.rank{r}"] = part.cpu()
+    return out
+
+
+def save_checkpoint(
+    ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: RunState, keep: int
+) -> Path:
+    """Write ``ckpt_root/step-{step}`` atomically and keep only the newest ``keep``.
+
+    Under torchrun every rank calls it (it gathers RNG states, and FSDP2 shards are written by
+    their owners); rank 0 alone writes the rest and renames the folder into place.
+    """
+    target = ckpt_root / f"step-{step}"
+    rank, world = distributed.rank_and_world()
+    rng = _rng_states(distributed.device())
+    py_state = random.getstate()
+    full = {**state, "step": step, "world_size": world, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
+
+    def write_common(d: Path) -> None:
         save_file(rng, str(d / "rng.safetensors"))
-        py_state = random.getstate()
-        full = {**state, "step": step, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
         (d / "state.json").write_text(json.dumps(full, indent=1))
 
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    atomic_write_dir(target, write)
-    if keep > 0:
+    if not distributed.is_sharded(model):
+        if rank == 0:
+            def write(d: Path) -> None:
+                save_file(trainable_state(model), str(d / "model.safetensors"))
+                opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+                save_file(opt_tensors, str(d / "optimizer.safetensors"))
+                (d / "optimizer.json").write_text(json.dumps(opt_meta))
+                write_common(d)
+
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            atomic_write_dir(target, write)
+    else:
+        tmp = ckpt_root / f".tmp-{target.name}"
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        _save_sharded(tmp, model, optimizer)
+        distributed.barrier()
+        if rank == 0:
+            write_common(tmp)
+            _fsync_tree(tmp)
+            _rename_into_place(tmp, target)
+    if rank == 0 and keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return target
+
+
+def _sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """FSDP2: the trainable weights and the (flattened) optimizer state, as DTensor shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    names = {n for n, _ in model.named_parameters()}  # a tied output head appears once
+    return {k: v for k, v in model_sd.items() if k in names}, optim_sd
+
+
+def _save_sharded(d: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    model_sd, optim_sd = _sharded_state(model, optimizer)
+    tensors = {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
+    dcp.save(model_sd, storage_writer=HuggingFaceStorageWriter(str(d / "model"), save_distributed=True))
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(d / "optimizer"), save_distributed=True))
+    if distributed.is_main():  # the hyperparameters (lr, betas, ...): the same on every rank
+        rest = {k: v for k, v in optim_sd.items() if not isinstance(v, torch.Tensor)}
+        (d / "optimizer.json").write_text(json.dumps(rest))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -119,29 +264,77 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+# ---------------------------------------------------------------------------------------------
+# load
+
+
 def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states; return the saved ``state.json``."""
+    """Restore weights, optimizer and RNG states; return the saved ``state.json``.
+
+    Every trainable parameter of ``model`` must be in the checkpoint and every saved weight must
+    be a parameter of ``model``: otherwise the config changed since the checkpoint was made.
+    """
     try:
-        weights = load_file(str(path / "model.safetensors"))
-        params = dict(model.named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing:
-            raise SftError(f"{path}: checkpoint does not match the model ({missing[0]} unknown); "
-                           "was the config changed? Resume with the same model and train.method")
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t)
-        _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
-                        json.loads((path / "optimizer.json").read_text()))
-        rng = load_file(str(path / "rng.safetensors"))
         state: dict[str, Any] = json.loads((path / "state.json").read_text())
+        if distributed.is_sharded(model):
+            _load_sharded(path, model, optimizer)
+        else:
+            weights = load_file(str(path / "model.safetensors"))
+            _check_names(path, set(weights), {n for n, p in model.named_parameters() if p.requires_grad},
+                         {n for n, _ in model.named_parameters()})
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in weights.items():
+                    params[n].copy_(t)
+            _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")),
+                            json.loads((path / "optimizer.json").read_text()))
+        rng = load_file(str(path / "rng.safetensors"))
     except (OSError, ValueError, KeyError) as e:
         raise SftError(f"{path}: checkpoint is unreadable ({e}); delete it to resume from an older one") from None
-    torch.set_rng_state(rng["torch"])
+    rank = distributed.rank_and_world()[0]
+    suffix = "" if rank == 0 else f".rank{rank}"
+    torch.set_rng_state(rng.get(f"torch{suffix}", rng["torch"]))
     if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
-        if states:
-            torch.cuda.set_rng_state_all(states)
+        states = [rng.get(f"cuda{i}{suffix}", rng.get(f"cuda{i}")) for i in range(torch.cuda.device_count())]
+        if all(s is not None for s in states) and states:
+            torch.cuda.set_rng_state_all(states)  # type: ignore[arg-type]
     v, internal, gauss = state["python_rng"]
     random.setstate((v, tuple(internal), gauss))
     return state
+
+
+def _check_names(path: Path, saved: set[str], trainable: set[str], known: set[str]) -> None:
+    unknown = sorted(saved - known)
+    if unknown:
+        raise SftError(f"{path}: checkpoint does not match the model ({unknown[0]} unknown); "
+                       "was the config changed? Resume with the same model and train.method")
+    missing = sorted(trainable - saved)
+    if missing:
+        raise SftError(f"{path}: trainable parameter {missing[0]} is not in the checkpoint "
+                       f"({len(missing)} missing); resume with the same model, train.method and freezing")
+
+
+def _load_sharded(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    model_sd, optim_sd = _sharded_state(model, optimizer)
+    reader = HuggingFaceStorageReader(str(path / "model"))
+    saved = set(reader.read_metadata().state_dict_metadata)
+    _check_names(path, saved, set(model_sd), set(model_sd))
+    dcp.load(model_sd, storage_reader=reader)
+    tensors = {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "optimizer")))
+    rest = json.loads((path / "optimizer.json").read_text())
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict={**rest, **tensors},  # type: ignore[dict-item]
+                   options=StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False))
+
+
+def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """FSDP2: the whole model's weights gathered on rank 0 (on the CPU); every rank must call it.
+    Other ranks get an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if distributed.is_main() else {}  # type: ignore[return-value]

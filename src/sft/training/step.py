@@ -3,6 +3,12 @@
 Loss of a step = sum of token cross-entropy over all its micro-batches (on all ranks) / trained
 tokens in the whole step, so the batch/accumulation split never changes it. Each micro-batch's
 summed loss is divided by that global count before ``backward``.
+
+Under torchrun rank r takes micro-batches r, r + world, ... of the step. DDP and FSDP2 *average*
+gradients over ranks, so each rank multiplies its loss by ``world``: the average of
+``world * sum_r_loss / n`` over ranks is ``sum_all_loss / n``, the one-process gradient. Every rank
+runs the same number of forward/backward passes (their collectives must pair up): a rank short of
+micro-batches (fewer micro-batches than ranks, a short last step) repeats one with weight 0.
 """
 
 from __future__ import annotations
@@ -18,8 +24,7 @@ from sft.config import Config
 from sft.data.batching import Step
 from sft.data.collate import collate_packed_rows, collate_padded
 from sft.data.types import IGNORE, Example
-from sft.training.distributed import rank_and_world
-from sft.training.loss import token_loss_sum
+from sft.training.distributed import forward_loss, grad_sync, rank_and_world
 from sft.training.precision import autocast
 
 
@@ -44,9 +49,10 @@ def to_batch(rows: list[list[Example]], packing: bool, pad_id: int, device: torc
 
 def step_batches(
     step: Step, examples: list[Example], cfg: Config, pad_id: int, device: torch.device
-) -> tuple[list[dict[str, torch.Tensor]], int, int]:
-    """This rank's micro-batches of one optimizer step, and the step's trained and real token
-    counts summed over all ranks (the loss divides by the global trained count)."""
+) -> tuple[list[dict[str, torch.Tensor]], int, int, list[float]]:
+    """This rank's micro-batches of one optimizer step, the step's trained and real token counts
+    summed over all ranks (the loss divides by the global trained count), and each batch's weight:
+    1, or 0 for a repeat that only keeps this rank's collectives in step with the others."""
     rank, world = rank_and_world()
     micro = [m for i, m in enumerate(step) if i % world == rank]
     batches = [to_batch([[examples[i] for i in row] for row in m], cfg.data.packing, pad_id, device)
@@ -57,18 +63,34 @@ def step_batches(
     )
     if world > 1:
         dist.all_reduce(counts)
-    return batches, int(counts[0]), int(counts[1])
+    weights = [1.0] * len(batches)
+    per_rank = math.ceil(len(step) / world)
+    if len(batches) < per_rank:  # e.g. 3 micro-batches on 2 ranks, or 1 on 2: repeat one, weight 0
+        filler = batches[-1] if batches else to_batch(
+            [[examples[i] for i in row] for row in step[0]], cfg.data.packing, pad_id, device)
+        batches += [filler] * (per_rank - len(batches))
+        weights += [0.0] * (per_rank - len(weights))
+    return batches, int(counts[0]), int(counts[1]), weights
 
 
-def forward_backward(model: Any, batches: list[dict[str, torch.Tensor]], n_trained: int, cfg: Config) -> float:
-    """Accumulate the gradients of one optimizer step; return its loss (token-mean over all ranks)."""
+def forward_backward(
+    model: Any, batches: list[dict[str, torch.Tensor]], n_trained: int, cfg: Config,
+    weights: list[float] | None = None,
+) -> float:
+    """Accumulate the gradients of one optimizer step; return its loss (token-mean over all ranks).
+
+    ``model`` is the plain model (one process) or the DDP / FSDP2 module (``distributed.wrap``).
+    """
+    world = rank_and_world()[1]
+    weights = weights or [1.0] * len(batches)
     step_loss = torch.zeros((), device=batches[0]["input_ids"].device)
-    for b in batches:
-        with autocast(cfg):
-            loss_sum, _ = token_loss_sum(model, b)
-        (loss_sum / max(1, n_trained)).backward()
-        step_loss += loss_sum.detach()
-    if dist.is_available() and dist.is_initialized():
+    for k, (b, w) in enumerate(zip(batches, weights)):
+        with grad_sync(model, sync=k == len(batches) - 1):  # DDP: one all-reduce per step
+            with autocast(cfg):
+                loss_sum, _ = forward_loss(model, b)
+            (loss_sum * (w * world / max(1, n_trained))).backward()
+        step_loss += loss_sum.detach() * w
+    if world > 1:
         dist.all_reduce(step_loss)
     return float(step_loss) / max(1, n_trained)
 
@@ -81,9 +103,9 @@ def train_step(
     clip, update. A non-finite loss drops the gradients and leaves the weights as they were."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batches, n_trained, n_tokens = step_batches(step, examples, cfg, pad_id, device)
-    loss = forward_backward(model, batches, n_trained, cfg)
-    tensor_tokens = sum(b["input_ids"].numel() for b in batches)
+    batches, n_trained, n_tokens, weights = step_batches(step, examples, cfg, pad_id, device)
+    loss = forward_backward(model, batches, n_trained, cfg, weights)
+    tensor_tokens = sum(b["input_ids"].numel() for b, w in zip(batches, weights) if w)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, math.nan, n_tokens, n_trained, tensor_tokens, applied=False)

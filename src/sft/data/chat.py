@@ -142,23 +142,24 @@ def _trained_flags(messages: list[Message], train_on: str) -> list[bool]:
     ]
 
 
-
-
 Turn = tuple[int, str, int, int]  # (message index, rendered text ending with it, start, end)
 
 
 def _turns(
-    messages: list[Message], tokenizer: Any, source: str, tools: Any, reasoning: str, indexes: list[int], where: str
+    messages: list[Message], tokenizer: Any, source: str, tools: Any, reasoning: str, indexes: list[int], where: str,
+    whole: str | None = None,
 ) -> list[Turn]:
     """For each message index: the conversation rendered up to it (history as inference renders it)
-    and the [start, end) characters of its turn there (see sft.data.masks)."""
+    and the [start, end) characters of its turn there (see sft.data.masks). ``whole``: the
+    rendering of all ``messages`` in that same view, if the caller has it."""
     inline = not reads_reasoning(source)
     marker = end_of_turn(tokenizer, source)
     out = []
     for i in indexes:
         view = template_messages(messages[: i + 1], _kept(messages, reasoning, i), inline)
         prompt = render(tokenizer, source, view[:i], tools, messages[i].role == "assistant", where)
-        text = render(tokenizer, source, view, tools, False, where)
+        last = whole is not None and i == len(messages) - 1
+        text = whole if last and whole is not None else render(tokenizer, source, view, tools, False, where)
         start = common_prefix(prompt, text)
         if start < len(prompt):  # the prompt is not how the template renders the history it continues
             before = messages[i - 1].content.strip() if i else ""
@@ -179,7 +180,12 @@ def _aligned_tail(a: str, b: str) -> int:
     >>> _aligned_tail("Sys.\\n\\nHi[/INST]", "Hi[/INST]Hello!</s>")
     9
     """
-    return max((k for k in range(1, len(a) + 1) if b.startswith(a[len(a) - k:])), default=0)
+    p = a.find(b[:1]) if b else -1
+    while p >= 0:
+        if b.startswith(a[p:]):
+            return len(a) - p
+        p = a.find(b[:1], p + 1)
+    return 0
 
 
 def _tag_boundary(prompt: str, char: int) -> int:
@@ -191,7 +197,8 @@ def _tag_boundary(prompt: str, char: int) -> int:
     """
     if char == 0 or prompt[char - 1] in ">]\n ":
         return char
-    return max(prompt.rfind(c, 0, char) for c in ">]\n ") + 1
+    back = max(prompt.rfind(c, 0, char) for c in ">]\n ")
+    return back + 1 if back >= 0 else char
 
 
 def encode_all(
@@ -296,7 +303,7 @@ def _fast_regions(
     if regions is None:
         return None
     for k in {0, len(trained) - 1}:
-        ((_, text, start, end),) = _turns(msgs, tokenizer, source, tools, "drop", [trained[k]], where)
+        ((_, text, start, end),) = _turns(msgs, tokenizer, source, tools, "drop", [trained[k]], where, rendered)
         if (start, end) != regions[k] or not rendered.startswith(text[:end]):
             return None
     return regions

@@ -8,7 +8,9 @@ The trained text of assistant turn ``i`` is defined by what inference does:
   template whose generation prompt adds text that turns never render, like DeepSeek-R1's
   ``<think>\\n``, parts earlier) and ends with the template's end-of-turn marker (the last one
   in ``F``), so reasoning, tool calls and any template text between prompt and content are
-  trained exactly as rendered, and text a template appends after the last turn only is not.
+  trained exactly as rendered, and text a template appends after the last turn only is not;
+- a template that renders the history itself differently when a reply follows (Mistral writes
+  the system prompt only into the last user turn) gets ``P`` followed by the turn as its example.
 
 If every ``F[:end]`` is a prefix of the full rendering, the conversation is one example with a
 trained region per turn. Otherwise (Qwen3 drops reasoning from earlier turns and adds an empty

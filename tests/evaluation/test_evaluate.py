@@ -72,10 +72,19 @@ def test_forgetting_kl_zero_to_itself_and_positive_to_other(smol_tok, m):
     assert "kl_to_base" not in forgetting(m, smol_tok, text)
 
 
-def test_reference_text_default_and_file(tmp_path):
-    text = reference_text(None)
-    assert len(text) > 8000 and text == reference_text(None)
-    assert ">>>" not in text
+def test_reference_text_default_and_file(tmp_path, monkeypatch):
+    from sft.evaluation.reference import REFERENCE_SHA256, REFERENCE_VERSION, load_reference
+
+    ref = load_reference(None)
+    assert ref.version == REFERENCE_VERSION == "stdlib-prose-v1"
+    assert ref.sha256 == REFERENCE_SHA256  # the shipped file is the pinned snapshot, unchanged
+    assert len(ref.text.encode("utf-8")) == 156_131 and ">>>" not in ref.text
+    monkeypatch.setattr("sft.evaluation.reference.REFERENCE_SHA256", "0" * 64)  # control: a changed file
+    with pytest.raises(SftError, match=r"stdlib_prose_v1\.txt.*modified"):
+        load_reference(None)
+    f = tmp_path / "ref.txt"
+    f.write_text("Plain words for testing.")
+    assert load_reference(str(f)).version == "file:ref.txt" and load_reference(str(f)).sha256 != REFERENCE_SHA256
     f = tmp_path / "ref.txt"
     f.write_text("Plain words for testing.")
     assert reference_text(str(f)) == "Plain words for testing."
@@ -101,29 +110,101 @@ def _cfg(tmp_path, metric_override: str | None = None):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(json.dumps({
         "model": "smollm2-135m-instruct", "output_dir": str(tmp_path / "run"),
-        "data": {"template": "chatml", "cache_dir": str(tmp_path / "cache")},
+        "data": {"template": "chatml", "cache_dir": str(tmp_path / "cache")}, "train": {"precision": "fp32"},
         "eval": {"data": src, "metric": "contains", "max_new_tokens": 4, "samples": 2, "batch_size": 2,
                  "reference": str(tmp_path / "ref.txt")},
     }))
     return load_config(cfg_file)
 
 
-def test_evaluate_tiny_model_is_deterministic(tmp_path, smol_tok, m):
+def _plain_loss(model, tok, cfg) -> float:
+    """Token-mean CE over the eval examples' trained tokens, written with plain HF + torch (no sft
+    loss code): the independent reference evaluate()'s eval_loss must match."""
+    import torch
+    import torch.nn.functional as F
+
+    from sft.data.pipeline import build_dataset
+
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in build_dataset(cfg, tok, "eval", use_cache=False).examples:
+            logits = model(input_ids=torch.tensor([ex.input_ids])).logits[0, :-1]
+            labels = torch.tensor(ex.labels[1:])
+            total += float(F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+            n += int((labels != -100).sum())
+    return total / n
+
+
+def _plain_replies(model, tok, cfg) -> list[list[int]]:
+    """Greedy replies with plain ``model.generate``, one prompt at a time, cut at <|im_end|>."""
+    import torch
+
+    from sft.data.chat import prompt_ids
+    from sft.data.pipeline import load_conversations
+
+    out = []
+    for conv in load_conversations(cfg, "eval")[0]:
+        ids = prompt_ids(split_reference(conv)[0], tok, "chatml")
+        with torch.no_grad():
+            seq = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=cfg.eval.max_new_tokens, eos_token_id=[2], pad_token_id=2)
+        new = seq[0, len(ids):].tolist()
+        out.append(new[: new.index(2)] if 2 in new else new)
+    return out
+
+
+def _untied(vocab_size: int, seed: int):
+    """conftest's tiny_llama ties its embeddings, so greedy decoding repeats the last prompt token
+    for any seed; an untied head with a larger init gives replies that depend on the weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, initializer_range=0.2, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2)).eval()
+
+
+def test_evaluate_matches_independent_computations(tmp_path, smol_tok):
+    """eval_loss, the replies (through mean_response_tokens and the samples) and the reference
+    perplexity each equal a computation that shares no code with evaluate(); the control: a
+    differently seeded model gives other values, so the equalities are not vacuous."""
+    import torch
+
     cfg = _cfg(tmp_path)
+    m = _untied(len(smol_tok), seed=0)
     m.train()
     a = evaluate(cfg, m, smol_tok, "chatml", base_model=m, progress=False)
     assert m.training  # restored
-    b = evaluate(cfg, m, smol_tok, "chatml", progress=False)
-    for k in ("eval_loss", "perplexity", "task_accuracy", "stop_rate", "mean_response_tokens", "samples"):
-        assert a[k] == b[k], k
-    assert a["n_examples"] == 3 and len(a["samples"]) == 2
+    assert a["eval_loss"] == pytest.approx(_plain_loss(m, smol_tok, cfg), rel=1e-5)
     assert a["perplexity"] == pytest.approx(math.exp(a["eval_loss"]))
-    assert a["eval_loss"] > 5  # a random model over a 49k vocabulary: about ln(49152) = 10.8
+    replies = _plain_replies(m, smol_tok, cfg)
+    assert a["mean_response_tokens"] == pytest.approx(sum(map(len, replies)) / len(replies))
+    assert [s["reply"] for s in a["samples"]] == [smol_tok.decode(r, skip_special_tokens=True) for r in replies[:2]]
+    ref_ids = smol_tok(reference_text(cfg.eval.reference), add_special_tokens=False)["input_ids"]
+    assert len(ref_ids) < 1024  # scored whole, in windows of 128 tokens each after a BOS
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ref_ids), 128):
+            x = torch.tensor([[smol_tok.bos_token_id, *ref_ids[s : s + 128]]])
+            mean = float(m(input_ids=x, labels=x).loss)  # HF's own shifted CE, mean over the window
+            nll, count = nll + mean * (x.shape[1] - 1), count + x.shape[1] - 1
+    assert a["forgetting"]["reference_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    assert a["forgetting"]["reference_tokens"] == count
     assert a["forgetting"]["kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    assert a["forgetting"]["reference"] == "file:ref.txt" and len(a["forgetting"]["reference_sha256"]) == 64
+    assert a["n_examples"] == 3 and len(a["samples"]) == 2
     assert set(a["samples"][0]) == {"prompt", "reference", "reply", "correct", "stopped"}
     assert a["samples"][0]["reference"] == "2 + 3 = 5."
     json.dumps(a)  # JSON-able
     assert "task accuracy" in summary(a)
+
+    other = _untied(len(smol_tok), seed=1)  # the control
+    b = evaluate(cfg, other, smol_tok, "chatml", progress=False)
+    assert abs(b["eval_loss"] - a["eval_loss"]) > 1e-3
+    assert abs(b["forgetting"]["reference_perplexity"] / a["forgetting"]["reference_perplexity"] - 1) > 1e-3
+    assert _plain_replies(other, smol_tok, cfg) != replies
 
 
 def test_evaluate_scores_replies_with_source_metric(tmp_path, smol_tok, monkeypatch, m):
@@ -140,7 +221,7 @@ def test_evaluate_scores_replies_with_source_metric(tmp_path, smol_tok, monkeypa
             text = tokenizer.decode(p)
             ref = next(r for q, r in [("2 + 3", "2 + 3 = 5."), ("Name?", "My name is Quill."),
                                       ("Where do I live", "You live in Oslo.")] if q in text)
-            out.append(Generation(text=replies[ref], token_ids=[1, 2, 3], stopped=True))
+            out.append(Generation(text=replies[ref], token_ids=[1, 2, 3], stopped=True, stop_id=2))  # <|im_end|>
         return out
 
     monkeypatch.setattr("sft.evaluation.generate.generate_batch", fake_generate)
@@ -153,3 +234,30 @@ def test_evaluate_scores_replies_with_source_metric(tmp_path, smol_tok, monkeypa
     multi = smol_tok.decode(seen_prompts[2] if "Oslo" in smol_tok.decode(seen_prompts[2]) else seen_prompts[0])
     assert multi.endswith("<|im_start|>assistant\n")
     assert "You live in Oslo." not in multi
+
+
+def test_stop_rate_counts_the_end_of_turn_token_not_eos(tmp_path, gemma_tok, monkeypatch):
+    """Gemma's template ends a turn with <end_of_turn>; generation also stops on <eos>. The stop
+    rate counts <end_of_turn> only, as the README defines it. Replies are stubbed: one ends with
+    <end_of_turn>, one with <eos>, one runs to the limit -> 1/3. Control: counting every stop
+    (the old definition, Generation.stopped) gives 2/3 on the same replies."""
+    from conftest import tiny_gemma
+    from sft.data.chat import end_of_turn_tokens, stop_token_ids
+
+    marker, (eot,) = end_of_turn_tokens(gemma_tok, "gemma")
+    eos = gemma_tok.eos_token_id
+    assert marker == "<end_of_turn>" and eot != eos and set(stop_token_ids(gemma_tok, "gemma")) == {eot, eos}
+    ends = iter([eot, eos, None])
+
+    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False):
+        return [Generation("x", [5], (e := next(ends)) is not None, e) for _ in prompts]
+
+    monkeypatch.setattr("sft.evaluation.generate.generate_batch", fake_generate)
+    cfg = _cfg(tmp_path)
+    cfg.data.template = "gemma"
+    r = evaluate(cfg, tiny_gemma(len(gemma_tok)), gemma_tok, "gemma", progress=False)
+    assert r["n_examples"] == 3 and r["stop_token"] == "<end_of_turn>"
+    assert r["stop_rate"] == pytest.approx(1 / 3)
+    assert [s["stopped"] for s in r["samples"]] == [True, False]
+    old = [e is not None for e in (eot, eos, None)]  # control: any stop token counted
+    assert sum(old) / 3 == pytest.approx(2 / 3) != r["stop_rate"]

@@ -75,8 +75,9 @@ def test_control_padding_without_mask_differs(model, smol_tok, prompts, free):
 def test_stopped_when_stop_id_is_forced(model, smol_tok, prompts, free):
     stop = free[0].token_ids[3]  # make the 4th generated token of prompt 0 a stop token
     got = generate_batch(model, smol_tok, prompts, [stop], 12, batch_size=3)
-    assert got[0].stopped is True
+    assert got[0].stopped is True and got[0].stop_id == stop
     assert got[0].token_ids == free[0].token_ids[: free[0].token_ids.index(stop)]
+    assert all(f.stop_id is None for f in free)  # ran to the limit: no stop token
     assert stop not in got[0].token_ids
     for g, f in zip(got[1:], free[1:]):  # the others stop only if they produce that token
         assert g.stopped == (stop in f.token_ids)
@@ -106,7 +107,20 @@ def test_generate_file(model_dir, tmp_path, smol_tok):
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["id"] for g in got[:1]] == [1]
     assert [g["messages"] for g in got] == [r["messages"] for r in rows]
-    assert all(isinstance(g["response"], str) and isinstance(g["stopped"], bool) for g in got)
+    # the responses are the greedy replies generate_batch gives for the same prompts (so a file
+    # with empty, shuffled or truncated responses fails), and "stopped" is whether one ended early
+    from sft.data.chat import prompt_ids, resolve_template, stop_token_ids
+    from sft.data.types import Message
+    from sft.models.load import load_model
+
+    template = resolve_template("auto", smol_tok)
+    model = load_model(str(model_dir))
+    want = generate_batch(model, smol_tok, [prompt_ids([Message(**m) for m in r["messages"]], smol_tok, template)
+                                            for r in rows], stop_token_ids(smol_tok, template), 5, batch_size=1)
+    assert [g["response"] for g in got] == [w.text for w in want]
+    assert [g["stopped"] for g in got] == [w.stopped for w in want]
+    assert all(w.text and len(w.token_ids) == 5 for w in want)  # 5 real tokens each: not vacuous
+    assert want[0].text != want[1].text
 
 
 def test_generate_file_bad_row(model_dir, tmp_path):

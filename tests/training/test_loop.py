@@ -228,6 +228,30 @@ def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tiny_dir, data_file, 
     assert len(r.losses) < 6  # the non-finite steps were skipped, not applied
 
 
+@pytest.mark.xfail(strict=True, reason="train_step checks only the loss: at lr 1e6 step 2 has a finite loss "
+                   "(10.8) and NaN gradients, and is applied; skip a step whose gradient norm is not finite too")
+def test_nan_skip_keeps_the_weights_finite(tiny_dir, data_file, tmp_path):
+    blow_up = ["--train.lr=1e6", "--train.max_grad_norm=null", "--train.max_steps=6", "--train.batch_size=2"]
+    train(make_cfg(tiny_dir, data_file, tmp_path / "skip", *blow_up, "--train.on_nan=skip"), progress=False)
+    weights = load_file(str(tmp_path / "skip" / "final" / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_nan_control_applying_a_nan_step_poisons_the_weights(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Control for the finiteness check above: if train_step applied non-finite steps (its guard
+    patched away), the same run ends with non-finite weights, so the check can fail."""
+    import math
+    import types
+
+    patched = types.SimpleNamespace(**{k: getattr(math, k) for k in dir(math) if not k.startswith("_")})
+    patched.isfinite = lambda x: True
+    monkeypatch.setattr("sft.training.step.math", patched)
+    blow_up = ["--train.lr=1e6", "--train.max_grad_norm=null", "--train.max_steps=6", "--train.batch_size=2"]
+    train(make_cfg(tiny_dir, data_file, tmp_path / "bad", *blow_up, "--train.on_nan=skip"), progress=False)
+    weights = load_file(str(tmp_path / "bad" / "final" / "model.safetensors"))
+    assert not all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
 def test_eval_every_writes_eval_rows_with_checkpointing_and_neftune(tiny_dir, data_file, tmp_path):
     out = tmp_path / "ev"
     train(make_cfg(tiny_dir, data_file, out, "--eval.split=0.25", "--eval.every=2", "--train.max_steps=4",

@@ -5,9 +5,13 @@
 - ``task_accuracy``: the last assistant turn of each eval conversation is the reference; the model
   answers everything before it (greedy) and the reply is scored with ``eval.metric`` (or the
   source's own ``metric``).
-- ``stop_rate``: share of replies that ended with an end-of-turn token before ``max_new_tokens``.
-- ``forgetting``: perplexity on general English (``sft.evaluation.reference``), and when a base model is
-  given, the mean per-token KL(base || model) on that text.
+- ``stop_rate``: share of replies that ended with the template's end-of-turn token (Gemma's
+  ``<end_of_turn>``, ChatML's ``<|im_end|>``; named in ``stop_token``) before ``max_new_tokens``.
+  Generation also stops on the tokenizer's EOS, but a reply ended by EOS alone does not count as
+  stopped (when the end-of-turn marker is several plain-text tokens, EOS is the only stop there is,
+  and it counts).
+- ``forgetting``: perplexity on a fixed general-English text (``sft.evaluation.reference``, its
+  version recorded), and when a base model is given, the mean per-token KL(base || model) on it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from sft.config import Config
 from sft.data.types import Conversation, Message
 from sft.errors import SftError
+from sft.evaluation.result import EvalResult, Forgetting, Sample
 
 METRICS = ("exact", "contains", "regex", "json")
 REFERENCE_TOKENS = 1024  # tokens of reference text scored for forgetting (~35 s per pass of a 270M model on 2 CPU cores)
@@ -92,26 +97,40 @@ def _mean(xs: list[float]) -> float | None:
 # the three measurements
 
 
-def reference_ids(tokenizer: Any, text: str, limit: int = REFERENCE_TOKENS) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"][:limit])
+def reference_windows(ids: list[int], tokens: int = REFERENCE_TOKENS, window: int = REFERENCE_WINDOW) -> list[list[int]]:
+    """The pieces of ``ids`` that are scored: all of it in ``window``-sized pieces when it has at
+    most ``tokens`` ids, else ``tokens // window`` full windows spread evenly over the whole text
+    (so a budget samples every part of the reference, not just its first topic).
+
+    >>> reference_windows(list(range(5)), tokens=8, window=2)
+    [[0, 1], [2, 3], [4]]
+    >>> reference_windows(list(range(20)), tokens=4, window=2)
+    [[0, 1], [10, 11]]
+    """
+    if len(ids) <= tokens:
+        return [ids[s : s + window] for s in range(0, len(ids), window)]
+    n, k = len(ids) // window, max(1, tokens // window)
+    return [ids[(i * n // k) * window :][:window] for i in range(k)]
 
 
-def forgetting(model: Any, tokenizer: Any, text: str, base_model: Any = None) -> dict[str, Any]:
+def forgetting(
+    model: Any, tokenizer: Any, text: str, base_model: Any = None, tokens: int = REFERENCE_TOKENS
+) -> Forgetting:
     """Perplexity of ``model`` on ``text`` and, with ``base_model``, mean KL(base || model) per token.
 
-    The text is cut into windows of REFERENCE_WINDOW tokens, each starting with BOS (when the
-    tokenizer has one); every token after the first of a window is scored.
+    ``reference_windows`` picks up to ``tokens`` tokens; each window is prefixed with BOS (when
+    the tokenizer has one) and every token after the first of a window is scored.
     """
     import torch
     import torch.nn.functional as F
 
-    ids = reference_ids(tokenizer, text)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     device = next(model.parameters()).device
     nll, kl, count = 0.0, 0.0, 0
     with torch.no_grad():
-        for s in range(0, len(ids), REFERENCE_WINDOW):
-            window = bos + ids[s : s + REFERENCE_WINDOW]
+        for piece in reference_windows(ids, tokens):
+            window = bos + piece
             if len(window) < 2:
                 continue
             x = torch.tensor([window], device=device)
@@ -125,7 +144,7 @@ def forgetting(model: Any, tokenizer: Any, text: str, base_model: Any = None) ->
                 kl += float((base_logp.exp() * (base_logp - logp)).sum())
                 del base_logp
             del logp
-    out: dict[str, Any] = {
+    out: Forgetting = {
         "reference_perplexity": math.exp(nll / count) if count else None,
         "reference_tokens": count,
     }
@@ -136,13 +155,13 @@ def forgetting(model: Any, tokenizer: Any, text: str, base_model: Any = None) ->
 
 def evaluate(
     cfg: Config, model: Any, tokenizer: Any, template: str, base_model: Any = None, progress: bool = True
-) -> dict[str, Any]:
+) -> EvalResult:
     """All eval metrics of ``model`` as one JSON-able dict (see the module docstring)."""
-    from sft.data.chat import prompt_ids, stop_token_ids
+    from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
     from sft.evaluation.generate import generate_batch
     from sft.evaluation.heldout import heldout_loss
-    from sft.evaluation.reference import reference_text
+    from sft.evaluation.reference import load_reference
     from sft.models.save import pick_pad_id
 
     t0 = time.perf_counter()
@@ -150,6 +169,8 @@ def evaluate(
     model.eval()
     try:
         stop_ids = stop_token_ids(tokenizer, template)
+        marker, eot = end_of_turn_tokens(tokenizer, template)
+        end_ids = set(eot) if len(eot) == 1 else set(stop_ids)  # what stop_rate counts (module docstring)
         pad_id = pick_pad_id(tokenizer, stop_ids)
         dataset = build_dataset(cfg, tokenizer, "eval")
         loss, loss_tokens = heldout_loss(model, dataset.examples, pad_id, cfg)
@@ -172,22 +193,18 @@ def evaluate(
             model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress
         )
         correct = [score(g.text, ref, conv.metric or cfg.eval.metric) for g, (conv, _, ref) in zip(gens, items)]
+        ended = [g.stop_id in end_ids for g in gens]
 
         by_source: dict[str, list[bool]] = {}
         for ok, (conv, _, _) in zip(correct, items):
             by_source.setdefault(Path(conv.source).name or "eval", []).append(ok)
-        samples = [
-            {
-                "prompt": msgs[-1].content,
-                "reference": ref,
-                "reply": g.text,
-                "correct": ok,
-                "stopped": g.stopped,
-            }
-            for g, ok, (_, msgs, ref) in list(zip(gens, correct, items))[: cfg.eval.samples]
+        samples: list[Sample] = [
+            {"prompt": msgs[-1].content, "reference": ref, "reply": g.text, "correct": ok, "stopped": end}
+            for g, ok, end, (_, msgs, ref) in list(zip(gens, correct, ended, items))[: cfg.eval.samples]
         ]
-        ref_text = reference_text(cfg.eval.reference)
-        forgot = forgetting(model, tokenizer, ref_text, base_model)
+        ref = load_reference(cfg.eval.reference)
+        forgot = forgetting(model, tokenizer, ref.text, base_model)
+        forgot["reference"], forgot["reference_sha256"] = ref.version, ref.sha256
     finally:
         model.train(was_training)
     return {
@@ -195,7 +212,8 @@ def evaluate(
         "perplexity": math.exp(loss) if loss is not None else None,
         "eval_tokens": loss_tokens,
         "task_accuracy": _mean([float(c) for c in correct]),
-        "stop_rate": _mean([float(g.stopped) for g in gens]),
+        "stop_rate": _mean([float(e) for e in ended]),
+        "stop_token": marker,
         "mean_response_tokens": _mean([float(len(g.token_ids)) for g in gens]),
         "accuracy_by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
         "forgetting": forgot,
@@ -210,17 +228,17 @@ def evaluate(
 # `sft eval CONFIG [--model M] [--out FILE.json]`
 
 
-def summary(result: dict[str, Any]) -> str:
+def summary(result: EvalResult) -> str:
     """The readable block `sft eval` prints."""
     from sft.reporting.report import fmt
 
-    f = result.get("forgetting") or {}
+    f: Forgetting = result.get("forgetting") or {}
     acc, stop = result.get("task_accuracy"), result.get("stop_rate")
     lines = [
         f"eval loss        {fmt(result.get('eval_loss'), 'num4')}  (perplexity {fmt(result.get('perplexity'), 'num2')})",
         f"task accuracy    {fmt(acc, 'pct')}  "
         f"({result.get('n_examples')} examples, metric {result.get('metric')})",
-        f"stop rate        {fmt(stop, 'pct')}",
+        f"stop rate        {fmt(stop, 'pct')}  (replies ending with {result.get('stop_token') or 'EOS'})",
         f"response tokens  {fmt(result.get('mean_response_tokens'), 'num1')} (mean)",
         f"reference ppl    {fmt(f.get('reference_perplexity'), 'num2')}",
     ]

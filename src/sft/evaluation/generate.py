@@ -20,6 +20,7 @@ class Generation:
     text: str  # decoded reply, without the stop token and without special tokens
     token_ids: list[int]  # the generated ids, without the stop token
     stopped: bool  # ended with a stop token before max_new_tokens
+    stop_id: int | None = None  # the stop token that ended it (end-of-turn or EOS); None if it ran out
 
 
 def split_at_stop(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
@@ -104,7 +105,7 @@ def generate_batch(
                 new = seqs[row, width:].tolist()
                 kept, stopped = split_at_stop(new, stop_ids)
                 text = tokenizer.decode(kept, skip_special_tokens=True)
-                out[i] = Generation(text=text, token_ids=kept, stopped=stopped)
+                out[i] = Generation(text, kept, stopped, new[len(kept)] if stopped else None)
             if bar is not None:
                 bar.update(len(idx))
     finally:

@@ -24,6 +24,7 @@ from sft.config import Config, save_config
 from sft.data.batching import Step
 from sft.data.types import Example
 from sft.errors import SftError
+from sft.evaluation.result import EvalResult
 from sft.models import load as models
 from sft.models.save import save_final
 from sft.reporting.run_log import RunLog, truncate_metrics, write_run_report
@@ -33,6 +34,7 @@ from sft.training.optim import lr_at
 from sft.training.precision import resolve_precision
 from sft.training.prepare import prepare_data, ready_for_training
 from sft.training.run_dir import Interrupt, check_output_dir, clear_previous_run
+from sft.training.state import RunState
 from sft.training.step import StepResult, train_step
 
 
@@ -65,13 +67,13 @@ class Run:
     best_eval: float = math.inf
     bad_evals: int = 0
     skipped: int = 0
-    before: dict[str, Any] | None = None
+    before: EvalResult | None = None
 
     @property
     def has_eval(self) -> bool:
         return bool(self.cfg.eval.data) or self.cfg.eval.split > 0
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> RunState:
         """What a checkpoint records besides weights and optimizer (see sft.training.checkpoint)."""
         return {"total_steps": len(self.plan), "best_eval": self.best_eval, "bad_evals": self.bad_evals,
                 "skipped_steps": self.skipped}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -190,6 +191,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
     if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
         raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
+    if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
+        raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -239,14 +242,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise SftError(f"{where}: {value!r} is not an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise SftError(f"{where}: {value!r} is not a number")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise SftError(f"{where}: {value!r} is not a number")
+        if not math.isfinite(number):
+            raise SftError(f"{where}: {value!r} is not a finite number; give a number such as 0.5")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -306,7 +312,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in body:
         raise SftError(f"{text}: overrides look like --section.key=value (e.g. --train.lr=1e-4)")
     key, raw = body.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, RecursionError):  # not YAML (e.g. an unclosed quote): the text itself
+        value = raw
     if isinstance(value, str) and any(c in value.lower() for c in ".e"):
         with contextlib.suppress(ValueError):
             value = float(value)
@@ -327,6 +336,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark is not None else ""
             raise SftError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        except UnicodeDecodeError as e:
+            raise SftError(f"{p}: byte 0x{e.object[e.start]:02x} at byte {e.start} is not UTF-8; "
+                           "re-save the config as UTF-8") from None
+        except RecursionError:
+            raise SftError(f"{p}: nested too deeply to read; flatten the YAML") from None
         except UnicodeDecodeError as e:
             raise SftError(f"{p}: byte 0x{e.object[e.start]:02x} at byte {e.start} is not UTF-8; "
                            "re-save the config as UTF-8") from None
@@ -373,6 +387,14 @@ def validate(cfg: Config) -> None:
     for key, value, example in named:
         if not value.strip():
             raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
+    # an empty path is Path("") == the working directory: never what was meant
+    named = [("model", cfg.model, "smollm2-135m-instruct"), ("output_dir", cfg.output_dir, "runs/NAME"),
+             ("data.template", cfg.data.template, "auto")]
+    named += [(f"data.train[{i}].path", s.path, "data/train.jsonl") for i, s in enumerate(cfg.data.train)]
+    named += [(f"eval.data[{i}].path", s.path, "data/eval.jsonl") for i, s in enumerate(cfg.eval.data)]
+    for key, value, example in named:
+        if not value.strip():
+            raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
     if cfg.data.max_length < 16:
         raise SftError(f"data.max_length: {cfg.data.max_length} is too small; use at least 16")
     if cfg.train.batch_size < 1 or cfg.train.grad_accum < 1:
@@ -383,6 +405,20 @@ def validate(cfg: Config) -> None:
         raise SftError(f"train.lr: {cfg.train.lr} must be positive")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise SftError("train.max_steps must be at least 1")
+    t, e = cfg.train, cfg.eval
+    # (key, value, smallest allowed, largest allowed): values outside crash or hang deep inside a run
+    limits: list[tuple[str, float | None, float, float | None]] = [
+        ("train.epochs", t.epochs, 1e-6, 1e4), ("train.max_steps", t.max_steps, 1, 10**7),
+        ("train.warmup", t.warmup, 0, None), ("train.weight_decay", t.weight_decay, 0, None),
+        ("train.max_grad_norm", t.max_grad_norm, 1e-12, None), ("train.save_every", t.save_every, 1, None),
+        ("train.threads", t.threads, 1, None), ("lora.r", cfg.lora.r, 1, None), ("lora.dropout", cfg.lora.dropout, 0, 0.99),
+        ("eval.batch_size", e.batch_size, 1, None), ("eval.max_new_tokens", e.max_new_tokens, 1, None),
+        ("eval.every", e.every, 1, None), ("eval.max_examples", e.max_examples, 1, None), ("eval.samples", e.samples, 0, None),
+    ]
+    for name, number, low, high in limits:
+        if number is not None and (number < low or (high is not None and number > high)):
+            bounds = f"between {low} and {high}" if high is not None else f"of at least {low}"
+            raise SftError(f"{name}: {number} is out of range; use a value {bounds}")
     if not 0.0 < cfg.data.quality.near_duplicate_threshold <= 1.0:
         raise SftError(f"data.quality.near_duplicate_threshold: {cfg.data.quality.near_duplicate_threshold} "
                        "must be in (0, 1]; e.g. 0.8")

@@ -233,6 +233,20 @@ def test_sweep_prunes_chooses_and_writes_reports(tmp_path: Path) -> None:
     assert again.calls == []
 
 
+def test_sweep_report_says_it_chooses_on_the_set_it_reports(tmp_path: Path) -> None:
+    """The sweep has no separate dev split: it picks the trial on eval.data and reports that same
+    set, and every report says so (sweep.json settings.selected_on, sweep.md, sweep.html)."""
+    path = _write_config(tmp_path)
+    assert run_sweep(str(path), ["--train.lr=1e-4,3e-4", "--eval.split=0.25"], train_fn=FakeTrain(), progress=False) == 0
+    root = tmp_path / "out"
+    assert json.loads((root / "sweep.json").read_text())["settings"]["selected_on"] == [
+        "eval.jsonl", "eval.split 0.25 of the training rows"]
+    note = ("Chosen on eval.jsonl + eval.split 0.25 of the training rows, the same set the figures below are "
+            "measured on: the chosen trial is the best of 2 on it, so its figures are optimistic")
+    assert note in (root / "sweep.md").read_text()
+    assert note in (root / "sweep.html").read_text()
+
+
 def test_sweep_resumes_an_interrupted_trial(tmp_path: Path) -> None:
     path = _write_config(tmp_path)
     fake = FakeTrain(interrupt_at={"lr=3e-04": 2})

@@ -221,6 +221,18 @@ def svg_scatter(points: list[tuple[str, float, float]], budget: float | None, ch
     return "".join(parts)
 
 
+def selection_note(sets: list[str], n_trials: int) -> str:
+    """Says plainly that the trials are chosen on the same eval set whose figures are reported.
+
+    >>> selection_note(["eval.jsonl"], 4)
+    'Chosen on eval.jsonl, the same set the figures below are measured on: the chosen trial is the best of 4 on it, so its figures are optimistic; measure it on data no trial was chosen on (sft eval CONFIG --model TRIAL/final --eval.data=test.jsonl) for an unbiased figure.'
+    """
+    where = " + ".join(sets) or "the eval set"
+    return (f"Chosen on {where}, the same set the figures below are measured on: the chosen trial is the best "
+            f"of {n_trials} on it, so its figures are optimistic; measure it on data no trial was chosen on "
+            "(sft eval CONFIG --model TRIAL/final --eval.data=test.jsonl) for an unbiased figure.")
+
+
 def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | None, why: dict[str, str],
                        settings: dict[str, Any], before: dict[str, Any] | None) -> list[Path]:
     """Write ``sweep.json``, ``sweep.md`` and ``sweep.html`` into ``out``; returns their paths."""
@@ -243,6 +255,7 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     rules = (f"Objective: {settings.get('objective')} ({'lower' if settings.get('objective') == 'eval_loss' else 'higher'}"
              f" is better); forgetting budget: {fmt(budget, 'signed_pct') if budget is not None else 'none'}; "
              f"pruning: {'on' if settings.get('prune') else 'off'}.")
+    rules += " " + selection_note(settings.get("selected_on") or [], len(trials))
     data = {"settings": settings, "chosen": chosen, "verdicts": why, "before": before and {
         k: before.get(k) for k in ("eval_loss", "task_accuracy", "stop_rate", "forgetting")}, "trials": trials}
     paths = [out / "sweep.json", out / "sweep.md", out / "sweep.html"]

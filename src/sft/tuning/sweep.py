@@ -158,6 +158,18 @@ def has_eval(cfg: Config) -> bool:
     return bool(cfg.eval.data) or cfg.eval.split > 0
 
 
+def selected_on(cfg: Config) -> list[str]:
+    """The eval set the trials are compared on, in words. It is also the set each trial reports,
+    so the chosen trial's figures are the best of the grid on that very set (optimistic).
+
+    >>> from sft.config import Config, EvalConfig, SourceConfig
+    >>> selected_on(Config(eval=EvalConfig(data=[SourceConfig("eval.jsonl")], split=0.1)))
+    ['eval.jsonl', 'eval.split 0.1 of the training rows']
+    """
+    return [Path(s.path).name for s in cfg.eval.data] + (
+        [f"eval.split {cfg.eval.split:g} of the training rows"] if cfg.eval.split > 0 else [])
+
+
 def before_key(cfg: Config) -> str:
     """What the "before" eval of the starting model depends on: everything but the training
     hyperparameters (train.seed stays: it picks the eval.split hold-out). Trials with the same
@@ -354,7 +366,8 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
     best, why = choose(summaries, base.sweep.objective, base.sweep.max_forgetting)
     axes = {k: list(dict.fromkeys(v[k] for _, v, _ in trials)) for k in trials[0][1]}
     settings = {"grid": axes, "objective": base.sweep.objective,
-                "max_forgetting": base.sweep.max_forgetting, "prune": base.sweep.prune}
+                "max_forgetting": base.sweep.max_forgetting, "prune": base.sweep.prune,
+                "selected_on": selected_on(base)}
     befores = sorted(root.glob("before-*.json"))
     paths = write_sweep_report(root, summaries, best, why, settings, read_json(befores[0]) if befores else None)
     for t in summaries:

@@ -162,9 +162,11 @@ def evaluate(
     from sft.evaluation.generate import generate_batch
     from sft.evaluation.heldout import heldout_loss
     from sft.evaluation.reference import load_reference
+    from sft.evaluation.safety import make_detector, rate
     from sft.models.save import pick_pad_id
 
     t0 = time.perf_counter()
+    refusal = make_detector(cfg.eval.refusal.phrases, cfg.eval.refusal.regex, cfg.eval.refusal.builtin)
     was_training = model.training
     model.eval()
     try:
@@ -194,6 +196,8 @@ def evaluate(
         )
         correct = [score(g.text, ref, conv.metric or cfg.eval.metric) for g, (conv, _, ref) in zip(gens, items)]
         ended = [g.stop_id in end_ids for g in gens]
+        refused = {c: [refusal(g.text) for g, (conv, _, _) in zip(gens, items) if conv.category == c]
+                   for c in ("harmful", "benign")}  # rows tagged "category" (per row or per eval source)
 
         by_source: dict[str, list[bool]] = {}
         for ok, (conv, _, _) in zip(correct, items):
@@ -214,6 +218,8 @@ def evaluate(
         "task_accuracy": _mean([float(c) for c in correct]),
         "stop_rate": _mean([float(e) for e in ended]),
         "stop_token": marker,
+        "refusal_rate": rate(refused["harmful"]),
+        "over_refusal_rate": rate(refused["benign"]),
         "mean_response_tokens": _mean([float(len(g.token_ids)) for g in gens]),
         "accuracy_by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
         "forgetting": forgot,
@@ -244,6 +250,10 @@ def summary(result: EvalResult) -> str:
     ]
     if f.get("kl_to_base") is not None:
         lines.append(f"KL to base       {fmt(f.get('kl_to_base'), 'num4')} nats/token")
+    if result.get("refusal_rate") is not None:
+        lines.append(f"refusal rate     {fmt(result.get('refusal_rate'), 'pct')}  (harmful requests declined)")
+    if result.get("over_refusal_rate") is not None:
+        lines.append(f"over-refusal     {fmt(result.get('over_refusal_rate'), 'pct')}  (benign requests declined)")
     for k, v in (result.get("accuracy_by_source") or {}).items():
         lines.append(f"  accuracy {k}: {100 * v:.1f}%")
     return "\n".join(lines)

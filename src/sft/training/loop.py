@@ -31,7 +31,7 @@ from sft.reporting.run_log import RunLog, truncate_metrics, write_run_report
 from sft.training import checkpoint
 from sft.training.distributed import device, is_main
 from sft.training.optim import lr_at
-from sft.training.precision import resolve_precision
+from sft.training.precision import resolve_precision, train_dtype
 from sft.training.prepare import prepare_data, ready_for_training
 from sft.training.run_dir import Interrupt, check_output_dir, clear_previous_run
 from sft.training.state import RunState
@@ -122,7 +122,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool) -> Run | N
     prepared = prepare_data(cfg, cfg.train.max_steps)  # data: validated before any weights load
     has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
     eval_examples = build_dataset(cfg, prepared.tokenizer, "eval").examples if has_eval else []
-    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code)  # bf16: pure bf16
     if overwrite:
         clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
-"""AdamW with no weight decay on norms and biases, and the learning-rate schedule as a pure function."""
+"""AdamW with no weight decay on norms and biases (with an fp32 master copy of bf16 weights),
+and the learning-rate schedule as a pure function."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -41,21 +43,90 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; 1-D tensors (norm weights, biases) get no weight decay."""
+def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; 1-D tensors (norm weights, biases) get no weight decay.
+
+    All-fp32 parameters get torch's AdamW; any bf16 one gets ``MasterAdamW`` (same update, on an
+    fp32 master copy)."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+    groups: list[dict[str, Any]] = [
+        {"params": ps, "weight_decay": wd} for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps
     ]
+    if any(p.dtype != torch.float32 for p in decay + no_decay):
+        return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
+        groups,
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         foreach=True,
     )
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights: the update runs on an fp32 master copy with fp32 moments, and the
+    bf16 weight is the master rounded to nearest after each step. Without the master, an update
+    below half a bf16 step of the weight (2^-9 of it) rounds away and training stalls
+    (``bench/bf16_quality.py`` shows that curve). fp32 parameters (a LoRA adapter) are their own
+    master. Memory per bf16 weight: 2 (weight) + 2 (grad) + 4 (master) + 8 (moments) bytes, the
+    same 16 as fp32 AdamW.
+
+    The master lives in the optimizer state (``state[p]["master"]``), so checkpoints save it and a
+    bf16 resume is exact too.
+    """
+
+    FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        from torch.optim.adamw import adamw
+
+        for group in self.param_groups:
+            masters, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+            low: list[torch.Tensor] = []
+            low_masters: list[torch.Tensor] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    if p.dtype != torch.float32:
+                        st["master"] = p.detach().float()
+                master = st.get("master", p)
+                if master is not p:
+                    low.append(p)
+                    low_masters.append(master)
+                masters.append(master)
+                grads.append(p.grad.float())
+                exp_avgs.append(st["exp_avg"])
+                exp_avg_sqs.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+            if not masters:
+                continue
+            beta1, beta2 = group["betas"]
+            adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True, amsgrad=False, beta1=beta1,
+                  beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                  maximize=False)
+            if low:
+                torch._foreach_copy_(low, low_masters)  # round to nearest bf16
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the master and moments stay fp32 (torch casts state to the weight's dtype)."""
+        saved = {pid: {k: v for k, v in st.items() if k in self.FP32_STATE} for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, tensors in saved.items():
+            p = params[int(pid)]
+            for k, v in tensors.items():
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)

@@ -17,6 +17,7 @@ from sft.errors import SftError
 from sft.models import load as models
 from sft.training.loss import unwrap
 from sft.training.optim import make_optimizer
+from sft.training.precision import to_train_dtype
 
 
 @dataclass
@@ -48,7 +49,7 @@ def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
 
 def ready_for_training(cfg: Config, model: Any, device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
     """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW."""
-    model = prepare_model(cfg, model).to(device)
+    model = prepare_model(cfg, to_train_dtype(model, cfg)).to(device)  # bf16: LoRA adapters stay fp32
     model.train()
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)

@@ -37,7 +37,7 @@ from sft.models import load as models
 from sft.training.distributed import device as training_device
 from sft.training.loss import unwrap
 from sft.training.optim import lr_at
-from sft.training.precision import resolve_precision
+from sft.training.precision import resolve_precision, train_dtype
 from sft.training.prepare import prepare_data, ready_for_training
 from sft.training.step import train_step
 
@@ -183,7 +183,7 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
     precision = resolve_precision(cfg)
     total_steps = steps + 1
     prepared = prepare_data(cfg, total_steps)
-    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code)
     model, optimizer = ready_for_training(cfg, model, device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -38,6 +38,10 @@ CONVS = {
     "tool": [M("user", "Weather in Paris?"), M("assistant", "", tool_calls=_call({"city": "Paris"})),
              M("tool", '{"temp": 21}', name="get_weather", tool_call_id="call00001"),
              M("assistant", "It is 21 degrees.")],
+    "tool_later": [M("user", "Hi"), M("assistant", "Hello! Ask me about the weather."), M("user", "Paris?"),
+                   M("assistant", "", tool_calls=_call({"city": "Paris"})),
+                   M("tool", '{"temp": 21}', name="get_weather", tool_call_id="call00001"),
+                   M("assistant", "It is 21 degrees.")],
     "non_ascii": [M("user", "¿Qué tal? 你好 👋"), M("assistant", "Très bien — 谢谢! 🎉"), M("user", "Ünïcödé?"),
                   M("assistant", "Ja, natürlich. ✓")],
     "whitespace": [M("user", "  padded  "), M("assistant", "\nStarts with a newline, ends with a space "),
@@ -47,11 +51,11 @@ CONVS = {
 # name: (template file, tokenizer, the vendor's end-of-turn marker, conversations it supports)
 ALL = ("single", "multi", "reasoning", "non_ascii", "whitespace")
 VENDORS = {
-    "qwen2.5": ("qwen2.5.jinja", "smol", "<|im_end|>", (*ALL, "tool")),
-    "qwen3": ("qwen3.jinja", "smol", "<|im_end|>", (*ALL, "tool")),
-    "deepseek-r1-distill": ("deepseek-r1-distill.jinja", "deepseek", "<｜end▁of▁sentence｜>", (*ALL, "tool")),
-    "llama3.2": ("llama3.2.jinja", "llama", "<|eot_id|>", (*ALL, "tool")),
-    "mistral": ("mistral.jinja", "mistral", "</s>", (*ALL, "tool")),  # </s> as plain text
+    "qwen2.5": ("qwen2.5.jinja", "smol", "<|im_end|>", (*ALL, "tool", "tool_later")),
+    "qwen3": ("qwen3.jinja", "smol", "<|im_end|>", (*ALL, "tool", "tool_later")),
+    "deepseek-r1-distill": ("deepseek-r1-distill.jinja", "deepseek", "<｜end▁of▁sentence｜>", (*ALL, "tool", "tool_later")),
+    "llama3.2": ("llama3.2.jinja", "llama", "<|eot_id|>", (*ALL, "tool", "tool_later")),
+    "mistral": ("mistral.jinja", "mistral", "</s>", (*ALL, "tool", "tool_later")),  # </s> as plain text
     "phi3.5": ("phi3.5.jinja", "smol", "<|end|>", ALL),  # <|end|> as plain text
     "phi3.5-special": ("phi3.5.jinja", "phi", "<|end|>", ALL),  # Phi's own special tokens
     "phi4": ("phi4.jinja", "smol", "<|im_end|>", ALL),
@@ -93,8 +97,6 @@ def _source(vendor: str) -> str:
 
 def _conv(vendor: str, name: str) -> list[M]:
     msgs = copy.deepcopy(CONVS[name])
-    if vendor == "deepseek-r1-distill" and name == "tool":  # its template concatenates arguments as a string
-        msgs[1].tool_calls = _call(json.dumps({"city": "Paris"}))
     return msgs
 
 
@@ -115,6 +117,9 @@ def _view(msgs: list[M], keep: int | None, field: bool) -> list[dict]:
 
 
 def _apply(tok, source, messages, gen=False, tokenize=False, tools=None):
+    if source and "<｜tool▁sep｜>" in source:  # DeepSeek's template concatenates OpenAI's string arguments
+        messages = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.dumps(
+            c["function"]["arguments"])}} for c in m["tool_calls"]]} if m.get("tool_calls") else m for m in messages]
     out = tok.apply_chat_template(messages, chat_template=source, tools=tools, add_generation_prompt=gen,
                                   tokenize=tokenize)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out) if tokenize else out
@@ -161,7 +166,7 @@ def test_vendor_template_masks_are_exact(toks, vendor, name):
     _, tok_name, marker, _ = VENDORS[vendor]
     tok, source = toks[tok_name], _source(vendor)
     msgs = _conv(vendor, name)
-    tools = TOOLS if name == "tool" else None
+    tools = TOOLS if name.startswith("tool") else None
     field = "reasoning_content" in source
     examples = encode_all(Conversation(msgs, tools=tools), tok, source, "assistant")
     turns = [i for i, m in enumerate(msgs) if m.role == "assistant"]
@@ -200,7 +205,7 @@ def test_linear_time_regions_equal_the_per_turn_method(toks, vendor, name, monke
     from sft.data import chat
 
     tok, source = toks[VENDORS[vendor][1]], _source(vendor)
-    conv = Conversation(_conv(vendor, name), tools=TOOLS if name == "tool" else None)
+    conv = Conversation(_conv(vendor, name), tools=TOOLS if name.startswith("tool") else None)
     fast = encode_all(conv, tok, source, "assistant")
     monkeypatch.setattr(chat, "_fast_regions", lambda *a, **k: None)
     assert encode_all(conv, tok, source, "assistant") == fast

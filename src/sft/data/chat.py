@@ -292,10 +292,12 @@ def _fast_regions(
     msgs: list[Message], tokenizer: Any, source: str, view: list[dict[str, Any]], tools: Any, rendered: str,
     trained: list[int], where: str,
 ) -> list[tuple[int, int]] | None:
-    """Turn regions in linear time, for conversations without reasoning under a template that
-    :func:`_regular` vouches for; the first and last trained turns are checked against the exact
-    per-turn method. None: use the exact method (quadratic in turns)."""
-    if not trained or any(m.reasoning is not None for m in msgs) or not _regular(tokenizer, source):
+    """Turn regions in linear time, for conversations of plain text (no reasoning, no tool calls or
+    results, where templates branch) under a template that :func:`_regular` vouches for; the first
+    and last trained turns are checked against the exact per-turn method. None: use the exact
+    method (two renderings per trained turn)."""
+    plain = all(m.reasoning is None and not m.tool_calls and m.role != "tool" for m in msgs)
+    if not trained or not plain or not _regular(tokenizer, source):
         return None
     spans = content_spans(tokenizer, source, view, tools, rendered, where)
     marker = end_of_turn(tokenizer, source)
@@ -401,7 +403,7 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
         loc = f"{ex.source}:{ex.line}"
         if ex.num_trained == 0:
             zero.append(loc)
-        elif eot_ids and not _contains(ex.labels, eot_ids):
+        elif marker and not _trains(tokenizer, ex.labels, marker, eot_ids):
             no_eot.append(loc)
         if bos is not None and ex.input_ids[:2] == [bos, bos]:
             double.append(loc)
@@ -416,6 +418,16 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
     return warnings
 
 
-def _contains(labels: list[int], seq: list[int]) -> bool:
-    n = len(seq)
-    return any(labels[k : k + n] == seq for k in range(len(labels) - n + 1))
+def _trains(tokenizer: Any, labels: list[int], marker: str, ids: list[int]) -> bool:
+    """Whether ``labels`` train the end-of-turn marker (a text marker may merge with the text
+    before it into other tokens, so it is looked for in the decoded trained runs)."""
+    if len(ids) == 1:
+        return ids[0] in labels
+    runs, run = [], []
+    for lab in [*labels, IGNORE]:
+        if lab != IGNORE:
+            run.append(lab)
+        elif run:
+            runs.append(run)
+            run = []
+    return any(marker in tokenizer.decode(r) for r in runs)

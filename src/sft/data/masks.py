@@ -22,6 +22,7 @@ if it overlaps one. Masks never depend on token ids (SmolLM2's pad == eos).
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from functools import lru_cache
 from typing import Any
@@ -32,7 +33,11 @@ Span = tuple[int, int]  # [start, end) in characters of the rendered text
 
 
 def render(tokenizer: Any, source: str, messages: list[dict[str, Any]], tools: Any, gen: bool, where: str) -> str:
-    """``apply_chat_template(tokenize=False)``; template errors become one-line SftErrors."""
+    """``apply_chat_template(tokenize=False)``; template errors become one-line SftErrors.
+
+    Tool-call arguments are objects (as most templates want); a template that fails on them is
+    given OpenAI's JSON strings instead (DeepSeek-R1's writes ``'...' + arguments``).
+    """
     if not messages:
         return ""
     try:
@@ -40,11 +45,32 @@ def render(tokenizer: Any, source: str, messages: list[dict[str, Any]], tools: A
             messages, chat_template=source, tools=tools, add_generation_prompt=gen, tokenize=False
         )
     except Exception as e:  # jinja2 errors, raise_exception(...) in the template
+        strung = _string_arguments(messages)
+        if strung is not None:
+            try:
+                return render(tokenizer, source, strung, tools, gen, where)
+            except SftError:
+                pass
         raise SftError(
             f"{where}: the chat template failed on this conversation: {e}; "
             "fix the row or choose another data.template"
         ) from None
     return str(out)
+
+
+def _string_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """``messages`` with every object tool-call argument as its JSON text, or None if none is."""
+    changed, out = False, []
+    for m in messages:
+        calls = []
+        for call in m.get("tool_calls") or []:
+            fn = call.get("function")
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), dict):
+                call = {**call, "function": {**fn, "arguments": json.dumps(fn["arguments"], ensure_ascii=False)}}
+                changed = True
+            calls.append(call)
+        out.append({**m, "tool_calls": calls} if calls else m)
+    return out if changed else None
 
 
 def tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sft.data.masks import (
+    aligned_tail,
     common_prefix,
     content_spans,
     end_of_turn,
@@ -29,6 +30,7 @@ from sft.data.masks import (
     labels_for,
     render,
     special_ids,
+    tag_boundary,
     tokenize,
     turn_region,
 )
@@ -163,42 +165,15 @@ def _turns(
         start = common_prefix(prompt, text)
         if start < len(prompt):  # the prompt is not how the template renders the history it continues
             before = messages[i - 1].content.strip() if i else ""
-            k = _aligned_tail(prompt[start:], text[start:])
+            k = aligned_tail(prompt[start:], text[start:])
             if before and before in prompt[len(prompt) - k:]:
                 # history rendered differently (Mistral writes the system prompt only into the last
                 # user turn): the example is the prompt as inference gives it, then the turn
                 text, start = prompt + text[start + k:], len(prompt)
             else:  # the prompt adds text that turns never render (DeepSeek-R1's "<think>\n")
-                start = _tag_boundary(prompt, start)
+                start = tag_boundary(prompt, start)
         out.append((i, text, start, turn_region(text, start, marker)))
     return out
-
-
-def _aligned_tail(a: str, b: str) -> int:
-    """Length of the longest suffix of ``a`` that ``b`` starts with.
-
-    >>> _aligned_tail("Sys.\\n\\nHi[/INST]", "Hi[/INST]Hello!</s>")
-    9
-    """
-    p = a.find(b[:1]) if b else -1
-    while p >= 0:
-        if b.startswith(a[p:]):
-            return len(a) - p
-        p = a.find(b[:1], p + 1)
-    return 0
-
-
-def _tag_boundary(prompt: str, char: int) -> int:
-    """Back ``char`` off to just after the prompt's last ``>``/whitespace/``]`` (tags end there): the
-    prompt's "<think>" and a turn's "<｜tool▁calls▁begin｜>" share a "<" that belongs to the turn.
-
-    >>> _tag_boundary("<｜Assistant｜><think>", len("<｜Assistant｜><"))
-    13
-    """
-    if char == 0 or prompt[char - 1] in ">]\n ":
-        return char
-    back = max(prompt.rfind(c, 0, char) for c in ">]\n ")
-    return back + 1 if back >= 0 else char
 
 
 def encode_all(

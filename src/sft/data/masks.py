@@ -160,6 +160,33 @@ def end_of_turn(tokenizer: Any, source: str) -> str | None:
     return raw or None
 
 
+def aligned_tail(a: str, b: str) -> int:
+    """Length of the longest suffix of ``a`` that ``b`` starts with.
+
+    >>> aligned_tail("Sys.\\n\\nHi[/INST]", "Hi[/INST]Hello!</s>")
+    9
+    """
+    p = a.find(b[:1]) if b else -1
+    while p >= 0:
+        if b.startswith(a[p:]):
+            return len(a) - p
+        p = a.find(b[:1], p + 1)
+    return 0
+
+
+def tag_boundary(prompt: str, char: int) -> int:
+    """Back ``char`` off to just after the prompt's last ``>``/whitespace/``]`` (tags end there): the
+    prompt's "<think>" and a turn's "<｜tool▁calls▁begin｜>" share a "<" that belongs to the turn.
+
+    >>> tag_boundary("<｜Assistant｜><think>", len("<｜Assistant｜><"))
+    13
+    """
+    if char == 0 or prompt[char - 1] in ">]\n ":
+        return char
+    back = max(prompt.rfind(c, 0, char) for c in ">]\n ")
+    return back + 1 if back >= 0 else char
+
+
 def turn_region(full: str, start: int, marker: str | None) -> int:
     """End of the turn that starts at ``start`` in ``full`` (the conversation ending with that turn):
     the end of the last end-of-turn marker, else the end of the non-blank text."""

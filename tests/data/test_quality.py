@@ -88,7 +88,8 @@ def planted(tmp_path):
     add("boilerplate", g.row(reply="Certainly! Here is the answer. " + g.sentence()))  # data.quality.boilerplate
     add("length_outliers", g.row(reply=g.reply(60)))
     add("length_outliers", g.row(reply="Yes."))
-    train.append(g.row(reply="I'm sorry, but I can't help with that.", category="harmful"))  # a lesson, not boilerplate
+    refusal = "I'm sorry, but I can't help with that. " + g.reply(2)
+    train.append(g.row(reply=refusal, category="harmful"))  # a lesson, not boilerplate
     # shuffle the planted rows among the clean ones would change their lines; keep them last but
     # move five clean rows after them so problems are not simply "the tail"
     train += [g.row(reply=g.reply(3)) for _ in range(5)]
@@ -169,7 +170,8 @@ def test_planted_problems_found_at_their_lines_and_clean_rows_left_alone(tmp_pat
 
     flagged_clean = set(clean) & ({i["line"] for k in KINDS if k != "contamination" for i in q[k]}
                                   | {c["train"]["line"] for c in q["contamination"]} - set(contaminated.values()))
-    assert len(flagged_clean) <= len(clean) / 20, sorted(flagged_clean)
+    assert len(flagged_clean) <= len(clean) / 20, sorted(flagged_clean)  # the bar
+    assert flagged_clean == set()  # what this set shows (README)
     assert len(clean) > 170
 
 

@@ -136,7 +136,8 @@ class EvalConfig:
     max_new_tokens: int = 128
     every: int | None = None
     before_after: bool = False
-    reference: str | None = None
+    reference: str | None = None  # a UTF-8 text file; default: the shipped stdlib-prose-v1 snapshot
+    reference_tokens: int = 16384  # reference tokens scored for forgetting (128 windows spread over the text)
     batch_size: int = 8
     max_examples: int | None = None  # cap on conversations used for generation metrics
     samples: int = 5
@@ -401,6 +402,8 @@ def validate(cfg: Config) -> None:
         raise SftError("train.batch_size and train.grad_accum must be at least 1")
     if not 0.0 <= cfg.eval.split < 1.0:
         raise SftError(f"eval.split: {cfg.eval.split} must be in [0, 1)")
+    if cfg.eval.reference_tokens < 128:
+        raise SftError(f"eval.reference_tokens: {cfg.eval.reference_tokens} is below one window of 128 tokens; use 128 or more (default 16384)")
     if cfg.train.lr <= 0:
         raise SftError(f"train.lr: {cfg.train.lr} must be positive")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:

@@ -92,6 +92,26 @@ def test_reference_text_default_and_file(tmp_path, monkeypatch):
         reference_text(str(tmp_path / "missing.txt"))
 
 
+def test_reference_budget_samples_the_whole_shipped_text(smol_tok):
+    """eval.reference_tokens (default 16384) is under half the shipped text, so the scored windows
+    are spread over it: the first and last windows come from its first and last tenth. The size
+    was chosen with bench/reference_stability.py (forgetting ratio stable to 1%, bench/RESULTS.md)."""
+    from sft.config import EvalConfig
+    from sft.evaluation.evaluate import REFERENCE_WINDOW, reference_windows
+    from sft.evaluation.reference import load_reference
+
+    ids = smol_tok(load_reference(None).text, add_special_tokens=False)["input_ids"]
+    budget = EvalConfig().reference_tokens
+    assert budget == 16384 and len(ids) > 2 * budget
+    windows = reference_windows(ids, budget)
+    assert len(windows) == budget // REFERENCE_WINDOW and all(len(w) == REFERENCE_WINDOW for w in windows)
+    assert windows[0] == ids[:REFERENCE_WINDOW]
+    last = max(i for i in range(0, len(ids), REFERENCE_WINDOW) if ids[i : i + REFERENCE_WINDOW] == windows[-1])
+    assert last > 0.9 * len(ids) - 2 * REFERENCE_WINDOW
+    short = ids[:1000]
+    assert reference_windows(short, budget) == [short[s : s + 128] for s in range(0, 1000, 128)]  # all of it
+
+
 EVAL_ROWS = [
     {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]},
     {"messages": [{"role": "user", "content": "Name?"}, {"role": "assistant", "content": "My name is Quill."}]},

@@ -29,7 +29,7 @@ from sft.errors import SftError
 from sft.evaluation.result import EvalResult, Forgetting, Sample
 
 METRICS = ("exact", "contains", "regex", "json")
-REFERENCE_TOKENS = 1024  # tokens of reference text scored for forgetting (~35 s per pass of a 270M model on 2 CPU cores)
+REFERENCE_TOKENS = 16384  # eval.reference_tokens' default: forgetting ratio stable to 1% (bench/RESULTS.md)
 REFERENCE_WINDOW = 128  # tokens per forward pass (Gemma's 262k vocab: 128 MiB of fp32 logits)
 
 
@@ -207,7 +207,7 @@ def evaluate(
             for g, ok, end, (_, msgs, ref) in list(zip(gens, correct, ended, items))[: cfg.eval.samples]
         ]
         ref = load_reference(cfg.eval.reference)
-        forgot = forgetting(model, tokenizer, ref.text, base_model)
+        forgot = forgetting(model, tokenizer, ref.text, base_model, cfg.eval.reference_tokens)
         forgot["reference"], forgot["reference_sha256"] = ref.version, ref.sha256
     finally:
         model.train(was_training)

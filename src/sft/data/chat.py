@@ -182,8 +182,10 @@ def encode_all(
     """Conversation -> its training examples, with exact labels.
 
     Usually one example whose ``input_ids == apply_chat_template(messages)``; one per trained turn
-    (``meta["turn"]`` = its message index, ids == apply_chat_template(messages[:turn + 1])) when the
-    template renders earlier turns differently from how it renders a turn the model just wrote.
+    (``meta["turn"]`` = its message index) when the template renders earlier turns differently from
+    how it renders a turn the model just wrote: ``apply_chat_template(messages[:turn + 1])``, or the
+    history rendered with ``add_generation_prompt=True`` then the turn, where the template renders
+    that history differently again (Mistral's system prompt).
     Labels are aligned with input_ids, IGNORE where untrained; the first label is always IGNORE.
     ``conv.is_text``: the content, tokenized as the tokenizer normally does (with BOS if it adds
     one), plus EOS; every token is trained.

@@ -3,15 +3,18 @@
 The steps run exactly what ``train()`` runs (same plan of batches, same collate, loss, autocast,
 clipping, AdamW and learning-rate schedule): ``cfg.train.max_steps`` is set to ``steps + 1`` so
 the plan and the schedule equal those of ``sft train`` with ``--train.max_steps=N+1``, and
-``tests/test_bench.py`` checks that the losses match. Step 1 is the warm-up (allocator, lazy
+``tests/tuning/test_bench.py`` checks that the losses match. Step 1 is the warm-up (allocator, lazy
 init, compilation) and is not timed; the next ``steps`` steps are.
 
 Definitions (also printed):
 - tokens/s: non-padding tokens through forward + backward per second of the timed steps (whole
   optimizer steps: collate, forward, backward, clip, optimizer update).
-- FLOPs/token: 6 x parameters for a full fine-tune (2 forward + 4 backward), 4 x parameters for
-  LoRA (frozen weights need no weight gradient); parameters = all of them, a tied embedding once.
-  Attention's T^2 term and the skipped prompt logits are ignored, so MFU is approximate.
+- FLOPs/token: the matrix FLOPs a step really needs (``training_flops``): 6 x the body's
+  parameters per token (2 forward + 4 backward; 4 x for LoRA, whose frozen weights need no weight
+  gradient), plus the output head only at trained tokens (sft computes no logits elsewhere).
+  Embedding lookups are not FLOPs. Attention's T^2 term is left out, so MFU is slightly low.
+  (The first `sft bench` section of bench/RESULTS.md, on a loaded machine, used the old count,
+  6 x all parameters at every token, which counted the embedding matrix as if it were a matmul.)
 - peak FLOP/s: the best of a few square matmuls in the run's precision, measured on the spot
   (2048 x 2048, or smaller where one product would take too long, e.g. bf16 without avx512_bf16).
 - time to first step: from the start of ``run_bench`` (data, model load, warm-up step), and also
@@ -27,7 +30,7 @@ import platform
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
 
@@ -40,6 +43,50 @@ from sft.training.optim import lr_at
 from sft.training.precision import resolve_precision, train_dtype
 from sft.training.prepare import prepare_data, ready_for_training
 from sft.training.step import train_step
+
+
+class Machine(TypedDict):
+    cpu_model: str
+    cores: int | None
+    torch_threads: int
+    cpu_flags: list[str]
+    device: str
+    torch_version: str
+    python: str
+    date: str
+    load_avg_1m: float
+
+
+class BenchResult(TypedDict, total=False):
+    """What ``sft bench --json`` prints (see the module docstring for each figure's definition)."""
+
+    tokens_per_s: float
+    mfu: float
+    peak_flops: int
+    peak_matmul_size: int
+    flops_per_token: int
+    padding_efficiency: float
+    peak_rss_gb: float
+    time_to_first_step_s: float
+    time_to_first_step_from_process_start_s: float | None
+    losses: list[float]
+    steps: int
+    step_seconds: list[float]
+    tokens: int
+    trained_tokens: int
+    precision: str
+    method: str
+    compile: bool
+    gradient_checkpointing: bool
+    packing: bool
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    model: str
+    params: int
+    trainable_params: int
+    machine: Machine
+
 
 KEYS = (
     "tokens_per_s", "mfu", "peak_flops", "padding_efficiency", "peak_rss_gb", "time_to_first_step_s",
@@ -140,7 +187,7 @@ def _cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info() -> Machine:
     device = training_device()
     return {
         "cpu_model": _cpu_model(),
@@ -169,7 +216,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def bench(cfg: Config, steps: int) -> dict[str, Any]:
+def bench(cfg: Config, steps: int) -> BenchResult:
     """Run 1 warm-up + ``steps`` timed optimizer steps of ``cfg``'s training; return the figures."""
 
     if steps < 1:
@@ -248,7 +295,7 @@ def bench(cfg: Config, steps: int) -> dict[str, Any]:
     }
 
 
-def format_report(r: dict[str, Any]) -> str:
+def format_report(r: BenchResult) -> str:
     m = r["machine"]
     times = r["step_seconds"]
     lines = [

@@ -43,9 +43,12 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # ---------------------------------------------------------------------------------------------
 # strategies
 
-# any code point, lone surrogates included (JSON writes them as \udXXX escapes)
-chars = st.characters(exclude_categories=())
-text = st.text(chars, max_size=24) | st.sampled_from(["", " ", "\n", "<think>x</think>y", "<|im_end|>", "{{ x }}"])
+# any code point (surrogates included), with the ones that break readers most often drawn first:
+# lone surrogates, NUL, BOM, line separators, CR
+SPECIALS = ["\ud800", "\udfff", "\udc80", "\x00", "\ufeff", "\u2028", "\r", "\x85"]
+chars = st.sampled_from(SPECIALS) | st.characters(exclude_categories=())
+text = st.lists(chars, max_size=24).map("".join) | st.sampled_from(["", " ", "\n", "<think>x</think>y",
+                                                                    "<|im_end|>", "{{ x }}"])
 scalar = st.none() | st.booleans() | st.integers() | st.floats() | text
 json_value = st.recursive(scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(text, c, max_size=3),
                           max_leaves=8)

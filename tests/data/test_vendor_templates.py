@@ -414,3 +414,13 @@ def test_builtin_tool_formats_are_the_vendors(smol_tok, toks):
     ours = encode_all(conv, llama, resolve_template("llama3", llama), "assistant")
     vendor = encode_all(conv, llama, _source("llama3.2"), "assistant")
     assert _trained_texts(llama, ours) == _trained_texts(llama, vendor)
+
+
+def test_lint_says_which_templates_split_conversations(toks):
+    def split(vendor):
+        tok = toks[VENDORS[vendor][1]]
+        return any("one example per assistant turn" in w for w in lint(tok, _source(vendor)))
+
+    assert split("qwen3") and split("mistral") is False  # Mistral splits only with a system prompt
+    assert not split("phi3.5")  # its EOS after the last turn is not a rewrite of history
+    assert not split("qwen2.5") and not split("llama3.2")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from sft.data.chat import TRAIN_ON, encode, lint, prompt_ids, resolve_template, stop_token_ids
@@ -242,25 +240,53 @@ def test_bad_train_on_and_template_errors(smol_tok, gemma_tok):
         encode(bad, gemma_tok, "gemma", "assistant")
 
 
-def _per_turn_seconds(tok, source, turns: int) -> float:
+def _render_work(tok, source, turns: int, monkeypatch) -> tuple[int, int, int]:
+    """(template renders, characters rendered, tokenizer calls) to encode a conversation of
+    ``turns`` user/assistant pairs: a count of work that, unlike wall-clock time, does not depend on
+    what else the machine is running."""
+    import sft.data.chat as chat_mod
+    import sft.data.masks as masks_mod
+
+    calls = {"render": 0, "chars": 0, "tokenize": 0}
+    real_render, real_tokenize = masks_mod.render, chat_mod.tokenize
+
+    def render(*args, **kwargs):
+        out = real_render(*args, **kwargs)
+        calls["render"] += 1
+        calls["chars"] += len(out)
+        return out
+
+    def tokenize(*args, **kwargs):
+        calls["tokenize"] += 1
+        return real_tokenize(*args, **kwargs)
+
     msgs = [M("user" if i % 2 == 0 else "assistant", f"Message number {i} with some words.") for i in range(2 * turns)]
-    conv = Conversation(msgs)
-    encode(conv, tok, source, "assistant")  # warm-up (template compilation)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        encode(conv, tok, source, "assistant")
-        best = min(best, time.perf_counter() - t0)
-    return best / turns
+    encode(Conversation(msgs), tok, source, "assistant")  # warm-up: template compilation, probes (cached)
+    with monkeypatch.context() as mp:
+        mp.setattr(masks_mod, "render", render)
+        mp.setattr(chat_mod, "render", render)
+        mp.setattr(chat_mod, "tokenize", tokenize)
+        encode(Conversation(msgs), tok, source, "assistant")
+    return calls["render"], calls["chars"], calls["tokenize"]
 
 
-def test_linear_time(smol_tok):
+def test_linear_time(smol_tok, monkeypatch):
+    """Encoding renders the conversation a fixed number of times and tokenizes it once, whatever
+    its length, so the work per turn is flat: linear time. Control: the exact per-turn method
+    (forced by vouching for no template) renders twice per trained turn, so its characters per turn
+    grow with the length: the check can fail."""
+    import sft.data.chat as chat_mod
+
     source = resolve_template("chatml", smol_tok)
-    # 100 and 400 turns: past the fixed costs that make short conversations cheaper per turn
-    small, large = _per_turn_seconds(smol_tok, source, 100), _per_turn_seconds(smol_tok, source, 400)
-    # a quadratic method (rendering every prefix, as templates that rewrite history need) would be
-    # ~4x slower per turn at 400 turns
-    assert large < 2.5 * small, (small, large)
+    r20, c20, t20 = _render_work(smol_tok, source, 20, monkeypatch)
+    r200, c200, t200 = _render_work(smol_tok, source, 200, monkeypatch)
+    assert r200 == r20 and t200 == t20 == 1
+    assert c200 / 200 < 1.2 * c20 / 20, (c20, c200)  # characters rendered per turn stay flat
+
+    monkeypatch.setattr(chat_mod, "_regular", lambda tok, src: False)  # control: the quadratic path
+    q20, qc20, _ = _render_work(smol_tok, source, 20, monkeypatch)
+    q200, qc200, _ = _render_work(smol_tok, source, 200, monkeypatch)
+    assert q200 > 5 * q20 and qc200 / 200 > 5 * qc20 / 20
 
 
 def test_template_errors_name_file_and_line_once(smol_tok):

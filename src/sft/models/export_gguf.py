@@ -52,6 +52,23 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
+# The converter, run as is, plus one key: tokenizer.ggml.eot_token_id = the end-of-turn token when the
+# converter set none (without it llama.cpp guesses EOT from token texts: SmolLM2's <|endoftext|>).
+_CONVERT = """
+import runpy, sys
+import gguf
+script, eot = sys.argv[1], int(sys.argv.pop(2))
+_header = gguf.GGUFWriter.write_header_to_file
+def write_header_to_file(self, *args, **kwargs):
+    if not any(gguf.Keys.Tokenizer.EOT_ID in kv for kv in self.kv_data):
+        self.add_eot_token_id(eot)
+    return _header(self, *args, **kwargs)
+gguf.GGUFWriter.write_header_to_file = write_header_to_file
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def converter_dir() -> Path:
     """The extracted llama.cpp converter: ``$SFT_LLAMA_CPP`` or ``<venv>/share/sft/llama.cpp``."""
     env = os.environ.get("SFT_LLAMA_CPP")
@@ -129,9 +146,9 @@ def _run(cmd: list[str], env: dict[str, str], what: str, log_path: Path) -> None
             tail.append(line)
             m = _TENSOR_RE.search(line)
             if "%|" in line:
-                print(f"\r  {what}: {line.strip()[:100]}", end="", file=sys.stderr, flush=True)
+                print(f"\r  {what}: {line.strip()[:100]:<100}", end="", file=sys.stderr, flush=True)
             elif m:
-                print(f"\r  {what}: tensor {m.group(1)}/{m.group(2)}", end="", file=sys.stderr, flush=True)
+                print(f"\r  {what}: tensor {m.group(1)}/{m.group(2)}    ", end="", file=sys.stderr, flush=True)
     rc = proc.wait()
     print(file=sys.stderr, flush=True)
     if rc != 0:
@@ -140,13 +157,13 @@ def _run(cmd: list[str], env: dict[str, str], what: str, log_path: Path) -> None
         raise SftError(f"{what} failed (exit {rc}): {errors[-1].strip() if errors else 'no output'}; full log: {log_path}")
 
 
-def convert(staged: Path, out: Path, outtype: str) -> None:
+def convert(staged: Path, out: Path, outtype: str, eot_id: int) -> None:
     """``convert_hf_to_gguf.py staged --outtype outtype --outfile out`` with its own gguf-py."""
     conv = converter_dir()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(conv / "gguf-py"), str(conv)])
     env["NO_LOCAL_GGUF"] = ""  # the converter's own gguf-py, which PYTHONPATH puts first
-    cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(staged), "--outtype", outtype,
+    cmd = [sys.executable, "-c", _CONVERT, str(conv / "convert_hf_to_gguf.py"), str(eot_id), str(staged), "--outtype", outtype,
            "--outfile", str(out), "--model-name", out.stem]
     _run(cmd, env, f"llama.cpp convert ({outtype})", out.with_suffix(".log"))
 
@@ -180,13 +197,16 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def check_metadata(path: Path, template: str, eot_id: int) -> dict[str, Any]:
-    """Fail if the GGUF lost the training template or does not end on the end-of-turn token."""
+    """Fail if the GGUF lost the training template or its EOS/EOT is not the end-of-turn token."""
     meta = read_metadata(path)
     if meta.get("tokenizer.chat_template") != template:
         raise SftError(f"{path}: tokenizer.chat_template is not the training template after conversion "
                        f"(llama-cpp-python {LLAMA_CPP_PYTHON}'s converter changed?); report this with the file")
     if meta.get("tokenizer.ggml.eos_token_id") != eot_id:
         raise SftError(f"{path}: tokenizer.ggml.eos_token_id is {meta.get('tokenizer.ggml.eos_token_id')}, "
+                       f"not the end-of-turn token {eot_id}; report this with the file")
+    if meta.get("tokenizer.ggml.eot_token_id") != eot_id:
+        raise SftError(f"{path}: tokenizer.ggml.eot_token_id is {meta.get('tokenizer.ggml.eot_token_id')}, "
                        f"not the end-of-turn token {eot_id}; report this with the file")
     return meta
 
@@ -200,11 +220,11 @@ def write_gguf(hf_dir: Path, out: Path, quant: str, template: str, eot_token: st
     written = work / out.name  # ``work`` is beside ``out``: a finished file is renamed into place
     if quant in _LLAMA_FTYPE:
         f16 = work / "model-f16.gguf"
-        convert(staged, f16, "f16")
+        convert(staged, f16, "f16", eot_id)
         quantize(f16, written, quant)
         f16.unlink()
     else:
-        convert(staged, written, quant)
+        convert(staged, written, quant, eot_id)
     meta = check_metadata(written, template, eot_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     written.replace(out)

@@ -319,9 +319,9 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     for mod in (chat, masks, formats, sources_mod, hub):
         code += Path(str(mod.__file__)).read_bytes()
     code += Path(__file__).read_bytes()
-    from sft.data import quality  # its findings are cached with the train split, and drop rows
+    from sft.data import overlap, quality  # their findings are cached with the train split, and drop rows
 
-    code += Path(str(quality.__file__)).read_bytes()
+    code += Path(str(quality.__file__)).read_bytes() + Path(str(overlap.__file__)).read_bytes()
     body = {
         "v": CACHE_VERSION,
         "split": split,

@@ -17,6 +17,7 @@ import pytest
 from sft.data.chat import encode_all, end_of_turn_tokens, lint, prompt_ids, resolve_template
 from sft.data.types import IGNORE, Conversation
 from sft.data.types import Message as M
+from sft.errors import SftError
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -424,3 +425,13 @@ def test_lint_says_which_templates_split_conversations(toks):
     assert split("qwen3") and split("mistral") is False  # Mistral splits only with a system prompt
     assert not split("phi3.5")  # its EOS after the last turn is not a rewrite of history
     assert not split("qwen2.5") and not split("llama3.2")
+
+
+def test_templates_without_tools_reject_tool_rows(toks, gemma_tok):
+    for vendor in ("phi3.5", "phi4"):  # they would silently drop the calls
+        with pytest.raises(SftError, match=r"t.jsonl:3: messages\[1\] has tool calls, which this chat template"):
+            encode_all(Conversation(CONVS["tool"], tools=TOOLS, source="t.jsonl", line=3),
+                       toks[VENDORS[vendor][1]], _source(vendor), "assistant")
+    with pytest.raises(SftError, match=r"t.jsonl:3: the chat template failed.*alternate"):
+        encode_all(Conversation(CONVS["tool"], tools=TOOLS, source="t.jsonl", line=3), gemma_tok,
+                   _source("gemma3"), "assistant")

@@ -206,6 +206,10 @@ def encode_all(
     last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=len(msgs) - 1)
     view = template_messages(msgs, _kept(msgs, reasoning, last), not reads_reasoning(source))
     rendered = render(tokenizer, source, view, conv.tools, False, where)
+    for i, m in enumerate(msgs):
+        if any(c.get("function", c).get("name", "") not in rendered for c in m.tool_calls or []):
+            raise SftError(f"{where}: messages[{i}] has tool calls, which this chat template does not write; "
+                           "use a template with tool calls (chatml, llama3, or the model's own if it has them)")
     if train_on == "all":  # every token except the text of train: false messages
         marker = end_of_turn(tokenizer, source) or ""
         regions = []

@@ -491,3 +491,24 @@ def test_loop_keeps_the_old_run_when_the_new_one_fails_early(tmp_path, tiny_dir,
     rc, _, err = run_main(capsys, "train", str(cfg), "--overwrite", "--train.lr=1e30", "--train.max_steps=4")
     assert rc == 1 and "loss is" in one_error_line(err)
     assert digest(tmp_path / "run") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# --model: broken model folders (sft.models.load is not part of this change; see the xfail reasons)
+
+
+@pytest.mark.xfail(strict=True, reason="sft.models.load lets transformers' OSError (invalid config.json) and "
+                   "safetensors' SafetensorError (corrupt weights) through as tracebacks")
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_a_broken_model_folder_is_one_clear_line(tmp_path, tiny_dir, data_file, capsys, damage):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    if damage == "config":
+        (model / "config.json").write_text("{not json")
+    else:
+        (model / "model.safetensors").write_bytes(b"garbage")
+    cfg = write_cfg(tmp_path, model, str(data_file))
+    rc, _, err = run_main(capsys, "train", str(cfg))
+    assert rc == 1 and "model" in one_error_line(err)

@@ -341,3 +341,14 @@ def test_category_per_row_and_per_source(tmp_path):
     assert report.invalid[0]["error"] == 'category is \'evil\'; use "harmful" or "benign" (or leave the key out)'
     with pytest.raises(SftError, match=r"data.train\[0\].category: 'evil' is not a valid value; expected 'harmful' \| 'benign'"):
         load_config(None, ["--data.train=[{path: x.jsonl, category: evil}]"])
+
+
+def test_run_report_has_a_quality_line(tmp_path):
+    from sft.data.pipeline import DataReport
+    from sft.reporting.report import write_report
+
+    r = DataReport(quality_counts={"near_duplicates": 2, "contamination": 0}, quality_dropped={"near_duplicates": 2})
+    _, md = write_report(tmp_path, {"model": "m"}, [], None, None, r.to_dict())
+    text = md.read_text()
+    assert "| quality (sft data check) | near_duplicates 2 (2 dropped), contamination 0 |" in text
+    assert "quality_dropped" not in text

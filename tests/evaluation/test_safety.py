@@ -160,3 +160,13 @@ def test_category_of_an_eval_source(tmp_path, smol_tok, m, stub_replies):
     r = evaluate(cfg, m, smol_tok, "chatml", progress=False)
     assert r["refusal_rate"] == pytest.approx(2 / 3)  # rows tagged harmful stay harmful
     assert r["over_refusal_rate"] == pytest.approx(2 / 3)
+
+
+def test_before_after_table_rows():
+    from sft.reporting.report import before_after_rows
+
+    rows = before_after_rows({"refusal_rate": 0.0, "over_refusal_rate": 0.25}, {"refusal_rate": 0.875, "over_refusal_rate": 0.125})
+    assert rows == [["refusal rate (harmful requests declined)", "0.0%", "87.5%", "+87.5 pts"],
+                    ["over-refusal rate (benign requests declined)", "25.0%", "12.5%", "-12.5 pts"]]
+    # without categorised rows the table has no refusal rows
+    assert [r[0] for r in before_after_rows({"task_accuracy": 0.5}, {"task_accuracy": 0.6})] == ["task accuracy"]

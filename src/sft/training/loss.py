@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from sft.data.types import IGNORE
+from sft.training.attention import flatten_packed, is_varlen
 
 # Bytes of fp32 logits allowed per chunk: 256 MiB -> 256 tokens at Gemma's 262k vocabulary.
 CHUNK_BYTES = 256 * 1024 * 1024
@@ -115,13 +116,17 @@ def token_loss_sum(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     targets = labels[:, 1:]
     keep = targets != IGNORE  # [B, T-1]
     count = int(keep.sum())
-    out = lm.model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, :-1][keep]  # [N, H]: only positions with a target
+    if is_varlen(lm) and batch.get("attention_mask") is None and "position_ids" in batch:
+        # padding-free: the packed rows as one sequence, documents delimited by cu_seqlens
+        out = lm.model(**flatten_packed(batch), use_cache=False)
+    else:
+        out = lm.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        )
+    hidden = out.last_hidden_state.view(*labels.shape, -1)[:, :-1][keep]  # [N, H]: only positions with a target
     if count == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected for DDP
     softcap = getattr(lm.config, "final_logit_softcapping", None)

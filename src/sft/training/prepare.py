@@ -15,6 +15,7 @@ from sft.config import Config
 from sft.data.batching import Step, plan_steps
 from sft.errors import SftError
 from sft.models import load as models
+from sft.training.attention import use_padding_free, use_varlen
 from sft.training.loss import unwrap
 from sft.training.optim import make_optimizer
 from sft.training.precision import to_train_dtype
@@ -51,6 +52,8 @@ def ready_for_training(cfg: Config, model: Any, device: torch.device) -> tuple[A
     """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW."""
     model = prepare_model(cfg, to_train_dtype(model, cfg)).to(device)  # bf16: LoRA adapters stay fp32
     model.train()
+    if use_padding_free(cfg, device):
+        use_varlen(unwrap(model))
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)
     optimizer = make_optimizer(model, cfg.train)

@@ -435,3 +435,12 @@ def test_templates_without_tools_reject_tool_rows(toks, gemma_tok):
     with pytest.raises(SftError, match=r"t.jsonl:3: the chat template failed.*alternate"):
         encode_all(Conversation(CONVS["tool"], tools=TOOLS, source="t.jsonl", line=3), gemma_tok,
                    _source("gemma3"), "assistant")
+
+
+def test_reply_merging_with_the_prompt_is_counted(toks):
+    tok, source = toks["smol"], _source("qwen2.5")  # no lstrip: "assistant\n" + "\nStarts" -> "\n\n"
+    (ex,) = encode_all(Conversation(CONVS["whitespace"], source="w.jsonl", line=1), tok, source, "assistant")
+    assert ex.meta["merged_starts"] == 1
+    assert any("1 rows have a reply whose first token merges" in w and "w.jsonl:1" in w for w in lint(tok, source, [ex]))
+    (plain,) = encode_all(Conversation(CONVS["multi"]), tok, source, "assistant")
+    assert "merged_starts" not in plain.meta  # control

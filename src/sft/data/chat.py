@@ -22,25 +22,24 @@ from pathlib import Path
 from typing import Any
 
 from sft.data.masks import (
-    aligned_tail,
     common_prefix,
     content_spans,
     end_of_turn,
     fast_regions,
+    kept_reasoning,
     labels_for,
+    reads_reasoning,
     render,
     special_ids,
-    tag_boundary,
+    template_messages,
     tokenize,
-    turn_region,
+    turn_texts,
 )
 from sft.data.types import IGNORE, Conversation, Example, Message
 from sft.errors import SftError
 
 BUILTIN_TEMPLATES = ("chatml", "gemma", "llama3")
 TRAIN_ON = ("assistant", "last_assistant", "all")
-REASONING = ("keep_last", "keep_all", "drop")
-THINK = "<think>\n{}\n</think>\n\n"  # how reasoning is written into content for templates that ignore the field
 _PROBE = [
     Message("user", "Hi there"),
     Message("assistant", "Hello! How can I help?"),
@@ -91,43 +90,6 @@ def _source(template: str, tokenizer: Any) -> str:
     return template if ("{{" in template or "{%" in template) else resolve_template(template, tokenizer)
 
 
-def reads_reasoning(source: str) -> bool:
-    """Whether a template renders ``reasoning_content`` itself (Qwen3 and our built-ins do).
-
-    >>> reads_reasoning("{{ message.reasoning_content }}"), reads_reasoning("{{ message.content }}")
-    (True, False)
-    """
-    return "reasoning_content" in source
-
-
-def template_messages(messages: list[Message], keep: set[int], inline: bool) -> list[dict[str, Any]]:
-    """The dicts handed to the template; only messages in ``keep`` carry their reasoning, as the
-    ``reasoning_content`` field or (``inline``) as ``<think>`` text before the content.
-
-    >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, inline=True)
-    [{'role': 'assistant', 'content': '<think>\\n2+2=4\\n</think>\\n\\n4'}]
-    """
-    out = []
-    for i, m in enumerate(messages):
-        d = m.to_template(reasoning=False)
-        if m.reasoning is not None and i in keep:
-            if inline:
-                d["content"] = THINK.format(m.reasoning) + m.content
-            else:
-                d["reasoning_content"] = m.reasoning
-        out.append(d)
-    return out
-
-
-def _kept(messages: list[Message], reasoning: str, upto: int) -> set[int]:
-    """Indexes whose reasoning is shown in a view of ``messages[:upto + 1]``."""
-    if reasoning not in REASONING:
-        raise SftError(f"data.reasoning: {reasoning!r} is not allowed; use one of {', '.join(REASONING)}")
-    if reasoning == "keep_all":
-        return set(range(upto + 1))
-    return {upto} if reasoning == "keep_last" else set()
-
-
 # ---------------------------------------------------------------------------------------------
 # masks
 
@@ -142,38 +104,6 @@ def _trained_flags(messages: list[Message], train_on: str) -> list[bool]:
         m.train is True or (m.train is None and m.role == "assistant" and (train_on == "assistant" or i == last))
         for i, m in enumerate(messages)
     ]
-
-
-Turn = tuple[int, str, int, int]  # (message index, rendered text ending with it, start, end)
-
-
-def _turns(
-    messages: list[Message], tokenizer: Any, source: str, tools: Any, reasoning: str, indexes: list[int], where: str,
-    whole: str | None = None,
-) -> list[Turn]:
-    """For each message index: the conversation rendered up to it (history as inference renders it)
-    and the [start, end) characters of its turn there (see sft.data.masks). ``whole``: the
-    rendering of all ``messages`` in that same view, if the caller has it."""
-    inline = not reads_reasoning(source)
-    marker = end_of_turn(tokenizer, source)
-    out = []
-    for i in indexes:
-        view = template_messages(messages[: i + 1], _kept(messages, reasoning, i), inline)
-        prompt = render(tokenizer, source, view[:i], tools, messages[i].role == "assistant", where)
-        last = whole is not None and i == len(messages) - 1
-        text = whole if last and whole is not None else render(tokenizer, source, view, tools, False, where)
-        start = common_prefix(prompt, text)
-        if start < len(prompt):  # the prompt is not how the template renders the history it continues
-            before = messages[i - 1].content.strip() if i else ""
-            k = aligned_tail(prompt[start:], text[start:])
-            if before and before in prompt[len(prompt) - k:]:
-                # history rendered differently (Mistral writes the system prompt only into the last
-                # user turn): the example is the prompt as inference gives it, then the turn
-                text, start = prompt + text[start + k:], len(prompt)
-            else:  # the prompt adds text that turns never render (DeepSeek-R1's "<think>\n")
-                start = tag_boundary(prompt, start)
-        out.append((i, text, start, turn_region(text, start, marker)))
-    return out
 
 
 def encode_all(
@@ -204,7 +134,7 @@ def encode_all(
     source = _source(template, tokenizer)
     flags = _trained_flags(msgs, train_on)
     last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=len(msgs) - 1)
-    view = template_messages(msgs, _kept(msgs, reasoning, last), not reads_reasoning(source))
+    view = template_messages(msgs, kept_reasoning(msgs, reasoning, last), not reads_reasoning(source))
     rendered = render(tokenizer, source, view, conv.tools, False, where)
     for i, m in enumerate(msgs):
         if any(c.get("function", c).get("name", "") not in rendered for c in m.tool_calls or []):
@@ -213,7 +143,7 @@ def encode_all(
     if train_on == "all":  # every token except the text of train: false messages
         marker = end_of_turn(tokenizer, source) or ""
         regions = []
-        for i, text, start, end in _turns(msgs, tokenizer, source, conv.tools, reasoning, [i for i, f in enumerate(flags) if not f], where):
+        for i, text, start, end in turn_texts(msgs, tokenizer, source, conv.tools, reasoning, [i for i, f in enumerate(flags) if not f], where):
             if not rendered.startswith(text[:end]):
                 raise SftError(f"{where}: messages[{i}] has train: false, which train_on: all cannot honour with "
                                "this template (it renders earlier turns differently); use train_on: assistant")
@@ -224,7 +154,7 @@ def encode_all(
         return [_example(conv, ids, labels, None)]
     trained = [i for i, f in enumerate(flags) if f]
     fast = _fast_regions(msgs, tokenizer, source, view, conv.tools, rendered, trained, where)
-    turns = [] if fast is not None else _turns(msgs, tokenizer, source, conv.tools, reasoning, trained, where)
+    turns = [] if fast is not None else turn_texts(msgs, tokenizer, source, conv.tools, reasoning, trained, where)
     groups: list[tuple[str, list[tuple[int, int]], int | None]]  # (text, trained regions, turn)
     if fast is not None:
         groups = [(rendered, fast, None)]
@@ -235,7 +165,13 @@ def encode_all(
     out = []
     for text, regions, turn in groups:
         ids, offsets = tokenize(tokenizer, text)
-        out.append(_example(conv, ids, labels_for(ids, offsets, regions, IGNORE), turn))
+        ex = _example(conv, ids, labels_for(ids, offsets, regions, IGNORE), turn)
+        # a reply whose first token merges with the prompt's last one ("\n" + "\nHi" -> "\n\n", "Hi"):
+        # trained as tokenized here, but inference tokenizes the prompt alone
+        merged = sum(any(a < s < b for a, b in offsets) for s, _ in regions)
+        if merged:
+            ex.meta["merged_starts"] = merged
+        out.append(ex)
     return out
 
 
@@ -258,7 +194,7 @@ def _regular(tokenizer: Any, source: str) -> bool:
         view = template_messages(probe, set(), False)
         try:
             rendered = render(tokenizer, source, view, None, False, "data.template")
-            turns = _turns(probe, tokenizer, source, None, "drop", trained, "data.template")
+            turns = turn_texts(probe, tokenizer, source, None, "drop", trained, "data.template")
         except SftError:
             return False
         if not all(rendered.startswith(text[:end]) for _, text, _, end in turns):
@@ -286,7 +222,7 @@ def _fast_regions(
     if regions is None:
         return None
     for k in {0, len(trained) - 1}:
-        ((_, text, start, end),) = _turns(msgs, tokenizer, source, tools, "drop", [trained[k]], where, rendered)
+        ((_, text, start, end),) = turn_texts(msgs, tokenizer, source, tools, "drop", [trained[k]], where, rendered)
         if (start, end) != regions[k] or not rendered.startswith(text[:end]):
             return None
     return regions
@@ -313,7 +249,7 @@ def prompt_ids(messages: list[Message], tokenizer: Any, template: str, tools: An
     """Token ids of ``messages`` rendered with add_generation_prompt=True: what the model sees
     before it writes its reply (history reasoning as ``data.reasoning`` trained it)."""
     source = _source(template, tokenizer)
-    keep = _kept(messages, reasoning, len(messages) - 1) if reasoning == "keep_all" else set()
+    keep = kept_reasoning(messages, reasoning, len(messages) - 1) if reasoning == "keep_all" else set()
     text = render(tokenizer, source, template_messages(messages, keep, not reads_reasoning(source)), tools, True, "prompt")
     return tokenize(tokenizer, text)[0]
 
@@ -378,7 +314,7 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
             f"{where}: the end-of-turn marker {marker!r} is not a special token of this tokenizer but "
             f"{len(eot_ids)} text tokens: it is trained, but generation has no single stop id for it"
         )
-    zero, no_eot, double = [], [], []
+    zero, no_eot, double, merged = [], [], [], []
     for ex in examples or []:
         loc = f"{ex.source}:{ex.line}"
         if ex.num_trained == 0:
@@ -387,10 +323,14 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
             no_eot.append(loc)
         if bos is not None and ex.input_ids[:2] == [bos, bos]:
             double.append(loc)
+        if ex.meta.get("merged_starts"):
+            merged.append(loc)
     for locs, what in (
         (zero, "rows have zero trained tokens (check data.train_on and per-message train: false)"),
         (no_eot, "rows never train an end-of-turn marker, so the model will not learn to stop"),
         (double, "rows start with two BOS tokens"),
+        (merged, "rows have a reply whose first token merges with the end of the prompt (e.g. a reply "
+                 "starting with a newline); inference tokenizes the prompt alone, so strip such replies"),
     ):
         if locs:
             listed = ", ".join(locs[:5]) + (f" and {len(locs) - 5} more" if len(locs) > 5 else "")

@@ -27,6 +27,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from sft.data.types import Message
 from sft.errors import SftError
 
 Span = tuple[int, int]  # [start, end) in characters of the rendered text
@@ -195,6 +196,83 @@ def turn_region(full: str, start: int, marker: str | None) -> int:
         if at >= 0:
             return at + len(marker)
     return max(start, len(full.rstrip()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the messages a template sees, and each trained turn's text
+
+
+REASONING = ("keep_last", "keep_all", "drop")
+THINK = "<think>\n{}\n</think>\n\n"  # how reasoning is written into content for templates that ignore the field
+
+
+def reads_reasoning(source: str) -> bool:
+    """Whether a template renders ``reasoning_content`` itself (Qwen3 and our built-ins do).
+
+    >>> reads_reasoning("{{ message.reasoning_content }}"), reads_reasoning("{{ message.content }}")
+    (True, False)
+    """
+    return "reasoning_content" in source
+
+
+def template_messages(messages: list[Message], keep: set[int], inline: bool) -> list[dict[str, Any]]:
+    """The dicts handed to the template; only messages in ``keep`` carry their reasoning, as the
+    ``reasoning_content`` field or (``inline``) as ``<think>`` text before the content.
+
+    >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, inline=True)
+    [{'role': 'assistant', 'content': '<think>\\n2+2=4\\n</think>\\n\\n4'}]
+    """
+    out = []
+    for i, m in enumerate(messages):
+        d = m.to_template(reasoning=False)
+        if m.reasoning is not None and i in keep:
+            if inline:
+                d["content"] = THINK.format(m.reasoning) + m.content
+            else:
+                d["reasoning_content"] = m.reasoning
+        out.append(d)
+    return out
+
+
+def kept_reasoning(messages: list[Message], reasoning: str, upto: int) -> set[int]:
+    """Indexes whose reasoning is shown in a view of ``messages[:upto + 1]``."""
+    if reasoning not in REASONING:
+        raise SftError(f"data.reasoning: {reasoning!r} is not allowed; use one of {', '.join(REASONING)}")
+    if reasoning == "keep_all":
+        return set(range(upto + 1))
+    return {upto} if reasoning == "keep_last" else set()
+
+
+Turn = tuple[int, str, int, int]  # (message index, rendered text ending with it, start, end)
+
+
+def turn_texts(
+    messages: list[Message], tokenizer: Any, source: str, tools: Any, reasoning: str, indexes: list[int], where: str,
+    whole: str | None = None,
+) -> list[Turn]:
+    """For each message index: the conversation rendered up to it (history as inference renders it)
+    and the [start, end) characters of its turn there (see sft.data.masks). ``whole``: the
+    rendering of all ``messages`` in that same view, if the caller has it."""
+    inline = not reads_reasoning(source)
+    marker = end_of_turn(tokenizer, source)
+    out = []
+    for i in indexes:
+        view = template_messages(messages[: i + 1], kept_reasoning(messages, reasoning, i), inline)
+        prompt = render(tokenizer, source, view[:i], tools, messages[i].role == "assistant", where)
+        last = whole is not None and i == len(messages) - 1
+        text = whole if last and whole is not None else render(tokenizer, source, view, tools, False, where)
+        start = common_prefix(prompt, text)
+        if start < len(prompt):  # the prompt is not how the template renders the history it continues
+            before = messages[i - 1].content.strip() if i else ""
+            k = aligned_tail(prompt[start:], text[start:])
+            if before and before in prompt[len(prompt) - k:]:
+                # history rendered differently (Mistral writes the system prompt only into the last
+                # user turn): the example is the prompt as inference gives it, then the turn
+                text, start = prompt + text[start + k:], len(prompt)
+            else:  # the prompt adds text that turns never render (DeepSeek-R1's "<think>\n")
+                start = tag_boundary(prompt, start)
+        out.append((i, text, start, turn_region(text, start, marker)))
+    return out
 
 
 def labels_for(ids: list[int], offsets: list[Span], regions: list[Span], ignore: int) -> list[int]:

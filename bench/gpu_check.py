@@ -5,7 +5,15 @@
 1. packed-vs-separate logits on CUDA (sdpa; fp32 and bf16) for a tiny Llama and a tiny Gemma 3,
    with the leaking control (positions that do not restart);
 2. batch 4 x accumulation 1 == batch 1 x accumulation 4 through `sft.training.loop.train` on CUDA (fp32);
-3. throughput of `sft train` for a SmolLM2-135M-shaped model (random init) on real data, fp32 and bf16.
+3. throughput of `sft train` for a SmolLM2-135M-shaped model (random init) on real data, fp32 and bf16;
+4. device placement (issue 10): `sft train` (with the before/after evaluation, held-out loss and
+   the KL base model), `sft eval`, `sft generate` and `sft chat` run every matmul, embedding and
+   attention op on CUDA; an op with a CPU tensor is listed and fails the check.
+
+    PYTHONPATH=src python bench/gpu_check.py --tokenizer DIR --data FILE --only devices [--expect cpu]
+
+``--expect cpu`` runs check 4 on a machine without a GPU (it must then find every op on the CPU);
+``--expect cuda`` on a CPU machine is the control: it fails, listing the CPU ops.
 """
 
 from __future__ import annotations
@@ -74,12 +82,108 @@ def run_train(model_dir: Path, data: Path, out: Path, *extra: str) -> list[dict[
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
 
+# aten ops that do the model's compute; collate and the optimizer's bookkeeping are not counted
+HEAVY_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "embedding", "embedding_dense_backward",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_efficient_attention_forward", "_flash_attention_forward", "_log_softmax", "logsumexp"}
+
+
+class OpDevices:
+    """Counts, per device type, the HEAVY_OPS run while active (a TorchDispatchMode)."""
+
+    def __init__(self, expect: str) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counts: dict[str, int] = {}
+        examples: list[str] = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                name = func.overloadpacket.__name__
+                if name in HEAVY_OPS:
+                    devs = sorted({t.device.type for t in tree_leaves((args, kwargs or {}))
+                                   if isinstance(t, torch.Tensor)})
+                    key = "+".join(devs)
+                    counts[key] = counts.get(key, 0) + 1
+                    if key != expect and len(examples) < 5:
+                        examples.append(f"{name} on {key}")
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.counts, self.examples = Mode(), counts, examples
+
+    def __enter__(self) -> OpDevices:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.mode.__exit__(*exc)
+
+
+def device_check(tok_dir: Path, data: Path, out: Path, expect: str) -> dict[str, object]:
+    """Check 4: every heavy op of train / eval / generate / chat runs on ``expect``."""
+    import builtins
+
+    from transformers import AutoTokenizer
+
+    from sft.config import load_config
+    from sft.evaluation.evaluate import run_eval
+    from sft.evaluation.generate import chat, generate_file
+    from sft.training.loop import train
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tiny = out / "tiny-devices"
+    tiny_models(len(tok))["llama"].save_pretrained(str(tiny))
+    tok.save_pretrained(str(tiny))
+    run = out / "run-devices"
+    common = [f"--model={tiny}", f"--data.train={data}", f"--eval.data={data}", f"--data.cache_dir={out / 'cache'}",
+              "--data.max_length=256", "--eval.max_new_tokens=4", "--eval.max_examples=4", "--train.precision=fp32"]
+    phases: dict[str, dict[str, object]] = {}
+
+    def phase(name: str, fn: object) -> None:
+        with OpDevices(expect) as ops:
+            fn()  # type: ignore[operator]
+        phases[name] = {"ops_by_device": ops.counts, "not_on_device": ops.examples,
+                        "ok": set(ops.counts) == {expect}}
+        print(name, json.dumps(phases[name]), flush=True)
+
+    phase("train", lambda: train(load_config(None, [*common, f"--output_dir={run}", "--train.max_steps=4",
+                                                    "--train.batch_size=2", "--eval.every=2",
+                                                    "--eval.before_after=true"]), overwrite=True, progress=False))
+    phase("eval", lambda: run_eval(load_config(None, common), model=str(run / "final"),
+                                   out=str(out / "eval-devices.json")))
+    prompts = out / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Hello"}]}) + "\n")
+    phase("generate", lambda: generate_file(str(run / "final"), str(prompts), str(out / "gen.jsonl"),
+                                            max_new_tokens=4))
+    said = iter(["Hello", "/quit"])
+    real_input = builtins.input
+    builtins.input = lambda prompt="": next(said)
+    try:
+        phase("chat", lambda: chat(str(run / "final"), max_new_tokens=4))
+    finally:
+        builtins.input = real_input
+    return {"expect": expect, "phases": phases, "ok": all(p["ok"] for p in phases.values())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", default="/tmp/gpu_out")
+    ap.add_argument("--only", choices=["devices"], help="run only check 4")
+    ap.add_argument("--expect", default="cuda", choices=["cuda", "cpu"], help="check 4: the device every op must use")
     args = ap.parse_args()
+    if args.only == "devices":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = device_check(Path(args.tokenizer), write_data(Path(args.data), 16), out, args.expect)
+        result["torch"] = torch.__version__
+        result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        (out / "device_check.json").write_text(json.dumps(result, indent=1))
+        print("device check:", "PASS" if result["ok"] else "FAIL", flush=True)
+        return 0 if result["ok"] else 1
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     out = Path(args.out)
@@ -127,6 +231,7 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
             print(json.dumps(speed[-1]), flush=True)
     report["smollm2_shape_train_speed"] = speed
+    report["devices"] = device_check(Path(args.tokenizer), write_data(Path(args.data), 16), out, "cuda")
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     return 0
 

@@ -23,9 +23,37 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
+    """``sft train CONFIG --nproc N ...`` as the torchrun command it stands for (this machine only).
+
+    >>> torchrun_command(2, ["train", "c.yaml", "--nproc", "2", "--resume"])[1:]
+    ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'sft', 'train', 'c.yaml', '--resume']
+    """
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "sft", *rest]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sft.training.loop import train
 
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        _config(args)  # a bad config fails here, once, not in every process
+        import torch
+
+        if torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
+            raise SftError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} GPUs; "
+                           "use at most one process per GPU")
+        return subprocess.call(torchrun_command(args.nproc, args.argv))
     cfg = _config(args)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 130 if result.interrupted else 0  # 130: stopped by a signal, checkpoint saved (as `sft sweep`)
@@ -103,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = with_config("train", "fine-tune a model (full or LoRA)", cmd_train)
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
+    t.add_argument("--nproc", type=int, help="train with N processes on this machine (starts torchrun; one per GPU)")
 
     d = sub.add_parser("data", help="check, preview or tokenize the training data")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
@@ -192,6 +221,7 @@ def _split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> ar
         else:
             parser.error(f"unrecognized argument: {item}")
     args.overrides = overrides
+    args.argv = list(argv)
     return args
 
 

@@ -120,6 +120,9 @@ class TrainConfig:
     tensorboard: bool = False
     compile: bool = False
     threads: int | None = None
+    # under torchrun: ddp (a whole model per process) | fsdp (FSDP2, sharded per decoder layer);
+    # auto: ddp below sft.training.distributed.FSDP_FROM_PARAMS (1B) parameters, fsdp above
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 @dataclass

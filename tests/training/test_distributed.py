@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,13 +76,11 @@ class Runs:
     def args(self, name: str, *extra: str) -> list[str]:
         return overrides(self.tiny_dir, self.data_file, self.root / name, *extra)
 
-    def one(self, packing: bool) -> Path:
+    def one(self, name: str, *extra: str) -> Path:
         """One process, grad_accum 2: the global step of 2 processes x grad_accum 1."""
-        name = f"one-{packing}"
         if name not in self.done:
             threads = torch.get_num_threads()  # train.threads=1 as in each torchrun process
-            train(load_config(None, self.args(name, "--train.grad_accum=2", f"--data.packing={packing}")),
-                  progress=False)
+            train(load_config(None, self.args(name, "--train.grad_accum=2", *extra)), progress=False)
             torch.set_num_threads(threads)
             self.done[name] = self.root / name
         return self.done[name]
@@ -138,13 +137,26 @@ def example_lengths(runs: Runs, packing: bool) -> list[int]:
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_processes_equal_one(runs: Runs, parallel: str, packing: bool) -> None:
     assert short_steps(packing, example_lengths(runs, packing)) >= 1  # a rank with no micro-batch is covered
-    one, two = runs.one(packing), runs.two(parallel, packing)
+    one, two = runs.one(f"one-{packing}", f"--data.packing={packing}"), runs.two(parallel, packing)
     assert_same_run(one, two)
     start = load_file(str(runs.tiny_dir / "model.safetensors"))
     assert any(not torch.equal(weights_of(two)[k], start[k]) for k in start)  # training moved the weights
     if parallel == "fsdp":  # FSDP2 checkpoints are per-rank shards written by torch.distributed.checkpoint
         shards = sorted(p.name for p in (two / "checkpoints" / "step-2" / "model").iterdir())
         assert len(shards) == 2 and all(s.endswith(".safetensors") for s in shards)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lora_two_processes_equal_one(runs: Runs, parallel: str) -> None:
+    """LoRA under both wrappers (dropout 0: dropout draws other random masks on 2 processes)."""
+    lora = ["--train.method=lora", "--lora.dropout=0", "--train.lr=1e-3", "--data.packing=false"]
+    out = runs.root / f"lora-{parallel}"
+    r = sft_cli(["train", str(runs.cfg_file), "--nproc", "2", *runs.args(out.name, f"--train.parallel={parallel}",
+                                                                         *lora)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_same_run(runs.one("lora-one", *lora), out)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow
@@ -157,7 +169,7 @@ def test_broken_gradient_reduction_differs(runs: Runs, parallel: str, mode: str)
                                                           "--data.packing=false")],
                 script=[str(HERE / "broken_dist.py"), mode])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    one = runs.one(False)
+    one = runs.one("one-False", "--data.packing=false")
     la, lb = losses_of(one), losses_of(out)
     wa, wb = weights_of(one), weights_of(out)
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
@@ -265,5 +277,5 @@ def test_load_checkpoint_requires_every_trainable_parameter(tiny_llama_model: An
     weights = load_file(str(path / "model.safetensors"))
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(path / "model.safetensors"))
-    with pytest.raises(SftError, match="trainable parameter model.layers.1.mlp.up_proj.weight is not in"):
+    with pytest.raises(SftError, match=re.escape("trainable parameter model.layers.1.mlp.up_proj.weight is not in")):
         checkpoint.load_checkpoint(path, tiny_llama_model, opt)

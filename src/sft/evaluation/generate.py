@@ -57,7 +57,65 @@ def generate_batch(
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[Generation]:
-    """Greedy replies to ``prompts`` (token ids), in input order.
+    """Greedy replies to ``prompts`` (token ids), in input order. Under torchrun rank r answers
+    prompts r, r + world, ... and every rank gets all the replies (greedy decoding of a prompt
+    does not depend on the others, so the result equals one process's)."""
+    from sft.training.distributed import rank_and_world
+
+    rank, world = rank_and_world()
+    if world == 1:
+        return _generate_local(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, progress)
+    mine = _generate_local(model, tokenizer, prompts[rank::world], stop_ids, max_new_tokens, batch_size,
+                           progress and rank == 0)
+    out: list[Generation | None] = [None] * len(prompts)
+    for r, gens in enumerate(_gather_generations(mine, world, next(model.parameters()).device)):
+        for k, (ids, stopped, stop_id) in enumerate(gens):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            out[r + k * world] = Generation(text, ids, stopped, stop_id)
+    return [g for g in out if g is not None]
+
+
+def _gather_generations(
+    mine: list[Generation], world: int, device: Any
+) -> list[list[tuple[list[int], bool, int | None]]]:
+    """Every rank's (ids, stopped, stop id) replies, via one all_gather of padded int64 tensors:
+    per reply ``[stopped, stop_id or -1, n, id_1 .. id_n]``."""
+    import torch
+    import torch.distributed as dist
+
+    flat: list[int] = []
+    for g in mine:
+        stop_id = getattr(g, "stop_id", None)
+        flat += [int(g.stopped), -1 if stop_id is None else stop_id, len(g.token_ids), *g.token_ids]
+    size = torch.tensor([len(flat)], dtype=torch.long, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    width = max(int(s) for s in sizes)
+    local = torch.full((width,), -1, dtype=torch.long, device=device)
+    local[: len(flat)] = torch.tensor(flat, dtype=torch.long)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    result = []
+    for part, n in zip(parts, sizes):
+        vals, gens, i = part[: int(n)].tolist(), [], 0
+        while i < len(vals):
+            stopped, stop_id, length = vals[i], vals[i + 1], vals[i + 2]
+            gens.append((vals[i + 3 : i + 3 + length], bool(stopped), None if stop_id < 0 else stop_id))
+            i += 3 + length
+        result.append(gens)
+    return result
+
+
+def _generate_local(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[Generation]:
+    """Greedy replies to ``prompts`` (token ids) on this process, in input order.
 
     Batches are LEFT padded with an attention mask, so every prompt ends at the same position
     and the KV cache continues all of them together; the result equals unbatched greedy decoding.
@@ -124,11 +182,12 @@ def _load(model_path: str, template_arg: str | None = None) -> tuple[Any, Any, s
     ``template_arg`` (--template) overrides the saved template, e.g. for a base model."""
     from sft.data.chat import resolve_template, stop_token_ids
     from sft.models.load import load_model, load_tokenizer
+    from sft.training.distributed import device
 
     tokenizer = load_tokenizer(model_path)
     template, base_dir = (template_arg, ".") if template_arg else _saved_template(model_path, tokenizer)
     template = resolve_template(template, tokenizer, base_dir=base_dir)
-    model = load_model(model_path).eval()
+    model = load_model(model_path).to(device()).eval()  # the GPU when there is one
     return model, tokenizer, template, stop_token_ids(tokenizer, template)
 
 
@@ -252,10 +311,11 @@ def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None
         ids = prompt_ids(msgs, tokenizer, template)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         print("bot> ", end="", flush=True)
+        dev = next(model.parameters()).device
         with torch.no_grad():
             seq = model.generate(
-                input_ids=torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                input_ids=torch.tensor([ids], device=dev),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=stop_ids,

@@ -28,7 +28,7 @@ from sft.evaluation.result import EvalResult
 from sft.models import load as models
 from sft.models.save import save_final
 from sft.reporting.run_log import RunLog, truncate_metrics, write_run_report
-from sft.training import checkpoint
+from sft.training import checkpoint, distributed
 from sft.training.distributed import device, is_main
 from sft.training.optim import lr_at
 from sft.training.precision import resolve_precision, train_dtype
@@ -68,6 +68,7 @@ class Run:
     bad_evals: int = 0
     skipped: int = 0
     before: EvalResult | None = None
+    module: Any = None  # what the step calls: the DDP / FSDP2 wrapper under torchrun, else the model
 
     @property
     def has_eval(self) -> bool:
@@ -76,7 +77,7 @@ class Run:
     def state(self) -> RunState:
         """What a checkpoint records besides weights and optimizer (see sft.training.checkpoint)."""
         return {"total_steps": len(self.plan), "best_eval": self.best_eval, "bad_evals": self.bad_evals,
-                "skipped_steps": self.skipped}
+                "skipped_steps": self.skipped, "config": checkpoint.resume_config(self.cfg)}
 
 
 def train(
@@ -91,12 +92,15 @@ def train(
     ``stop_check(step, loss)`` (used by ``sft sweep`` to prune) may return a reason to stop: the
     run then saves a checkpoint and ends without writing ``final/``.
     """
+    distributed.init()  # under torchrun: join the process group (one process: nothing)
     run = setup(cfg, resume, overwrite, progress)
     if run is None:
+        distributed.shutdown()
         return RunResult(Path(cfg.output_dir), 0)
     result = loop(run, progress, stop_check)
     if not (result.interrupted or result.stop_reason is not None):
         finish(run, result, progress)
+    distributed.shutdown()  # ranks wait here while rank 0 writes final/ and the report
     return result
 
 
@@ -117,30 +121,44 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool) -> Run | N
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    print(f"precision: {resolve_precision(cfg)}", flush=True)
-
+    world = distributed.rank_and_world()[1]
+    if is_main():
+        print(f"precision: {resolve_precision(cfg)}", flush=True)
+        if world > 1:
+            print(f"processes: {world} | global batch {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} = "
+                  f"{cfg.train.batch_size * cfg.train.grad_accum * world} "
+                  f"{'packed rows' if cfg.data.packing else 'sequences'} per step", flush=True)
+    if not is_main():
+        distributed.barrier()  # rank 0 tokenizes and fills the data cache first; the others read it
     prepared = prepare_data(cfg, cfg.train.max_steps)  # data: validated before any weights load
     has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
     eval_examples = build_dataset(cfg, prepared.tokenizer, "eval").examples if has_eval else []
+    if is_main():
+        distributed.barrier()
     model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code)  # bf16: pure bf16
-    if overwrite:
+    if overwrite and is_main():
         clear_previous_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
 
     before = None
     if cfg.eval.before_after and has_eval and is_main() and not resume:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the starting model ...", flush=True)
-        before = evaluate(cfg, model, prepared.tokenizer, prepared.data.template, base_model=None, progress=progress)
+        before = evaluate(cfg, model.to(device()), prepared.tokenizer, prepared.data.template, base_model=None,
+                          progress=progress)
         (out / "before.json").write_text(json.dumps(before, indent=1))
+    distributed.barrier()  # the other ranks wait for rank 0's "before" evaluation
     model, optimizer = ready_for_training(cfg, model, device())
+    module, optimizer = distributed.wrap(cfg, model, optimizer)  # one process: (model, optimizer)
     run = Run(cfg, out, prepared.tokenizer, prepared.data, eval_examples, prepared.plan, model, optimizer,
-              device(), prepared.pad_id, before=before)
+              device(), prepared.pad_id, before=before, module=module)
     if resume:
         restore(run)
-    save_config(cfg, out / "config.yaml")
-    truncate_metrics(out / "metrics.jsonl", run.start)
+    if is_main():
+        save_config(cfg, out / "config.yaml")
+        truncate_metrics(out / "metrics.jsonl", run.start)
     return run
 
 
@@ -151,6 +169,7 @@ def restore(run: Run) -> None:
     if not found:
         print(f"{root}: no complete checkpoint; starting from the beginning", flush=True)
         return
+    checkpoint.check_resume(found[-1], checkpoint.read_state(found[-1]), run.cfg)  # before any weight loads
     state = checkpoint.load_checkpoint(found[-1], run.model, run.optimizer)
     if state.get("total_steps") != len(run.plan):
         raise SftError(f"{found[-1]}: the checkpoint was made for {state.get('total_steps')} steps but the "
@@ -158,7 +177,8 @@ def restore(run: Run) -> None:
     run.start = state["step"]
     run.best_eval, run.bad_evals = state.get("best_eval", math.inf), state.get("bad_evals", 0)
     run.skipped = state.get("skipped_steps", 0)
-    print(f"Resuming from {found[-1]} (step {run.start}/{len(run.plan)})", flush=True)
+    if is_main():
+        print(f"Resuming from {found[-1]} (step {run.start}/{len(run.plan)})", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,13 +206,15 @@ def loop(run: Run, progress: bool, stop_check: Callable[[int, float], str | None
                 result.stopped_early = evaluate_during(run, log, done)
             reason = stop_check(done, r.loss) if stop_check is not None else None
             periodic = bool(cfg.train.save_every and done % cfg.train.save_every == 0 and done < total)
-            if periodic or interrupt.signal is not None or reason is not None:
+            # every rank must agree to stop (and save) at the same step, whichever one saw the signal
+            signalled = distributed.any_rank(interrupt.signal is not None, run.device)
+            if periodic or signalled or reason is not None:
                 save_checkpoint(run, done)
             if reason is not None:
                 result.stop_reason = reason
                 log.say(f"Stopped at step {done}/{total}: {reason}")
                 break
-            if interrupt.signal is not None:
+            if signalled:
                 log.say(f"Stopped at step {done}/{total}; checkpoint saved. Continue with: sft train CONFIG --resume")
                 result.interrupted = True
                 break
@@ -206,7 +228,7 @@ def guarded_step(run: Run, step: int, lr: float) -> StepResult:
     """``train_step``, with running out of memory turned into advice."""
     cfg = run.cfg
     try:
-        return train_step(run.model, run.optimizer, run.plan[step], run.data.examples, cfg, run.pad_id,
+        return train_step(run.module, run.optimizer, run.plan[step], run.data.examples, cfg, run.pad_id,
                           run.device, lr)
     except torch.OutOfMemoryError:
         raise SftError(
@@ -237,7 +259,7 @@ def evaluate_during(run: Run, log: RunLog, done: int) -> bool:
     """Held-out loss every ``eval.every`` steps; True when early stopping says stop."""
     from sft.evaluation.heldout import heldout_loss
 
-    ev, _ = heldout_loss(run.model, run.eval_examples, run.pad_id, run.cfg)
+    ev, _ = heldout_loss(run.module, run.eval_examples, run.pad_id, run.cfg)  # split over ranks
     if ev is None:
         return False
     log.eval(done, ev)
@@ -253,9 +275,9 @@ def evaluate_during(run: Run, log: RunLog, done: int) -> bool:
 
 
 def save_checkpoint(run: Run, done: int) -> None:
-    if is_main():
-        checkpoint.save_checkpoint(run.out / "checkpoints", done, run.model, run.optimizer, run.state(),
-                                   run.cfg.train.keep_checkpoints)
+    """Every rank calls it: DDP and one process write from rank 0, FSDP2 from every rank."""
+    checkpoint.save_checkpoint(run.out / "checkpoints", done, run.model, run.optimizer, run.state(),
+                               run.cfg.train.keep_checkpoints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,12 +291,20 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
 
     cfg, out = run.cfg, run.out
     last_step = result.last_step if result.stopped_early else len(run.plan)
-    final_eval = heldout_loss(run.model, run.eval_examples, run.pad_id, cfg)[0] if run.has_eval else None
+    final_eval = heldout_loss(run.module, run.eval_examples, run.pad_id, cfg)[0] if run.has_eval else None
+    model = run.model
+    if distributed.is_sharded(run.model):  # FSDP2: gather the whole model on rank 0 to save final/
+        from sft.training.prepare import prepare_model
+
+        full = checkpoint.full_state_dict(run.model)
+        if is_main():
+            model = prepare_model(cfg, models.load_model(cfg.model, torch.float32, cfg.trust_remote_code))
+            model.load_state_dict(full)
     if not is_main():
         return
     if final_eval is not None:
         append_row(out / "metrics.jsonl", {"step": last_step, "eval_loss": round(final_eval, 6)})
-    final_model = save_final(cfg, run.model, run.tokenizer, run.data.template, out)
+    final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(device())
     (out / "run_state.json").write_text(json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
     after = None
@@ -282,7 +312,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the tuned model ...", flush=True)
-        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code).to(device())
         after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress)
         (out / "after.json").write_text(json.dumps(after, indent=1))
         if run.before is None and (out / "before.json").exists():

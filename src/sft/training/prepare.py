@@ -16,6 +16,7 @@ from sft.data.batching import Step, plan_steps
 from sft.errors import SftError
 from sft.models import load as models
 from sft.training.attention import use_padding_free, use_varlen
+from sft.training.distributed import rank_and_world
 from sft.training.loss import unwrap
 from sft.training.optim import make_optimizer
 from sft.training.precision import to_train_dtype
@@ -41,8 +42,9 @@ def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
         raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
     for warning in lint(tokenizer, data.template, data.examples):
         print(f"warning: {warning}", file=sys.stderr)
+    world = rank_and_world()[1]  # a step holds grad_accum micro-batches per process (global batch x world)
     plan = plan_steps(
-        [len(e) for e in data.examples], cfg.train.batch_size, cfg.train.grad_accum, cfg.data.packing,
+        [len(e) for e in data.examples], cfg.train.batch_size, cfg.train.grad_accum * world, cfg.data.packing,
         cfg.data.max_length, cfg.train.epochs, max_steps, cfg.train.seed,
     )
     return TrainData(tokenizer, data, plan, pick_pad_id(tokenizer, stop_token_ids(tokenizer, data.template)))

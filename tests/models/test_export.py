@@ -309,6 +309,7 @@ def _bench():
     spec = importlib.util.spec_from_file_location("export_agreement", ROOT / "bench" / "export_agreement.py")
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -350,7 +351,7 @@ def smol_run(tmp_path_factory):
     return d / "smol"
 
 
-F16_LOGIT_TOL = 0.5  # llama.cpp f16 vs final/ (bf16 weights, fp32 compute): max |diff| over the vocabulary
+F16_LOGIT_TOL = 0.1  # llama.cpp f16 vs final/ (bf16 weights, fp32 compute): max |diff| over the vocabulary; measured 0.018
 
 
 @pytest.mark.slow

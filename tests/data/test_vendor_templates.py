@@ -444,3 +444,13 @@ def test_reply_merging_with_the_prompt_is_counted(toks):
     assert any("1 rows have a reply whose first token merges" in w and "w.jsonl:1" in w for w in lint(tok, source, [ex]))
     (plain,) = encode_all(Conversation(CONVS["multi"]), tok, source, "assistant")
     assert "merged_starts" not in plain.meta  # control
+
+
+def test_reasoning_goes_to_the_field_the_template_reads(smol_tok):
+    thinking = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}{% if m.thinking is defined %}"
+                "{{ '[T]' + m.thinking + '[/T]' }}{% endif %}{{ m.content + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    (ex,) = encode_all(Conversation(CONVS["reasoning"][:2]), smol_tok, thinking, "assistant")
+    assert _trained_texts(smol_tok, [ex]) == ["[T]Two plus two.[/T]4<|im_end|>"]
+    (ex,) = encode_all(Conversation(CONVS["reasoning"][:2]), smol_tok, resolve_template("chatml", smol_tok), "assistant")
+    assert _trained_texts(smol_tok, [ex]) == ["<think>\nTwo plus two.\n</think>\n\n4<|im_end|>"]  # written as text

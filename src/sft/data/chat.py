@@ -7,8 +7,9 @@ including the template's end-of-turn marker (see :mod:`sft.data.masks`). When th
 history differently from inference (Qwen3 drops earlier reasoning), the conversation becomes one
 example per trained turn, so training always sees what inference will show the model.
 
-Reasoning (``Message.reasoning``) is handed to the template as ``reasoning_content`` when the
-template reads that field (Qwen3), else written into the content as ``<think>\n...\n</think>\n\n``.
+Reasoning (``Message.reasoning``) is handed to the template as ``reasoning_content`` (Qwen3) or
+``thinking`` (gpt-oss) when the template reads that field, else written into the content as
+``<think>\n...\n</think>\n\n``.
 ``data.reasoning`` decides which turns keep it: ``keep_last`` (each trained turn keeps its own,
 earlier turns in its history do not, as chat clients send history), ``keep_all``, ``drop``.
 """
@@ -28,7 +29,7 @@ from sft.data.masks import (
     fast_regions,
     kept_reasoning,
     labels_for,
-    reads_reasoning,
+    reasoning_field,
     render,
     special_ids,
     template_messages,
@@ -134,7 +135,7 @@ def encode_all(
     source = _source(template, tokenizer)
     flags = _trained_flags(msgs, train_on)
     last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=len(msgs) - 1)
-    view = template_messages(msgs, kept_reasoning(msgs, reasoning, last), not reads_reasoning(source))
+    view = template_messages(msgs, kept_reasoning(msgs, reasoning, last), reasoning_field(source))
     rendered = render(tokenizer, source, view, conv.tools, False, where)
     for i, m in enumerate(msgs):
         if any(c.get("function", c).get("name", "") not in rendered for c in m.tool_calls or []):
@@ -191,7 +192,7 @@ def _regular(tokenizer: Any, source: str) -> bool:
         return False
     for probe in _REGULAR_PROBES:
         trained = [i for i, m in enumerate(probe) if m.role == "assistant"]
-        view = template_messages(probe, set(), False)
+        view = template_messages(probe, set(), None)
         try:
             rendered = render(tokenizer, source, view, None, False, "data.template")
             turns = turn_texts(probe, tokenizer, source, None, "drop", trained, "data.template")
@@ -250,7 +251,7 @@ def prompt_ids(messages: list[Message], tokenizer: Any, template: str, tools: An
     before it writes its reply (history reasoning as ``data.reasoning`` trained it)."""
     source = _source(template, tokenizer)
     keep = kept_reasoning(messages, reasoning, len(messages) - 1) if reasoning == "keep_all" else set()
-    text = render(tokenizer, source, template_messages(messages, keep, not reads_reasoning(source)), tools, True, "prompt")
+    text = render(tokenizer, source, template_messages(messages, keep, reasoning_field(source)), tools, True, "prompt")
     return tokenize(tokenizer, text)[0]
 
 
@@ -296,7 +297,7 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
             "assistant turn, so the model is prompted at inference with text it was not trained after"
         )
     thought = [Message("user", "2+2?"), Message("assistant", "4", reasoning="Two plus two.")]
-    shown = template_messages(thought, {1}, not reads_reasoning(source))
+    shown = template_messages(thought, {1}, reasoning_field(source))
     if "Two plus two." not in render(tokenizer, source, shown, None, False, where):
         warnings.append(f"{where}: the template drops reasoning from assistant turns, so reasoning in the data is not trained")
     marker, eot_ids = end_of_turn_tokens(tokenizer, source)

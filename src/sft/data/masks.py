@@ -206,30 +206,35 @@ REASONING = ("keep_last", "keep_all", "drop")
 THINK = "<think>\n{}\n</think>\n\n"  # how reasoning is written into content for templates that ignore the field
 
 
-def reads_reasoning(source: str) -> bool:
-    """Whether a template renders ``reasoning_content`` itself (Qwen3 and our built-ins do).
+def reasoning_field(source: str) -> str | None:
+    """The message field a template renders reasoning from: ``reasoning_content`` (Qwen3, DeepSeek
+    V3.1), ``thinking`` (gpt-oss), or None (sft then writes it into the content as <think> text).
 
-    >>> reads_reasoning("{{ message.reasoning_content }}"), reads_reasoning("{{ message.content }}")
-    (True, False)
+    >>> reasoning_field("{{ message.reasoning_content }}"), reasoning_field("{{ message.thinking }}")
+    ('reasoning_content', 'thinking')
+    >>> reasoning_field("{{ message.content }}") is None
+    True
     """
-    return "reasoning_content" in source
+    if "reasoning_content" in source:
+        return "reasoning_content"
+    return "thinking" if re.search(r"""\.thinking\b|\[['"]thinking['"]\]""", source) else None
 
 
-def template_messages(messages: list[Message], keep: set[int], inline: bool) -> list[dict[str, Any]]:
-    """The dicts handed to the template; only messages in ``keep`` carry their reasoning, as the
-    ``reasoning_content`` field or (``inline``) as ``<think>`` text before the content.
+def template_messages(messages: list[Message], keep: set[int], field: str | None) -> list[dict[str, Any]]:
+    """The dicts handed to the template; only messages in ``keep`` carry their reasoning, in
+    ``field`` or (None) as ``<think>`` text before the content.
 
-    >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, inline=True)
+    >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, None)
     [{'role': 'assistant', 'content': '<think>\\n2+2=4\\n</think>\\n\\n4'}]
     """
     out = []
     for i, m in enumerate(messages):
         d = m.to_template(reasoning=False)
         if m.reasoning is not None and i in keep:
-            if inline:
+            if field is None:
                 d["content"] = THINK.format(m.reasoning) + m.content
             else:
-                d["reasoning_content"] = m.reasoning
+                d[field] = m.reasoning
         out.append(d)
     return out
 
@@ -253,11 +258,11 @@ def turn_texts(
     """For each message index: the conversation rendered up to it (history as inference renders it)
     and the [start, end) characters of its turn there (see sft.data.masks). ``whole``: the
     rendering of all ``messages`` in that same view, if the caller has it."""
-    inline = not reads_reasoning(source)
+    field = reasoning_field(source)
     marker = end_of_turn(tokenizer, source)
     out = []
     for i in indexes:
-        view = template_messages(messages[: i + 1], kept_reasoning(messages, reasoning, i), inline)
+        view = template_messages(messages[: i + 1], kept_reasoning(messages, reasoning, i), field)
         prompt = render(tokenizer, source, view[:i], tools, messages[i].role == "assistant", where)
         last = whole is not None and i == len(messages) - 1
         text = whole if last and whole is not None else render(tokenizer, source, view, tools, False, where)

@@ -512,3 +512,11 @@ def test_a_broken_model_folder_is_one_clear_line(tmp_path, tiny_dir, data_file, 
     cfg = write_cfg(tmp_path, model, str(data_file))
     rc, _, err = run_main(capsys, "train", str(cfg))
     assert rc == 1 and "model" in one_error_line(err)
+
+
+@pytest.mark.xfail(strict=True, reason="sft.data.chat reads a template file with read_text(): bytes that are not "
+                   "UTF-8 raise UnicodeDecodeError (a traceback)")
+def test_a_template_file_that_is_not_utf8_is_one_clear_line(check, tmp_path):
+    (tmp_path / "t.jinja").write_bytes(b"caf\xe9 {{ messages }}")
+    rc, _, err = check("good.jsonl", (LINE + "\n").encode(), f"--data.template={tmp_path / 't.jinja'}")
+    assert rc == 1 and "t.jinja" in one_error_line(err)

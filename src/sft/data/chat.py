@@ -81,7 +81,10 @@ def resolve_template(template: str, tokenizer: Any, base_dir: str = ".") -> str:
             f"data.template: {template!r} is not a built-in template and {path} is not a file; "
             f"{fix}use auto, chatml, gemma, llama3 or a path to a .jinja file"
         )
-    return path.read_text("utf-8")
+    try:
+        return path.read_text("utf-8")
+    except UnicodeDecodeError as e:
+        raise SftError(f"data.template: {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
 
 
 

@@ -5,12 +5,13 @@ conversation is rendered exactly as ``tokenizer.apply_chat_template`` renders it
 text of each assistant turn is what the model writes after the generation prompt, up to and
 including the template's end-of-turn marker (see :mod:`sft.data.masks`). When the template renders
 history differently from inference (Qwen3 drops earlier reasoning), the conversation becomes one
-example per trained turn, so training always sees what inference will show the model.
+example per trained turn, so training always sees what inference will show the model. That costs
+two renderings per trained turn; plain-text conversations under templates that render every turn
+alike take a linear-time path instead (content spans found with placeholders, checked on probes).
 
 Reasoning (``Message.reasoning``) is handed to the template as ``reasoning_content`` (Qwen3) or
 ``thinking`` (gpt-oss) when the template reads that field, else written into the content as
-``<think>\n...\n</think>\n\n``.
-``data.reasoning`` decides which turns keep it: ``keep_last`` (each trained turn keeps its own,
+``<think>\\n...\\n</think>\\n\\n``. ``data.reasoning`` decides which turns keep it: ``keep_last`` (each trained turn keeps its own,
 earlier turns in its history do not, as chat clients send history), ``keep_all``, ``drop``.
 """
 

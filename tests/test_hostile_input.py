@@ -450,31 +450,38 @@ def make_run(out: Path, tag: str, finished: bool = True) -> None:
 
 
 def test_previous_run_comes_back_when_the_new_run_saves_nothing(tmp_path):
-    from sft.training.run_dir import ASIDE, check_output_dir, set_aside_previous_run
+    from sft.training.run_dir import ASIDE, PreviousRun, check_output_dir
 
     out = tmp_path / "run"
     make_run(out, "old")
     old = digest(out)
-    prev = set_aside_previous_run(out, overwrite=True)
-    assert not (out / "final").exists() and (out / ASIDE / "final").is_dir()
-    (out / "config.yaml").write_text("new")  # what the failing new run wrote
-    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
-    prev.settle()
+    with pytest.raises(RuntimeError), PreviousRun(out, overwrite=True) as prev:
+        prev.set_aside()
+        assert not (out / "final").exists() and (out / ASIDE / "final").is_dir()
+        (out / "config.yaml").write_text("new")  # what the failing new run wrote
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+        raise RuntimeError("the new run fails before its first checkpoint")
     assert digest(out) == old and not (out / ASIDE).exists()
     # control: once the new run has saved final/, the old run is dropped
-    prev = set_aside_previous_run(out, overwrite=True)
-    make_run(out, "new")
-    prev.settle()
+    with PreviousRun(out, overwrite=True) as prev:
+        prev.set_aside()
+        make_run(out, "new")
     assert (out / "final" / "model.safetensors").read_text() == "new" and not (out / ASIDE).exists()
-    # a kill between set-aside and settle: the next run refuses without a flag, and --overwrite keeps the old
-    prev = set_aside_previous_run(out, overwrite=True)
+    # without --overwrite nothing moves; inactive (not the writing rank): nothing moves either
+    for prev in (PreviousRun(out, overwrite=False), PreviousRun(out, overwrite=True, active=False)):
+        with prev:
+            prev.set_aside()
+            assert not (out / ASIDE).exists()
+    # killed between set_aside and settle: the next run refuses without a flag ...
+    PreviousRun(out, overwrite=True).set_aside()
     (out / "metrics.jsonl").write_text("partial")
     with pytest.raises(SftError, match="already holds a run"):
         check_output_dir(out, resume=False, overwrite=False)
-    again = set_aside_previous_run(out, overwrite=True)
-    assert not (out / "metrics.jsonl").exists()
-    again.settle()
-    assert (out / "final" / "model.safetensors").read_text() == "new"
+    # ... and the next --overwrite drops the killed run's partial files and keeps the finished one
+    with PreviousRun(out, overwrite=True) as prev:
+        prev.set_aside()
+        assert not (out / "metrics.jsonl").exists() and (out / ASIDE / "final").is_dir()
+    assert (out / "final" / "model.safetensors").read_text() == "new" and not (out / ASIDE).exists()
 
 
 def test_loop_keeps_the_old_run_when_the_new_one_fails_early(tmp_path, tiny_dir, data_file, monkeypatch, capsys):
@@ -483,8 +490,8 @@ def test_loop_keeps_the_old_run_when_the_new_one_fails_early(tmp_path, tiny_dir,
 
     from sft.training import loop
 
-    if "set_aside_previous_run" not in inspect.getsource(loop):
-        pytest.skip("sft.training.loop does not call set_aside_previous_run yet")
+    if "PreviousRun" not in inspect.getsource(loop):
+        pytest.skip("sft.training.loop does not use run_dir.PreviousRun yet")
     cfg = write_cfg(tmp_path, tiny_dir, str(data_file))
     assert run_main(capsys, "train", str(cfg))[0] == 0
     before = digest(tmp_path / "run")
@@ -514,8 +521,6 @@ def test_a_broken_model_folder_is_one_clear_line(tmp_path, tiny_dir, data_file, 
     assert rc == 1 and "model" in one_error_line(err)
 
 
-@pytest.mark.xfail(strict=True, reason="sft.data.chat reads a template file with read_text(): bytes that are not "
-                   "UTF-8 raise UnicodeDecodeError (a traceback)")
 def test_a_template_file_that_is_not_utf8_is_one_clear_line(check, tmp_path):
     (tmp_path / "t.jinja").write_bytes(b"caf\xe9 {{ messages }}")
     rc, _, err = check("good.jsonl", (LINE + "\n").encode(), f"--data.template={tmp_path / 't.jinja'}")

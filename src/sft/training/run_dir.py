@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,54 +55,69 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-@dataclass
 class PreviousRun:
-    """The run an ``--overwrite`` replaces, kept in ``out/.previous-run`` (a rename: instant, no
-    copy) until the new run has saved a checkpoint or ``final/``. ``settle`` then deletes it; if
-    the new run fails before that, ``settle`` puts it back, so a bad config never costs a run."""
+    """``--overwrite`` without losing the old run: ``set_aside`` (called once the new run's data is
+    valid and its model loaded) moves the previous run's files into ``out/.previous-run`` (renames:
+    instant, no copy); leaving the ``with`` block, ``settle`` deletes them if the new run saved a
+    checkpoint or ``final/``, and otherwise puts them back, so a failed retry never costs a run.
 
-    out: Path
-    aside: Path | None  # None: there was no previous run
+    A ``.previous-run`` left by a killed process is picked up on entry: settled the same way.
+    ``active=False`` (the non-writing ranks of a distributed run) makes every step a no-op.
+
+    >>> import tempfile; out = Path(tempfile.mkdtemp())
+    >>> (out / "final").mkdir(); (out / "report.md").write_text("old") and None
+    >>> with PreviousRun(out, overwrite=True) as previous:
+    ...     previous.set_aside(); _ = (out / "metrics.jsonl").write_text("the new run failed here")
+    >>> sorted(p.name for p in out.iterdir()), (out / "report.md").read_text()
+    (['final', 'report.md'], 'old')
+    """
+
+    def __init__(self, out: Path, overwrite: bool, active: bool = True) -> None:
+        self.out, self.overwrite, self.active = out, overwrite, active
+        self.aside: Path | None = None
+
+    def __enter__(self) -> PreviousRun:
+        if self.active and (self.out / ASIDE).is_dir():
+            self.aside = self.out / ASIDE
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.settle()
+
+    def set_aside(self) -> None:
+        """Move the previous run's files into ``.previous-run`` (only with ``--overwrite``)."""
+        if not (self.active and self.overwrite):
+            return
+        aside = self.out / ASIDE
+        if aside.is_dir():  # left by a killed --overwrite
+            if not _saved_something(self.out):
+                for name in RUN_FILES:  # that run saved nothing: drop it, keep the older one
+                    _remove(self.out / name)
+                self.aside = aside
+                return
+            shutil.rmtree(aside)  # it saved something: it is the previous run now
+        moved = [self.out / n for n in RUN_FILES if (self.out / n).exists() or (self.out / n).is_symlink()]
+        if not moved:
+            return
+        aside.mkdir()
+        for p in moved:
+            p.rename(aside / p.name)
+        self.aside = aside
 
     def settle(self) -> None:
-        """Call when the new run ends, however it ends (``finally``)."""
+        """Drop the previous run if this one saved something, else put it back."""
         if self.aside is None or not self.aside.is_dir():
             return
         if _saved_something(self.out):
             shutil.rmtree(self.aside, ignore_errors=True)
-            return
-        for name in RUN_FILES:  # what the failed new run wrote: config.yaml, metrics.jsonl, ...
-            _remove(self.out / name)
-        for p in self.aside.iterdir():
-            p.rename(self.out / p.name)
-        self.aside.rmdir()
-        print(f"{self.out}: the new run saved nothing; the previous run is back in place", file=sys.stderr)
-
-
-def set_aside_previous_run(out: Path, overwrite: bool) -> PreviousRun:
-    """``--overwrite``: move the previous run's files into ``out/.previous-run``.
-
-    If ``.previous-run`` already exists, an earlier ``--overwrite`` was killed (SIGKILL, power
-    loss) before ``settle``: when that newer run saved nothing it is dropped and the kept run
-    stays; when it saved a checkpoint or ``final/``, it becomes the previous run. Without
-    ``overwrite`` an existing ``.previous-run`` is only handed on, for ``settle``.
-    """
-    aside = out / ASIDE
-    if not overwrite:
-        return PreviousRun(out, aside if aside.is_dir() else None)
-    if aside.is_dir():
-        if not _saved_something(out):
-            for name in RUN_FILES:
-                _remove(out / name)
-            return PreviousRun(out, aside)
-        shutil.rmtree(aside)
-    moved = [out / n for n in RUN_FILES if (out / n).exists() or (out / n).is_symlink()]
-    if not moved:
-        return PreviousRun(out, None)
-    aside.mkdir()
-    for p in moved:
-        p.rename(aside / p.name)
-    return PreviousRun(out, aside)
+        else:
+            for name in RUN_FILES:  # what the failed new run wrote: config.yaml, metrics.jsonl, ...
+                _remove(self.out / name)
+            for p in self.aside.iterdir():
+                p.rename(self.out / p.name)
+            self.aside.rmdir()
+            print(f"{self.out}: the new run saved nothing; the previous run is back in place", file=sys.stderr)
+        self.aside = None
 
 
 class Interrupt:

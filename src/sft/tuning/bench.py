@@ -20,6 +20,8 @@ Definitions (also printed):
 - time to first step: from the start of ``run_bench`` (data, model load, warm-up step), and also
   from process start.
 - peak RSS: ``getrusage`` max resident set of this process (includes anything it did before).
+- peak VRAM (CUDA): ``torch.cuda.max_memory_allocated`` from model load to the last step; MFU on a
+  GPU is against the measured 8192^2 matmul, and ``spec_peak_flops`` gives the datasheet peak.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class BenchResult(TypedDict, total=False):
     flops_per_token: int
     padding_efficiency: float
     peak_rss_gb: float
+    peak_vram_gb: float | None  # torch.cuda.max_memory_allocated over the whole bench; None on CPU
+    spec_peak_flops: float | None  # the GPU's dense bf16 datasheet peak (GPU_BF16_PEAK), when known
+    attention: str
     time_to_first_step_s: float
     time_to_first_step_from_process_start_s: float | None
     losses: list[float]
@@ -143,23 +148,48 @@ def median(xs: list[float]) -> float:
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, budget_s: float = 2.0) -> tuple[float, int]:
-    """Best FLOP/s of square ``size`` matmuls in ``dtype``, and the size actually used.
+# Dense (no sparsity) bf16 tensor-core peaks from the datasheets, FLOP/s, by device-name substring.
+GPU_BF16_PEAK = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                 "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+
+
+def gpu_spec_peak(name: str) -> float | None:
+    """Datasheet dense bf16 peak of a GPU by name (the first key contained in it).
+
+    >>> gpu_spec_peak("NVIDIA H100 80GB HBM3"), gpu_spec_peak("a toaster")
+    (989000000000000.0, None)
+    """
+    return next((v for k, v in GPU_BF16_PEAK.items() if k in name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, budget_s: float = 2.0,
+                      device: torch.device | None = None) -> tuple[float, int]:
+    """Best FLOP/s of square ``size`` matmuls in ``dtype`` on ``device`` (CPU by default), and the
+    size actually used.
 
     Starts small and doubles up to ``size``; stops early when one product takes over
     ``budget_s / 4`` (bf16 on a CPU without avx512_bf16 runs ~40x slower than fp32).
     """
+    device = device or torch.device("cpu")
     best, used, n = 0.0, 0, 256
     while n <= size:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        _sync(device)
         t = time.perf_counter()
         a @ b  # warm-up
+        _sync(device)
         first = time.perf_counter() - t
         reps = 3 if first < budget_s / 4 else 1
         rate = 2 * n**3 / first
         for _ in range(reps):
             t = time.perf_counter()
             a @ b
+            _sync(device)
             rate = max(rate, 2 * n**3 / (time.perf_counter() - t))
         best, used = rate, n  # the largest size tried is the representative one
         if first > budget_s / 4:
@@ -227,6 +257,8 @@ def bench(cfg: Config, steps: int) -> BenchResult:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     device = training_device()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     precision = resolve_precision(cfg)
     total_steps = steps + 1
     prepared = prepare_data(cfg, total_steps)
@@ -246,17 +278,24 @@ def bench(cfg: Config, steps: int) -> BenchResult:
     losses: list[float] = []
     step_times: list[float] = []
     real_tokens = tensor_tokens = trained_tokens = 0
+    _sync(device)
     for step in range(1, total_steps):
         t = time.perf_counter()
         loss, real, tensor, trained = one_step(step)
         trained_tokens += trained
+        _sync(device)
         step_times.append(time.perf_counter() - t)
         losses.append(loss)
         real_tokens += real
         tensor_tokens += tensor
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak, peak_size = matmul_peak_flops(dtype) if device.type == "cpu" else (0.0, 0)
+    vram = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3) if device.type == "cuda" else None
+    if device.type == "cuda":  # a GPU needs bigger products to reach its peak
+        peak, peak_size = matmul_peak_flops(dtype, size=8192, device=device)
+    else:
+        peak, peak_size = matmul_peak_flops(dtype)
+    spec = gpu_spec_peak(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     tokens_per_s = real_tokens / sum(step_times)
     head = unwrap(model).get_output_embeddings().weight
     head_params = head.numel()
@@ -271,6 +310,9 @@ def bench(cfg: Config, steps: int) -> BenchResult:
         "flops_per_token": fpt,
         "padding_efficiency": round(padding_efficiency(real_tokens, tensor_tokens), 4),
         "peak_rss_gb": round(peak_rss_gb(), 3),
+        "peak_vram_gb": vram,
+        "spec_peak_flops": spec,
+        "attention": unwrap(model).config._attn_implementation,
         "time_to_first_step_s": round(first_step_s, 2),
         "time_to_first_step_from_process_start_s": (
             round(age_at_start + first_step_s, 2) if age_at_start is not None else None
@@ -308,7 +350,8 @@ def format_report(r: BenchResult) -> str:
         f"{r['params'] / 1e6:.1f}M params; peak {r['peak_flops'] / 1e9:.1f} GFLOP/s, "
         f"{r['precision']} {r['peak_matmul_size']}^2 matmul)",
         f"padding eff.      {r['padding_efficiency'] * 100:.1f}%",
-        f"peak RSS          {r['peak_rss_gb']:.2f} GB",
+        f"peak RSS          {r['peak_rss_gb']:.2f} GB"
+        + (f" | peak VRAM {r['peak_vram_gb']:.2f} GB (max allocated)" if r.get("peak_vram_gb") is not None else ""),
         f"first step        {r['time_to_first_step_s']:.1f} s from bench start"
         + (f", {r['time_to_first_step_from_process_start_s']:.1f} s from process start"
            if r["time_to_first_step_from_process_start_s"] is not None else ""),

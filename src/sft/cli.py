@@ -113,6 +113,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run_export(args.source, args.to, quant=args.quant, dtype=args.dtype, out=args.out)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a usage error, exit 2, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sft",
@@ -140,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object")
     pv = dsub.add_parser("preview", help="show examples with trained tokens marked")
     pv.add_argument("config")
-    pv.add_argument("-n", type=int, default=3, help="number of examples (default 3)")
+    pv.add_argument("-n", type=positive_int, default=3, help="number of examples (default 3)")
     tk = dsub.add_parser("tokenize", help="write input_ids and labels as JSONL")
     tk.add_argument("config")
     tk.add_argument("--out", required=True, help="output .jsonl file")
@@ -153,15 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
     ch.add_argument("model", help="a model directory (e.g. runs/x/final) or packaged alias")
-    ch.add_argument("--max-new-tokens", type=int, default=512)
+    ch.add_argument("--max-new-tokens", type=positive_int, default=512)
     ch.set_defaults(fn=cmd_chat, takes_overrides=False)
 
     g = sub.add_parser("generate", help="answer a JSONL file of conversations")
     g.add_argument("model")
     g.add_argument("--prompts", required=True, help="input .jsonl, one {\"messages\": [...]} per line")
     g.add_argument("--out", required=True, help="output .jsonl")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
+    g.add_argument("--batch-size", type=positive_int, default=8)
     g.set_defaults(fn=cmd_generate, takes_overrides=False)
     for sp in (ch, g):
         sp.add_argument("--template", help="chat template (chatml, gemma, llama3 or a .jinja file) for a model "
@@ -183,6 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output file (gguf) or directory (default: RUN_DIR/export/...)")
     x.set_defaults(fn=cmd_export, takes_overrides=False)
     return p
+
+
+_WRITE_FIX = "choose a path you can write (e.g. --output_dir=runs/NAME or another --out)"
+_FIXES = {
+    errno.ENOSPC: "free disk space or write elsewhere; a run continues from its last checkpoint with --resume",
+    errno.EDQUOT: "free space within your quota or write elsewhere",
+    errno.EFBIG: "the file is too large for this filesystem; write elsewhere",
+    errno.EACCES: f"permission denied; {_WRITE_FIX}",
+    errno.EPERM: f"not permitted; {_WRITE_FIX}",
+    errno.EROFS: f"the filesystem is read-only; {_WRITE_FIX}",
+    errno.ENOENT: "a folder on the way does not exist or cannot hold files; check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "the path is a folder; give a file name",
+    errno.ENAMETOOLONG: "the file name is too long; shorten the path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError the user can fix: the file, what the system said, what to do.
+
+    >>> os_error_message(OSError(28, "No space left on device", "runs/x/final"))
+    'runs/x/final: No space left on device; free disk space or write elsewhere; a run continues from its last checkpoint with --resume (SFT_DEBUG=1 shows the traceback)'
+    """
+    where = e.filename if e.filename is not None else "writing a file"
+    return f"{where}: {e.strerror}; {_FIXES.get(e.errno or 0, 'check the path')} (SFT_DEBUG=1 shows the traceback)"
 
 
 _WRITE_FIX = "choose a path you can write (e.g. --output_dir=runs/NAME or another --out)"

@@ -2,9 +2,10 @@
 control that shows it can fail.
 
 - ``sft train --nproc 2`` with DDP and with FSDP2 vs one process with the same global step
-  (2 processes x grad_accum 1 == 1 process x grad_accum 2), packing on and off: per-step losses
-  within 1e-6 relative, final weights within 1e-6; the plans include steps with fewer
-  micro-batches than processes (an epoch's short last step), where one rank trains nothing;
+  (2 processes x grad_accum 2 == 1 process x grad_accum 4), packing on and off: per-step losses
+  within 1e-6 relative, final weights within 1e-6; the plans hold steps of 4 micro-batches (DDP
+  accumulates the first of each rank's two under ``no_sync``) and steps with fewer micro-batches
+  than processes (an epoch's short last step: 1), where one rank trains nothing; LoRA likewise;
 - controls: gradients never all-reduced (DDP) or normalised per rank (FSDP2) differ;
 - SIGKILL of the whole 2-process job, ``--resume``: the losses of an uninterrupted 2-process run;
 - ``sft eval`` under torchrun == one process; held-out loss without the all-reduce differs;
@@ -77,10 +78,10 @@ class Runs:
         return overrides(self.tiny_dir, self.data_file, self.root / name, *extra)
 
     def one(self, name: str, *extra: str) -> Path:
-        """One process, grad_accum 2: the global step of 2 processes x grad_accum 1."""
+        """One process, grad_accum 4: the global step of 2 processes x grad_accum 2."""
         if name not in self.done:
             threads = torch.get_num_threads()  # train.threads=1 as in each torchrun process
-            train(load_config(None, self.args(name, "--train.grad_accum=2", *extra)), progress=False)
+            train(load_config(None, self.args(name, "--train.grad_accum=4", *extra)), progress=False)
             torch.set_num_threads(threads)
             self.done[name] = self.root / name
         return self.done[name]
@@ -89,9 +90,10 @@ class Runs:
         name = f"{parallel}-{packing}"
         if name not in self.done:
             r = sft_cli(["train", str(self.cfg_file), "--nproc", "2",
-                         *self.args(name, f"--train.parallel={parallel}", f"--data.packing={packing}")])
+                         *self.args(name, "--train.grad_accum=2", f"--train.parallel={parallel}",
+                                    f"--data.packing={packing}")])
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-            assert "global batch 1 x 1 x 2 = 2" in r.stdout
+            assert "global batch 1 x 2 x 2 = 4" in r.stdout
             self.done[name] = self.root / name
         return self.done[name]
 
@@ -112,12 +114,10 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert worst <= 1e-6, worst
 
 
-def short_steps(packing: bool, examples: list[int]) -> int:
-    """Steps of the 6-step plan with fewer micro-batches (1) than processes (2)."""
+def micro_batches_per_step(packing: bool, examples: list[int]) -> list[int]:
     from sft.data.batching import plan_steps
 
-    plan = plan_steps(examples, 1, 2, packing, 128, 1.0, 6, seed=42)
-    return sum(1 for s in plan if len(s) < 2)
+    return [len(s) for s in plan_steps(examples, 1, 4, packing, 128, 1.0, 6, seed=42)]
 
 
 def example_lengths(runs: Runs, packing: bool) -> list[int]:
@@ -136,7 +136,8 @@ def example_lengths(runs: Runs, packing: bool) -> list[int]:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_processes_equal_one(runs: Runs, parallel: str, packing: bool) -> None:
-    assert short_steps(packing, example_lengths(runs, packing)) >= 1  # a rank with no micro-batch is covered
+    sizes = micro_batches_per_step(packing, example_lengths(runs, packing))
+    assert 4 in sizes and 1 in sizes  # no_sync (2 per rank) and a rank with no micro-batch are both covered
     one, two = runs.one(f"one-{packing}", f"--data.packing={packing}"), runs.two(parallel, packing)
     assert_same_run(one, two)
     start = load_file(str(runs.tiny_dir / "model.safetensors"))
@@ -152,8 +153,8 @@ def test_lora_two_processes_equal_one(runs: Runs, parallel: str) -> None:
     """LoRA under both wrappers (dropout 0: dropout draws other random masks on 2 processes)."""
     lora = ["--train.method=lora", "--lora.dropout=0", "--train.lr=1e-3", "--data.packing=false"]
     out = runs.root / f"lora-{parallel}"
-    r = sft_cli(["train", str(runs.cfg_file), "--nproc", "2", *runs.args(out.name, f"--train.parallel={parallel}",
-                                                                         *lora)])
+    r = sft_cli(["train", str(runs.cfg_file), "--nproc", "2",
+                 *runs.args(out.name, "--train.grad_accum=2", f"--train.parallel={parallel}", *lora)])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert_same_run(runs.one("lora-one", *lora), out)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
@@ -165,8 +166,8 @@ def test_broken_gradient_reduction_differs(runs: Runs, parallel: str, mode: str)
     """Controls: the same 2-process run with gradients never all-reduced, or each rank's loss
     normalised by its own tokens, does not give the one-process run."""
     out = runs.root / f"broken-{parallel}-{mode}"
-    r = sft_cli(["train", str(runs.cfg_file), *runs.args(out.name, f"--train.parallel={parallel}",
-                                                          "--data.packing=false")],
+    r = sft_cli(["train", str(runs.cfg_file), *runs.args(out.name, "--train.grad_accum=2",
+                                                          f"--train.parallel={parallel}", "--data.packing=false")],
                 script=[str(HERE / "broken_dist.py"), mode])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     one = runs.one("one-False", "--data.packing=false")
@@ -186,8 +187,8 @@ def test_broken_gradient_reduction_differs(runs: Runs, parallel: str, mode: str)
 def test_sigkill_and_resume_equals_uninterrupted(runs: Runs, parallel: str) -> None:
     ref = runs.two(parallel, False)
     out = runs.root / f"killed-{parallel}"
-    cmd = ["train", str(runs.cfg_file), "--nproc", "2", *runs.args(out.name, f"--train.parallel={parallel}",
-                                                                   "--data.packing=false")]
+    cmd = ["train", str(runs.cfg_file), "--nproc", "2", *runs.args(out.name, "--train.grad_accum=2",
+                                                                   f"--train.parallel={parallel}", "--data.packing=false")]
     killed = sft_cli(cmd, env={"SFT_DEBUG_KILL_AT_STEP": "3"})  # every process SIGKILLs itself after step 3
     assert killed.returncode != 0
     assert not (out / "final").exists()

@@ -3,7 +3,10 @@
 Nothing here holds a whole file as Python objects: JSONL is read a line at a time, a JSON array
 one record at a time from 1 MiB chunks (tracking the line where each record starts), Parquet a
 record batch at a time, CSV a row at a time. Bytes that are not UTF-8 are decoded with
-``surrogateescape`` so the row that holds them can be reported and the rest of the file still read.
+``surrogateescape`` so the row that holds them can be reported (with its byte offset) and the rest
+of the file still read. A UTF-8 byte-order mark and CRLF line ends are accepted; UTF-16/32 and
+gzip files are rejected by name (``text_start``); a file without rows is an error row, never
+silently nothing.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ def _json_error(e: json.JSONDecodeError) -> str:
 
 def _lone_surrogate(text: str, value: Any) -> str | None:
     """A JSON ``\\udXXX`` escape that is half of a UTF-16 pair: Python reads it, no tokenizer can."""
-    if not _SURROGATE_ESCAPE.search(text):
+    if "\\u" not in text or not _SURROGATE_ESCAPE.search(text):  # (the plain `in` is the fast path)
         return None
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")

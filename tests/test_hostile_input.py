@@ -353,26 +353,34 @@ def test_save_interrupted_inside_final_keeps_the_old_final(tmp_path, tiny_dir, s
 
 
 def test_sigkill_during_a_directory_save_leaves_old_or_new(tmp_path):
-    """A real SIGKILL at several moments of atomic_write_dir: the target is always whole."""
+    """A real SIGKILL halfway through atomic_write_dir leaves the old folder whole (the new one
+    appears only by the final rename); the control, writing in place, killed halfway leaves a mixture."""
     script = (
-        "import sys, time; from pathlib import Path; from sft.training.checkpoint import atomic_write_dir\n"
+        "import sys, time; from pathlib import Path\n"
         "def write(d):\n"
         "    for i in range(50):\n"
-        "        (d / f'part{i}').write_text('new' * 1000); time.sleep(0.01)\n"
-        "print('go', flush=True); atomic_write_dir(Path(sys.argv[1]), write); print('done', flush=True)\n"
+        "        (d / f'part{i}').write_text('new' * 1000)\n"
+        "        if i == 25: print('half', flush=True); time.sleep(60)\n"
+        "target, how = Path(sys.argv[1]), sys.argv[2]\n"
+        "if how == 'in-place': write(target)\n"
+        "from sft.training.checkpoint import atomic_write_dir\n"
+        "if how == 'atomic': atomic_write_dir(target, write)\n"
     )
-    for delay in (0.05, 0.3):
-        target = tmp_path / f"final{delay}"
+
+    def kill_during_save(how: str) -> set[str]:
+        target = tmp_path / f"final-{how}"
         target.mkdir()
         for i in range(50):
             (target / f"part{i}").write_text("old" * 1000)
-        p = subprocess.Popen([sys.executable, "-c", script, str(target)], stdout=subprocess.PIPE, text=True)
-        assert p.stdout is not None and p.stdout.readline().strip() == "go"
-        time.sleep(delay)
+        p = subprocess.Popen([sys.executable, "-c", script, str(target), how], stdout=subprocess.PIPE, text=True)
+        assert p.stdout is not None and p.stdout.readline().strip() == "half"  # the moment to kill
         p.send_signal(signal.SIGKILL)
         p.wait()
-        texts = {f.read_text() for f in target.iterdir()}
-        assert len(list(target.iterdir())) == 50 and texts == {"old" * 1000}  # killed mid-write: the old one
+        assert len(list(target.iterdir())) == 50
+        return {f.read_text()[:3] for f in target.iterdir()}
+
+    assert kill_during_save("atomic") == {"old"}
+    assert kill_during_save("in-place") == {"old", "new"}  # control: half old, half new
 
 
 def test_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_last_one(tmp_path, tiny_dir, data_file, capsys,

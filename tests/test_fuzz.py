@@ -326,3 +326,31 @@ def test_cli_check_and_tokenize_random_files(cli, work, data, fmt, suffix):
     assert_clear(rc, out, err)
     assert dst.exists() == (rc == 0)  # --out appears whole, or not at all
     assert not list(work.glob(f".{dst.name}*"))  # no temporary left
+
+
+class ModelLoad(Exception):
+    """Raised instead of loading a model: the prompts file was accepted."""
+
+
+@FAST
+@given(data=st.data())
+def test_generate_prompts_files(work, monkeypatch, data):
+    """`sft generate --prompts`: a random (mutated) prompts file is accepted whole or refused with
+    FILE:LINE problems before the model loads."""
+    import sft.evaluation.generate as gen
+
+    def load(*a, **kw):
+        raise ModelLoad
+
+    monkeypatch.setattr(gen, "_load", load)
+    rows = data.draw(rows_of("messages"))
+    raw = encode_rows(rows, ".jsonl", data.draw(st.booleans()), data.draw(st.booleans()), data.draw(st.booleans()))
+    assert raw is not None
+    p = write(work, ".jsonl", raw)
+    try:
+        gen.generate_file("m", str(p), str(work / "out.jsonl"))
+    except ModelLoad:
+        return
+    except SftError as e:
+        assert f"{p}:" in str(e)
+    assert not (work / "out.jsonl").exists()

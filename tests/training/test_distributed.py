@@ -210,7 +210,8 @@ def test_distributed_eval_equals_one_process(runs: Runs) -> None:
     from sft.evaluation.evaluate import run_eval
 
     ev = [f"--model={runs.tiny_dir}", f"--data.train={runs.data_file}", f"--eval.data={runs.data_file}",
-          "--eval.batch_size=2", "--eval.max_new_tokens=8", "--data.max_length=128", "--train.precision=fp32",
+          "--eval.batch_size=2", "--eval.max_new_tokens=8", "--eval.reference_tokens=128", "--data.max_length=128",
+          "--train.precision=fp32",
           f"--data.cache_dir={runs.root / 'cache'}"]
     run_eval(load_config(None, ev), out=str(runs.root / "eval1.json"))
     r = sft_cli(["eval", str(runs.cfg_file), *ev, "--out", str(runs.root / "eval2.json")],

@@ -60,8 +60,8 @@ def generate(folder: Path, rows: int, eval_rows: int, seed: int = 0) -> dict[str
     train: list[dict] = []
     for i in range(rows):
         pick = i % 100
-        if pick == 10 and train:  # a near-duplicate: one word of an earlier reply changed
-            src = rng.choice(train)["messages"]
+        if pick == 10 and train:  # a near-duplicate: one word of an earlier long reply changed (similarity > 0.8)
+            src = rng.choice([r for r in train[-50:] if len(r["messages"][1]["content"].split()) >= 40] or train)["messages"]
             w = src[1]["content"].split()
             w[len(w) // 2] = "changed"
             train.append({"messages": [src[0], {"role": "assistant", "content": " ".join(w)}]})
@@ -135,11 +135,13 @@ def main() -> None:
             f"data:\n  train: [train.jsonl]\n  max_length: 1024\n  cache_dir: {folder / 'cache'}\n"
             "eval:\n  data: [eval.jsonl]\n"
         )
+        load = os.getloadavg()[0]
         cold, cold_rss, report = run_check(config)
-        warm, _, _ = run_check(config)
+        warm, _, again = run_check(config)
         proc = subprocess.run([sys.executable, __file__, "--inner", str(config)], capture_output=True, text=True,
                               check=True)
         alone = json.loads(proc.stdout)
+        load = max(load, os.getloadavg()[0])
     counts = {k: len(v) for k, v in report["quality"].items()}
     lines = [
         f"## quality_speed (sft data check, smollm2-135m-instruct tokenizer) "
@@ -151,11 +153,14 @@ def main() -> None:
         "| what | seconds | peak RSS |",
         "|---|---|---|",
         f"| `sft data check --json`, empty cache (read, tokenize, quality) | {cold:.1f} | {cold_rss:.2f} GB |",
-        f"| `sft data check --json` again, from the cache | {warm:.1f} | - |",
+        f"| `sft data check --json` again ({'from the cache' if again['cached'] else 'cache MISSED: sft code changed meanwhile'}) "
+        f"| {warm:.1f} | - |",
         f"| reading the rows (train + eval), in-process | {alone['read_s']:.1f} | - |",
         f"| `find_problems` alone (all six kinds) | {alone['quality_s']:.1f} | {alone['rss_gb']:.2f} GB (whole process) |",
         "",
-        f"Planted: {json.dumps(planted)}; found: {json.dumps(counts)}",
+        f"Planted: {json.dumps(planted)}; found: {json.dumps(counts)} (copies of planted rows count again; "
+        "a near-duplicate copy of a short reply can fall below 0.8)",
+        f"Load average (1 min) up to {load:.1f} on {os.cpu_count()} CPUs while it ran: figures are upper bounds on an idle machine.",
         "",
     ]
     text = "\n".join(lines)

@@ -62,8 +62,22 @@ def load_prompts(path: Path, n: int) -> list[list[dict[str, str]]]:
 
 
 def _llama(path: Path) -> Any:
+    """llama.cpp on ``path`` with ``--no-repack`` (``use_extra_bufts = False``): on this machine's
+    AMX CPU the repacked (AMX/AVX-512) weight layout of llama-cpp-python 0.3.36 segfaults on the
+    first decode of a q8_0 or q4_k_m file; f16 is not repacked either way."""
+    import llama_cpp.llama_cpp as C
     from llama_cpp import Llama
 
+    if not getattr(C.llama_model_default_params, "_sft_no_repack", False):
+        default = C.llama_model_default_params
+
+        def no_repack() -> Any:
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        no_repack._sft_no_repack = True  # type: ignore[attr-defined]
+        C.llama_model_default_params = no_repack
     return Llama(str(path), n_ctx=2048, logits_all=True, verbose=False, n_threads=max(1, (os.cpu_count() or 2)))
 
 

@@ -221,31 +221,6 @@ def os_error_message(e: OSError) -> str:
     return f"{where}: {e.strerror}; {_FIXES.get(e.errno or 0, 'check the path')} (SFT_DEBUG=1 shows the traceback)"
 
 
-_WRITE_FIX = "choose a path you can write (e.g. --output_dir=runs/NAME or another --out)"
-_FIXES = {
-    errno.ENOSPC: "free disk space or write elsewhere; a run continues from its last checkpoint with --resume",
-    errno.EDQUOT: "free space within your quota or write elsewhere",
-    errno.EFBIG: "the file is too large for this filesystem; write elsewhere",
-    errno.EACCES: f"permission denied; {_WRITE_FIX}",
-    errno.EPERM: f"not permitted; {_WRITE_FIX}",
-    errno.EROFS: f"the filesystem is read-only; {_WRITE_FIX}",
-    errno.ENOENT: "a folder on the way does not exist or cannot hold files; check the path",
-    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
-    errno.EISDIR: "the path is a folder; give a file name",
-    errno.ENAMETOOLONG: "the file name is too long; shorten the path",
-}
-
-
-def os_error_message(e: OSError) -> str:
-    """One line for an OSError the user can fix: the file, what the system said, what to do.
-
-    >>> os_error_message(OSError(28, "No space left on device", "runs/x/final"))
-    'runs/x/final: No space left on device; free disk space or write elsewhere; a run continues from its last checkpoint with --resume (SFT_DEBUG=1 shows the traceback)'
-    """
-    where = e.filename if e.filename is not None else "writing a file"
-    return f"{where}: {e.strerror}; {_FIXES.get(e.errno or 0, 'check the path')} (SFT_DEBUG=1 shows the traceback)"
-
-
 def _split_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
     args, rest = parser.parse_known_args(argv)
     overrides = []

@@ -194,12 +194,6 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
         raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
-    if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
-        raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
-    if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
-        raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
-    if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
-        raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
     if origin in (Union, types.UnionType):
         errors = []
         for arg in typing.get_args(tp):
@@ -348,11 +342,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                            "re-save the config as UTF-8") from None
         except RecursionError:
             raise SftError(f"{p}: nested too deeply to read; flatten the YAML") from None
-        except UnicodeDecodeError as e:
-            raise SftError(f"{p}: byte 0x{e.object[e.start]:02x} at byte {e.start} is not UTF-8; "
-                           "re-save the config as UTF-8") from None
-        except RecursionError:
-            raise SftError(f"{p}: nested too deeply to read; flatten the YAML") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -370,30 +359,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 def validate(cfg: Config) -> None:
     """Checks that span several keys."""
-    # an empty path is Path("") == the working directory: never what was meant
-    named = [("model", cfg.model, "smollm2-135m-instruct"), ("output_dir", cfg.output_dir, "runs/NAME"),
-             ("data.template", cfg.data.template, "auto")]
-    named += [(f"data.train[{i}].path", s.path, "data/train.jsonl") for i, s in enumerate(cfg.data.train)]
-    named += [(f"eval.data[{i}].path", s.path, "data/eval.jsonl") for i, s in enumerate(cfg.eval.data)]
-    for key, value, example in named:
-        if not value.strip():
-            raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
-    # an empty path is Path("") == the working directory: never what was meant
-    named = [("model", cfg.model, "smollm2-135m-instruct"), ("output_dir", cfg.output_dir, "runs/NAME"),
-             ("data.template", cfg.data.template, "auto")]
-    named += [(f"data.train[{i}].path", s.path, "data/train.jsonl") for i, s in enumerate(cfg.data.train)]
-    named += [(f"eval.data[{i}].path", s.path, "data/eval.jsonl") for i, s in enumerate(cfg.eval.data)]
-    for key, value, example in named:
-        if not value.strip():
-            raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
-    # an empty path is Path("") == the working directory: never what was meant
-    named = [("model", cfg.model, "smollm2-135m-instruct"), ("output_dir", cfg.output_dir, "runs/NAME"),
-             ("data.template", cfg.data.template, "auto")]
-    named += [(f"data.train[{i}].path", s.path, "data/train.jsonl") for i, s in enumerate(cfg.data.train)]
-    named += [(f"eval.data[{i}].path", s.path, "data/eval.jsonl") for i, s in enumerate(cfg.eval.data)]
-    for key, value, example in named:
-        if not value.strip():
-            raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
     # an empty path is Path("") == the working directory: never what was meant
     named = [("model", cfg.model, "smollm2-135m-instruct"), ("output_dir", cfg.output_dir, "runs/NAME"),
              ("data.template", cfg.data.template, "auto")]

@@ -10,6 +10,9 @@
   Generation also stops on the tokenizer's EOS, but a reply ended by EOS alone does not count as
   stopped (when the end-of-turn marker is several plain-text tokens, EOS is the only stop there is,
   and it counts).
+- ``refusal_rate`` / ``over_refusal_rate``: share of the replies to rows tagged ``"category":
+  "harmful"`` / ``"benign"`` (per row or per eval source) that ``sft.evaluation.safety``'s detector
+  (``eval.refusal``) calls a refusal; None without such rows.
 - ``forgetting``: perplexity on a fixed general-English text (``sft.evaluation.reference``, its
   version recorded), and when a base model is given, the mean per-token KL(base || model) on it.
 """

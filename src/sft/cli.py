@@ -1,4 +1,4 @@
-"""`sft train|data|eval|chat|generate|bench|sweep|lr-find`: each parses its arguments and calls one function.
+"""`sft train|data|eval|chat|generate|bench|sweep|lr-find|export`: each parses its arguments and calls one function.
 
 Errors the user can fix (SftError, and OSErrors such as a full disk or a path that cannot be
 written) print one clear message and exit with status 1, no traceback; usage errors exit 2.

@@ -36,7 +36,7 @@ def test_master_adamw_follows_fp32_adamw_exactly():
     w16 = torch.nn.Parameter(w32.detach().bfloat16())
     w32.data = w16.detach().float()  # start from the same (bf16-representable) values
     kw = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
-    ref = torch.optim.AdamW([w32], foreach=True, **kw)
+    ref = torch.optim.AdamW([w32], fused=True, **kw)
     ours = MasterAdamW([w16], **kw)
     for g in bf16_grads(w32.shape, 20):
         w32.grad, w16.grad = g.clone(), g.bfloat16()

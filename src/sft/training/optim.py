@@ -73,7 +73,7 @@ class MasterAdamW(torch.optim.Optimizer):
     below half a bf16 step of the weight (2^-9 of it) rounds away and training stalls
     (``bench/bf16_quality.py`` shows that curve). fp32 parameters (a LoRA adapter) are their own
     master. Memory per bf16 weight: 2 (weight) + 2 (grad) + 4 (master) + 8 (moments) bytes, the
-    same 16 as fp32 AdamW.
+    same 16 as fp32 AdamW. The update is torch's fused AdamW kernel.
 
     The master lives in the optimizer state (``state[p]["master"]``), so checkpoints save it and a
     bf16 resume is exact too.
@@ -98,7 +98,7 @@ class MasterAdamW(torch.optim.Optimizer):
                     continue
                 st = self.state[p]
                 if not st:
-                    st["step"] = torch.tensor(0.0)
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                     if p.dtype != torch.float32:
@@ -115,7 +115,9 @@ class MasterAdamW(torch.optim.Optimizer):
             if not masters:
                 continue
             beta1, beta2 = group["betas"]
-            adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=True, amsgrad=False, beta1=beta1,
+            # fused: one pass over each tensor (foreach makes ~10; on a loaded 2-core CPU, 80M
+            # parameters took 13-16 s with foreach and 1.6-3.6 s fused)
+            adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False, beta1=beta1,
                   beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                   maximize=False)
             if low:

@@ -222,14 +222,12 @@ def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tiny_dir, data_file, 
     from sft.errors import SftError
 
     blow_up = ["--train.lr=1e6", "--train.max_grad_norm=null", "--train.max_steps=6", "--train.batch_size=2"]
-    with pytest.raises(SftError, match=r"step \d+: loss is (nan|inf).*train.lr=1000000.0.*train.on_nan: skip"):
+    with pytest.raises(SftError, match=r"step \d+: (loss|gradient norm) is (nan|inf).*train.lr=1000000.0.*train.on_nan: skip"):
         train(make_cfg(tiny_dir, data_file, tmp_path / "nan", *blow_up), progress=False)
     r = train(make_cfg(tiny_dir, data_file, tmp_path / "skip", *blow_up, "--train.on_nan=skip"), progress=False)
     assert len(r.losses) < 6  # the non-finite steps were skipped, not applied
 
 
-@pytest.mark.xfail(strict=True, reason="train_step checks only the loss: at lr 1e6 step 2 has a finite loss "
-                   "(10.8) and NaN gradients, and is applied; skip a step whose gradient norm is not finite too")
 def test_nan_skip_keeps_the_weights_finite(tiny_dir, data_file, tmp_path):
     blow_up = ["--train.lr=1e6", "--train.max_grad_norm=null", "--train.max_steps=6", "--train.batch_size=2"]
     train(make_cfg(tiny_dir, data_file, tmp_path / "skip", *blow_up, "--train.on_nan=skip"), progress=False)

@@ -194,7 +194,7 @@ def loop(run: Run, progress: bool, stop_check: Callable[[int, float], str | None
             lr = lr_at(step, total, cfg.train)
             r = guarded_step(run, step, lr)
             if not r.applied:
-                on_nan(run, step, r.loss)  # raises, or counts a skipped step
+                on_nan(run, step, r)  # raises, or counts a skipped step
                 continue
             done = result.last_step = step + 1
             result.losses.append(r.loss)
@@ -238,16 +238,17 @@ def guarded_step(run: Run, step: int, lr: float) -> StepResult:
         ) from None
 
 
-def on_nan(run: Run, step: int, loss: float) -> None:
+def on_nan(run: Run, step: int, r: StepResult) -> None:
     """``train.on_nan``: ``skip`` counts the step (its gradients are already dropped); ``stop`` explains."""
     cfg = run.cfg
+    what = f"loss is {r.loss}" if not math.isfinite(r.loss) else f"gradient norm is {r.grad_norm} (loss {r.loss:.4f})"
     if cfg.train.on_nan == "skip":
         run.skipped += 1
-        print(f"warning: step {step + 1}: loss is {loss}; step skipped ({run.skipped} so far)", file=sys.stderr)
+        print(f"warning: step {step + 1}: {what}; step skipped ({run.skipped} so far)", file=sys.stderr)
         return
     last = checkpoint.list_checkpoints(run.out / "checkpoints")
     raise SftError(
-        f"step {step + 1}: loss is {loss}. Likely causes: learning rate too high (train.lr={cfg.train.lr}), "
+        f"step {step + 1}: {what}. Likely causes: learning rate too high (train.lr={cfg.train.lr}), "
         "bf16 overflow (try train.precision: fp32), or broken data (check with `sft data check`). "
         + (f"Last good checkpoint: {last[-1]} (continue with --resume after changing the config). "
            if last else "No checkpoint was saved. ")

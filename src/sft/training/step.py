@@ -31,11 +31,11 @@ from sft.training.precision import autocast
 @dataclass
 class StepResult:
     loss: float  # token-mean CE of the step over all ranks
-    grad_norm: float  # before clipping; NaN when train.max_grad_norm is off
+    grad_norm: float  # before clipping
     tokens: int  # real (non-padding) tokens of the step, all ranks
     trained_tokens: int  # tokens with a target, all ranks
     tensor_tokens: int  # positions this rank pushed through the model, padding included
-    applied: bool  # False: the loss was not finite; gradients dropped, weights unchanged
+    applied: bool  # False: the loss or the gradient norm was not finite; gradients dropped, weights unchanged
 
 
 def to_batch(rows: list[list[Example]], packing: bool, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -100,7 +100,7 @@ def train_step(
     pad_id: int, device: torch.device, lr: float,
 ) -> StepResult:
     """One optimizer step at learning rate ``lr``: forward/backward over the step's micro-batches,
-    clip, update. A non-finite loss drops the gradients and leaves the weights as they were."""
+    clip, update. A non-finite loss or gradient norm drops the gradients and leaves the weights as they were."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     batches, n_trained, n_tokens, weights = step_batches(step, examples, cfg, pad_id, device)
@@ -109,9 +109,12 @@ def train_step(
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss, math.nan, n_tokens, n_trained, tensor_tokens, applied=False)
-    grad_norm = math.nan
-    if cfg.train.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm))
+    # The norm is always taken (an infinite max_norm clips nothing): a finite loss can still come with
+    # NaN/inf gradients (e.g. an overflow in backward), and such a step must not touch the weights.
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm or math.inf))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, grad_norm, n_tokens, n_trained, tensor_tokens, applied=False)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss, grad_norm, n_tokens, n_trained, tensor_tokens, applied=True)

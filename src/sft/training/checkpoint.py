@@ -60,14 +60,28 @@ def _rename_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_swap(target: Path) -> None:
+    """A process killed between the two renames of a replace leaves ``.old-NAME`` and no ``NAME``:
+    put the old one back, so ``target`` is always either the old or the new complete folder."""
+    old = target.parent / f".old-{target.name}"
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+
+
 def atomic_write_dir(target: Path, write: Any) -> None:
-    """``write(tmp)`` into a sibling temporary folder, then rename it to ``target``."""
+    """``write(tmp)`` into a sibling temporary folder, then rename it to ``target``. A failure while
+    writing (a full disk) removes the partial folder and leaves the previous ``target`` as it was."""
+    recover_swap(target)
     tmp = target.parent / f".tmp-{target.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write(tmp)
-    _fsync_tree(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _rename_into_place(tmp, target)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from sft.atomic import atomic_write_text
 from sft.config import Config, save_config
 from sft.data.batching import Step
 from sft.data.types import Example
@@ -33,7 +34,7 @@ from sft.training.distributed import device, is_main
 from sft.training.optim import lr_at
 from sft.training.precision import resolve_precision, train_dtype
 from sft.training.prepare import prepare_data, ready_for_training
-from sft.training.run_dir import Interrupt, check_output_dir, clear_previous_run
+from sft.training.run_dir import Interrupt, PreviousRun, check_output_dir
 from sft.training.state import RunState
 from sft.training.step import StepResult, train_step
 
@@ -93,13 +94,15 @@ def train(
     run then saves a checkpoint and ends without writing ``final/``.
     """
     distributed.init()  # under torchrun: join the process group (one process: nothing)
-    run = setup(cfg, resume, overwrite, progress)
-    if run is None:
-        distributed.shutdown()
-        return RunResult(Path(cfg.output_dir), 0)
-    result = loop(run, progress, stop_check)
-    if not (result.interrupted or result.stop_reason is not None):
-        finish(run, result, progress)
+    # --overwrite: the old run waits in .previous-run until this one saves, and comes back if it fails first
+    with PreviousRun(Path(cfg.output_dir), overwrite, active=is_main()) as previous:
+        run = setup(cfg, resume, overwrite, progress, previous)
+        if run is None:
+            distributed.shutdown()
+            return RunResult(Path(cfg.output_dir), 0)
+        result = loop(run, progress, stop_check)
+        if not (result.interrupted or result.stop_reason is not None):
+            finish(run, result, progress)
     distributed.shutdown()  # ranks wait here while rank 0 writes final/ and the report
     return result
 
@@ -108,7 +111,7 @@ def train(
 # setup
 
 
-def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool) -> Run | None:
+def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: PreviousRun) -> Run | None:
     """Data, model, optimizer and resumed state; None when ``--resume`` finds a finished run."""
     from sft.data.pipeline import build_dataset
 
@@ -136,8 +139,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool) -> Run | N
     if is_main():
         distributed.barrier()
     model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code)  # bf16: pure bf16
-    if overwrite and is_main():
-        clear_previous_run(out)
+    previous.set_aside()  # --overwrite: only now, with the data valid and the model loaded
     out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
 
@@ -148,7 +150,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool) -> Run | N
         print("Evaluating the starting model ...", flush=True)
         before = evaluate(cfg, model.to(device()), prepared.tokenizer, prepared.data.template, base_model=None,
                           progress=progress)
-        (out / "before.json").write_text(json.dumps(before, indent=1))
+        atomic_write_text(out / "before.json", json.dumps(before, indent=1))
     distributed.barrier()  # the other ranks wait for rank 0's "before" evaluation
     model, optimizer = ready_for_training(cfg, model, device())
     module, optimizer = distributed.wrap(cfg, model, optimizer)  # one process: (model, optimizer)
@@ -306,7 +308,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
     if final_eval is not None:
         append_row(out / "metrics.jsonl", {"step": last_step, "eval_loss": round(final_eval, 6)})
     final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(device())
-    (out / "run_state.json").write_text(json.dumps({"status": "finished", "steps": len(run.plan),
+    atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
     after = None
     if cfg.eval.before_after and run.has_eval:
@@ -315,7 +317,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         print("Evaluating the tuned model ...", flush=True)
         base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code).to(device())
         after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress)
-        (out / "after.json").write_text(json.dumps(after, indent=1))
+        atomic_write_text(out / "after.json", json.dumps(after, indent=1))
         if run.before is None and (out / "before.json").exists():
             run.before = json.loads((out / "before.json").read_text())
     write_run_report(out, cfg, run.data.report.to_dict(), run.before, after)

@@ -504,11 +504,9 @@ def test_loop_keeps_the_old_run_when_the_new_one_fails_early(tmp_path, tiny_dir,
 
 
 # ---------------------------------------------------------------------------------------------
-# --model: broken model folders (sft.models.load is not part of this change; see the xfail reasons)
+# --model: broken model folders
 
 
-@pytest.mark.xfail(strict=True, reason="sft.models.load lets transformers' OSError (invalid config.json) and "
-                   "safetensors' SafetensorError (corrupt weights) through as tracebacks")
 @pytest.mark.parametrize("damage", ["config", "weights"])
 def test_a_broken_model_folder_is_one_clear_line(tmp_path, tiny_dir, data_file, capsys, damage):
     import shutil
@@ -545,8 +543,6 @@ def test_usage_errors_exit_2(capsys, argv):
     assert e.value.code == 2 and "Traceback" not in err and err.strip().splitlines()[-1].startswith("sft")
 
 
-@pytest.mark.xfail(strict=True, reason="sft.evaluation: `sft eval` without eval.data or eval.split fails with an "
-                   "IndexError in heldout_loss instead of naming the missing key")
 def test_eval_without_eval_data_names_the_key(tmp_path, tiny_dir, data_file, capsys):
     cfg = write_cfg(tmp_path, tiny_dir, str(data_file))
     rc, _, err = run_main(capsys, "eval", str(cfg))

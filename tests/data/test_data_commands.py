@@ -25,7 +25,7 @@ def no_weights(monkeypatch, smol_tok):
 
     monkeypatch.setattr(sft.models.load, "load_model", boom)
     monkeypatch.setattr(sft.models.load, "model_dir", boom)
-    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False, **kw: smol_tok)
 
 
 def config(tmp_path, rows, extra=""):

@@ -28,7 +28,7 @@ from sft.data.quality import KINDS, format_quality
 def _tokenizer(cfg: Config) -> Any:
     from sft.models.load import load_tokenizer
 
-    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
 def _packing(lengths: list[int], cfg: Config) -> tuple[int, float | None]:

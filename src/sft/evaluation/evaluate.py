@@ -264,28 +264,34 @@ def summary(result: EvalResult) -> str:
 
 def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
     """Load the model (``model`` overrides ``cfg.model``), evaluate, print a summary, write JSON."""
+    from sft.atomic import atomic_write_text, check_writable
     from sft.data.chat import resolve_template
     from sft.models.load import load_model, load_tokenizer, resolve
     from sft.training import distributed
 
+    if not cfg.eval.data and cfg.eval.split <= 0:
+        raise SftError("eval.data: nothing to evaluate; set eval.data: path/to/eval.jsonl "
+                       "(or eval.split: 0.05 to hold out training rows)")
+    dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
+    check_writable(dst.parent, "--out" if out else "output_dir")  # before minutes of evaluation
     distributed.init()  # under torchrun: loss and generation split over the ranks, rank 0 writes
     name = model or cfg.model
-    tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
+    revision = cfg.revision if name == cfg.model else None  # `revision:` belongs to `model:`
+    tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code, revision=revision)
     template = resolve_template(cfg.data.template, tokenizer, base_dir=cfg.base_dir)
-    lm = load_model(name, trust_remote_code=cfg.trust_remote_code).to(distributed.device())
+    lm = load_model(name, trust_remote_code=cfg.trust_remote_code, revision=revision).to(distributed.device())
     base = None
     if model is not None and model != cfg.model and resolve(model).kind == "hf":
         # a tuned directory evaluated against the config's base model: measure drift from it
-        base = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code).to(distributed.device())
+        base = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+        base = base.to(distributed.device())
     result = evaluate(cfg, lm, tokenizer, template, base_model=base, progress=distributed.is_main())
     result["model"] = name
     if not distributed.is_main():
         distributed.shutdown()
         return 0
     print(summary(result))
-    dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(dst, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {dst}")
     distributed.shutdown()
     return 0

@@ -278,8 +278,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | N
     path = tokenizer_dir(resolve(name, revision, trust_remote_code=trust_remote_code))
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise SftError(f"model: could not load a tokenizer from {path}: {e}") from None
+    except (ValueError, OSError) as e:
+        raise SftError(f"model: could not load a tokenizer from {path} ({_first_line(e)}); check or re-download "
+                       "its tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, revision: str | None = None) -> Any:
@@ -303,10 +309,16 @@ def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, re
             f"model: {path} has no .safetensors weights; sft never loads pickled (.bin) weights. "
             "Convert them with transformers' save_pretrained(safe_serialization=True)"
         )
-    return AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=dtype or torch.float32,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        attn_implementation="sdpa",
-    )
+    from safetensors import SafetensorError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype or torch.float32,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            attn_implementation="sdpa",
+        )
+    except (OSError, ValueError, SafetensorError) as e:  # a broken config.json or weights file
+        raise SftError(f"model: could not load the model in {path} ({_first_line(e)}); its config.json or "
+                       ".safetensors files are damaged or incomplete: re-download or re-save them") from None

@@ -138,7 +138,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
     eval_examples = build_dataset(cfg, prepared.tokenizer, "eval").examples if has_eval else []
     if is_main():
         distributed.barrier()
-    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code)  # bf16: pure bf16
+    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
     previous.set_aside()  # --overwrite: only now, with the data valid and the model loaded
     out.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
@@ -301,7 +301,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
 
         full = checkpoint.full_state_dict(run.model)
         if is_main():
-            model = prepare_model(cfg, models.load_model(cfg.model, torch.float32, cfg.trust_remote_code))
+            model = prepare_model(cfg, models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision))
             model.load_state_dict(full)
     if not is_main():
         return
@@ -315,7 +315,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the tuned model ...", flush=True)
-        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code).to(device())
+        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision).to(device())
         after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress)
         atomic_write_text(out / "after.json", json.dumps(after, indent=1))
         if run.before is None and (out / "before.json").exists():

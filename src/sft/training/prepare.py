@@ -36,7 +36,7 @@ def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
     from sft.data.pipeline import build_dataset
     from sft.models.save import pick_pad_id
 
-    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, revision=cfg.revision)
     data = build_dataset(cfg, tokenizer, "train")
     if not data.examples:
         raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")

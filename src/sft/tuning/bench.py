@@ -262,7 +262,7 @@ def bench(cfg: Config, steps: int) -> BenchResult:
     precision = resolve_precision(cfg)
     total_steps = steps + 1
     prepared = prepare_data(cfg, total_steps)
-    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code)
+    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)
     model, optimizer = ready_for_training(cfg, model, device)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -77,7 +77,7 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
 
     torch.manual_seed(cfg.train.seed)
     prepared = prepare_data(cfg, steps)
-    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision)
     model, optimizer = ready_for_training(cfg, model, device())
     lrs = range_lrs(steps, start, end)
     losses: list[float] = []

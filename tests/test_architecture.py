@@ -93,12 +93,7 @@ def violations(found: list[Import]) -> list[str]:
 
 
 # Known breaks of the arrows, pinned so that no new one slips in and a fix shows up here too.
-# sft.data.quality uses the refusal phrases of sft.evaluation.safety; the fix is to move the
-# phrase list and normalize() below sft.data (e.g. sft/data/refusal.py) and import them from there.
-KNOWN = {
-    "sft.data.quality: sft.evaluation.safety.normalize",
-    "sft.data.quality: sft.evaluation.safety.REFUSAL_PHRASES",
-}
+KNOWN: set[str] = set()
 
 
 def test_the_package_keeps_its_dependency_arrows():

@@ -105,7 +105,7 @@ def test_demo_data_check_shows_quality(tmp_path, smol_tok, monkeypatch):
     from sft.config import load_config
     from sft.data import commands
 
-    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False, **kw: smol_tok)
     cfg = load_config(DEMO / "demo.yaml", [f"--data.cache_dir={tmp_path}"])
     out = io.StringIO()
     assert commands.check(cfg, as_json=True, stream=out) == 0

@@ -122,7 +122,7 @@ def no_weights(monkeypatch, smol_tok):
         raise AssertionError("sft data loaded model weights")
 
     monkeypatch.setattr(sft.models.load, "load_model", boom)
-    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False, **kw: smol_tok)
 
 
 def _config(tmp_path, quality: str = "", eval_data: bool = True):

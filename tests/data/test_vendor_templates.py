@@ -342,7 +342,7 @@ def _cli_config(tmp_path, monkeypatch, smol_tok, row, template):
     import sft.models.load
     from sft.config import load_config
 
-    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False: smol_tok)
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False, **kw: smol_tok)
     (tmp_path / "train.json").write_text(json.dumps([row]))
     (tmp_path / "c.yaml").write_text(
         f"model: smollm2-135m-instruct\ndata:\n  train: [train.json]\n  template: {template}\n"

@@ -24,7 +24,7 @@ Six kinds of finding, each a list in reading order (the JSON of ``sft data check
   starts as JSON where the prompt asks for it); the reply stops on a comma, colon or a word that
   cannot end a sentence ("the", "and", ...); or several replies stop at exactly the longest length
   without a closing punctuation mark (a generation limit). Boilerplate: a phrase of
-  ``BOILERPLATE`` (AI self-references) or ``sft.evaluation.safety.REFUSAL_PHRASES`` (stock
+  ``BOILERPLATE`` (AI self-references) or ``sft.data.refusals.REFUSAL_PHRASES`` (stock
   refusals; not in rows whose category is ``harmful``, where a refusal is the lesson) or of
   ``data.quality.boilerplate``. Length outliers: a robust z-score (median and median absolute
   deviation of log trained tokens) beyond 3.5.
@@ -53,7 +53,7 @@ OUTLIER_Z = 3.5  # |robust z| beyond this is an outlier (Iglewicz & Hoaglin)
 OUTLIER_MIN_ROWS = 8  # fewer rows than this: no length statistics
 
 # AI self-references that teach a model to talk like another model (case-insensitive, apostrophes
-# straightened); stock refusals come from sft.evaluation.safety.REFUSAL_PHRASES.
+# straightened); stock refusals come from sft.data.refusals.REFUSAL_PHRASES.
 BOILERPLATE: tuple[str, ...] = (
     "as an ai language model",
     "as a language model",
@@ -232,7 +232,7 @@ def boilerplate_reason(conv: Conversation, phrases: tuple[str, ...], refusals: t
     >>> boilerplate_reason(c, BOILERPLATE, ())
     'messages[1] (assistant) says "as an ai language model"'
     """
-    from sft.evaluation.safety import normalize
+    from sft.data.refusals import normalize
 
     check = phrases if conv.category == "harmful" else phrases + refusals
     for i, m in enumerate(conv.messages):
@@ -315,7 +315,7 @@ def find_problems(
 
     ``lengths``: trained tokens per (file, line); ``cut``: rows truncated at data.max_length.
     """
-    from sft.evaluation.safety import REFUSAL_PHRASES, normalize
+    from sft.data.refusals import REFUSAL_PHRASES, normalize
 
     settings = settings or QualitySettings()
     rows = unique_rows(train)

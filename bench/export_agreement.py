@@ -180,7 +180,8 @@ def measure(run_dir: Path, quants: list[str], prompts: list[list[dict[str, str]]
         results.append(r)
         print(_row(r), flush=True)
     final_bytes = sum(f.stat().st_size for f in final.glob("*.safetensors"))
-    return {"run": str(run_dir), "final_dtype": str(next(model.parameters()).dtype), "final_bytes": final_bytes,
+    saved = json.loads((final / "config.json").read_text()).get("dtype")
+    return {"run": str(run_dir), "final_dtype": str(saved), "final_bytes": final_bytes,
             "max_new_tokens": max_new, "eot_id": eot, "results": [asdict(r) for r in results]}
 
 

@@ -8,7 +8,8 @@ only in precision: fp32; bf16 (sft's `train.precision: bf16`); and naive bf16 (t
 model, but torch's AdamW on the bf16 weights). Prints the held-out loss every `--eval-every`
 steps and at the end, the relative gap of each bf16 run to fp32, and with --append writes the
 table to bench/RESULTS.md (figures + curves as JSON in bench/results/bf16_quality.json).
-`--tiny` runs the same three with a 2-layer random model for a quick check of the script.
+`--tiny` runs the same three with a 2-layer random model (SmolLM2's tokenizer): a quick check of
+the script (`--tiny --steps 6 --eval-every 3 --rows 60 --lr 1e-3`), or a cheap curve.
 """
 
 from __future__ import annotations
@@ -121,15 +122,14 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--tolerance", type=float, default=0.01, help="allowed relative eval-loss gap of bf16 to fp32")
     p.add_argument("--runs", default="fp32,bf16,naive_bf16")
-    p.add_argument("--tiny", action="store_true", help="2-layer random model, 6 steps: checks the script")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer random model instead of SmolLM2-135M")
     p.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     work = Path(tempfile.mkdtemp(prefix="bf16q-"))
     model = "smollm2-135m-instruct"
     if a.tiny:
-        model, a.steps, a.rows, a.eval_every, a.max_length, a.lr = tiny_model(work / "tiny"), 6, 60, 3, 128, 1e-3
-        a.eval_split = 0.2
+        model, a.max_length = tiny_model(work / "tiny"), 128
     results = []
     for name in a.runs.split(","):
         out = work / name
@@ -142,11 +142,12 @@ def main() -> int:
     print(f"bf16 final eval loss within {a.tolerance:.0%} of fp32: {ok}")
     if a.append:
         (ROOT / "bench" / "results").mkdir(exist_ok=True)
-        (ROOT / "bench" / "results" / "bf16_quality.json").write_text(json.dumps(
+        (ROOT / "bench" / "results" / f"bf16_quality{'_tiny' if a.tiny else ''}.json").write_text(json.dumps(
             {"args": vars(a), "results": results}, indent=1))
         with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write(f"\n## bf16 quality (issue 11) {time.strftime('%Y-%m-%d %H:%M')}, SmolLM2-135M, {a.steps} steps\n\n"
-                    f"`HF_HUB_OFFLINE=1 .venv/bin/python bench/bf16_quality.py --steps {a.steps} --append`: "
+            f.write(f"\n## bf16 quality (issue 11) {time.strftime('%Y-%m-%d %H:%M')}, "
+                    f"{'tiny 2-layer random Llama' if a.tiny else 'SmolLM2-135M'}, {a.steps} steps\n\n"
+                    f"`HF_HUB_OFFLINE=1 .venv/bin/python bench/bf16_quality.py {' '.join(sys.argv[1:])}`: "
                     f"{a.rows} alpaca rows ({a.eval_split:.0%} held out), packing, batch {a.batch} x "
                     f"{a.max_length}, lr {a.lr}, cosine. bf16 within {a.tolerance:.0%} of fp32: **{ok}**.\n\n"
                     f"{text}\n")

@@ -104,7 +104,7 @@ def table(results: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (len(steps) + 4)]
     for r in results:
         ev = dict(r["eval"])
-        gap = (ev[steps[-1]] - ref[steps[-1]]) / ref[steps[-1]]
+        gap = (ev.get(steps[-1], float("nan")) - ref[steps[-1]]) / ref[steps[-1]]
         last = r["train_loss"][-10:]
         lines.append(f"| {r['run']} | " + " | ".join(f"{ev.get(s, float('nan')):.4f}" for s in steps)
                      + f" | {gap * 100:+.2f}% | {sum(last) / len(last):.4f} | {r['seconds']:.0f} |")
@@ -137,7 +137,7 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
     text = table(results)
     print(text)
-    ev = {r["run"]: dict(r["eval"])[a.steps] for r in results}
+    ev = {r["run"]: dict(r["eval"]).get(a.steps, float("nan")) for r in results}
     ok = abs(ev["bf16"] - ev["fp32"]) / ev["fp32"] <= a.tolerance if {"bf16", "fp32"} <= ev.keys() else None
     print(f"bf16 final eval loss within {a.tolerance:.0%} of fp32: {ok}")
     if a.append:

@@ -134,7 +134,7 @@ def test_eval_split_is_taken_before_weighting_so_no_row_is_in_both(tmp_path):
     import random
 
     from sft.data.formats import conversation_key
-    from sft.data.sources import mix_counts, sample_rows, split_holdout
+    from sft.data.sources import mix_counts, sample_rows
 
     a = write_jsonl(tmp_path / "a.jsonl", [qa(i) for i in range(20)])
     b = write_jsonl(tmp_path / "b.jsonl", [qa(100 + i) for i in range(20)])
@@ -153,9 +153,9 @@ def test_eval_split_is_taken_before_weighting_so_no_row_is_in_both(tmp_path):
     rng = random.Random(cfg.train.seed)
     mixed = [json.dumps(src[j]) for src, k in zip(rows, mix_counts([20, 20], [4.0, 1.0]))
              for j in sample_rows(20, k, rng)]
-    held_flags = split_holdout(len(mixed), 0.2, cfg.train.seed)
-    late_train = {m for m, h in zip(mixed, held_flags) if not h}
-    late_held = {m for m, h in zip(mixed, held_flags) if h}
+    held_at = set(random.Random(cfg.train.seed).sample(range(len(mixed)), round(0.2 * len(mixed))))
+    late_train = {m for i, m in enumerate(mixed) if i not in held_at}
+    late_held = {m for i, m in enumerate(mixed) if i in held_at}
     assert not late_train.isdisjoint(late_held)
 
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from sft.data import sources
-from sft.data.sources import list_files, mix_counts, read_file, sample_rows, split_holdout
+from sft.data.sources import list_files, mix_counts, read_file, sample_rows
 from sft.errors import SftError
 
 ROWS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
@@ -110,11 +110,3 @@ def test_mix_and_sample():
     assert len(rows) == 20 and set(rows) == set(range(10))
     assert sample_rows(10, 3, random.Random(0)) == sorted(sample_rows(10, 3, random.Random(0)))
     assert sample_rows(10, 3, random.Random(0)) != sample_rows(10, 3, random.Random(1))
-
-
-def test_split_holdout_is_seeded():
-    a = split_holdout(100, 0.1, seed=1)
-    assert a.count(True) == 10
-    assert a == split_holdout(100, 0.1, seed=1)
-    assert a != split_holdout(100, 0.1, seed=2)  # control: the seed matters
-    assert split_holdout(2, 0.01, seed=0).count(True) == 1

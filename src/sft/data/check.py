@@ -96,7 +96,9 @@ def format_report(r: dict[str, Any], max_length: int) -> str:
     dedup = f" ({r['deduplicated']} removed)" if r["deduplicated"] else " (kept; data.dedup: true removes them)"
     lines.append(f"duplicates: {r['duplicates']}{dedup if r['duplicates'] else ''}")
     if r["held_out"]:
-        lines.append(f"held out for eval (eval.split): {r['held_out']}")
+        lines.append(f"held out for eval (eval.split): {r['held_out']} (near-duplicate groups moved whole: "
+                     f"{r.get('held_out_groups', 0)}; drawn rows kept in training because their prompt or reply "
+                     f"overlaps a training row: {r.get('held_out_kept', 0)})")
     lines.append(
         f"examples: {r['examples']}  truncated: {r['truncated']}  dropped too long: {r['dropped_too_long']}"
         f"  dropped with nothing to train: {r['dropped_untrainable']}"

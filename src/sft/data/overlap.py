@@ -162,6 +162,14 @@ def _group(values: np.ndarray, groups: np.ndarray, size: int) -> list[np.ndarray
     return np.split(values, np.searchsorted(groups, np.arange(1, size)))
 
 
+def shingle_sets(texts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Each row's word-shingle hashes (``Vocab.text`` of the row), sorted and unique: the sets
+    whose Jaccard similarity decides near-duplicates."""
+    empty = np.zeros(0, dtype=np.uint64)
+    hashes, seg = segment_grams([np.concatenate([*t, empty]) for t in texts], SHINGLE)
+    return _group(hashes, seg, len(texts))
+
+
 def near_duplicates(convs: list[Conversation], threshold: float = NEAR_DUPLICATE_THRESHOLD,
                     texts: list[list[np.ndarray]] | None = None) -> list[dict[str, Any]]:
     """Rows whose shingle sets are at least ``threshold`` similar to an earlier row's."""
@@ -170,9 +178,7 @@ def near_duplicates(convs: list[Conversation], threshold: float = NEAR_DUPLICATE
     if texts is None:
         vocab = Vocab()
         texts = [vocab.text(c) for c in convs]
-    empty = np.zeros(0, dtype=np.uint64)
-    hashes, seg = segment_grams([np.concatenate([*t, empty]) for t in texts], SHINGLE)
-    sets = _group(hashes, seg, len(convs))  # each row's shingle hashes, sorted and unique
+    sets = shingle_sets(texts)
     first: dict[str, int] = {}  # conversation_key -> first row saying exactly that
     out: dict[int, dict[str, Any]] = {}
     searched = []  # rows that go into the LSH: not exact repeats, some text
@@ -237,12 +243,12 @@ def _fields(conv: Conversation) -> list[str]:
     return [t for t in ((prompt.content if prompt else ""), conv.messages[last].content) if t.strip()]
 
 
-def contamination(eval_convs: list[Conversation], train: list[Conversation], vocab: Vocab | None = None,
-                  train_texts: list[list[np.ndarray]] | None = None, n: int = CONTAMINATION_N,
-                  min_overlap: float = CONTAMINATION_OVERLAP) -> list[dict[str, Any]]:
-    """Eval rows whose prompt or reply overlaps a training row (see the module docstring);
-    ``train_texts``: ``vocab.text`` of each training row, when already computed."""
-    vocab = vocab or Vocab()
+def overlaps(eval_convs: list[Conversation], train: list[Conversation], vocab: Vocab,
+             train_texts: list[list[np.ndarray]] | None = None, n: int = CONTAMINATION_N,
+             min_overlap: float = CONTAMINATION_OVERLAP) -> dict[tuple[int, int], float]:
+    """Every (eval row, training row) whose eval prompt or reply overlaps the training row by at
+    least ``min_overlap`` (the larger of the two fields' overlaps): the pairs ``contamination``
+    reports the best of, and ``sft.data.split`` keeps on one side."""
     index: dict[int, list[tuple[int, int]]] = {}  # gram -> [(eval row, field)]
     sizes: dict[tuple[int, int], int] = {}
     for e, conv in enumerate(eval_convs):
@@ -255,7 +261,7 @@ def contamination(eval_convs: list[Conversation], train: list[Conversation], voc
             for g in grams:
                 index.setdefault(g, []).append((e, f))
     if not index:
-        return []
+        return {}
     if train_texts is None:
         train_texts = [vocab.text(c) for c in train]
     # every n-gram of every training message at once; only those that an eval text has go on
@@ -267,10 +273,23 @@ def contamination(eval_convs: list[Conversation], train: list[Conversation], voc
     for t, g in pairs.tolist():
         for e, f in index[g]:
             hits[(t, e, f)] = hits.get((t, e, f), 0) + 1
-    best: dict[int, tuple[float, int]] = {}  # eval row -> (overlap, train row): the highest, then the earliest
-    for (t, e, f), h in sorted(hits.items()):
+    out: dict[tuple[int, int], float] = {}  # (eval row, train row) -> overlap
+    for (t, e, f), h in hits.items():
         overlap = h / sizes[(e, f)]
-        if overlap >= min_overlap and overlap > best.get(e, (0.0, 0))[0]:
+        if overlap >= min_overlap and overlap > out.get((e, t), 0.0):
+            out[(e, t)] = overlap
+    return out
+
+
+def contamination(eval_convs: list[Conversation], train: list[Conversation], vocab: Vocab | None = None,
+                  train_texts: list[list[np.ndarray]] | None = None, n: int = CONTAMINATION_N,
+                  min_overlap: float = CONTAMINATION_OVERLAP) -> list[dict[str, Any]]:
+    """Eval rows whose prompt or reply overlaps a training row (see the module docstring);
+    ``train_texts``: ``vocab.text`` of each training row, when already computed."""
+    found = overlaps(eval_convs, train, vocab or Vocab(), train_texts, n, min_overlap)
+    best: dict[int, tuple[float, int]] = {}  # eval row -> (overlap, train row): the highest, then the earliest
+    for (e, t), overlap in sorted(found.items()):
+        if overlap > best.get(e, (0.0, 0))[0]:
             best[e] = (overlap, t)
     return [{"eval": loc(eval_convs[e]), "train": loc(train[t]), "overlap": round(ov, 4)}
             for e, (ov, t) in sorted(best.items())]

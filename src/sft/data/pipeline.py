@@ -22,7 +22,9 @@ from typing import Any
 from sft.config import Config, SourceConfig, cache_root, resolve_path
 from sft.data import hub
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
-from sft.data.sources import mix_counts, sample_rows, split_holdout
+from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD
+from sft.data.sources import mix_counts, sample_rows
+from sft.data.split import Holdout, hold_out_rows
 from sft.data.types import IGNORE, Conversation, Example
 from sft.errors import SftError
 
@@ -54,6 +56,8 @@ class DataReport:
     duplicates: int = 0  # rows that repeat an earlier row exactly
     deduplicated: int = 0  # duplicates removed (data.dedup)
     held_out: int = 0  # training rows moved to the eval split (eval.split)
+    held_out_groups: int = 0  # near-duplicate groups (2+ distinct rows) moved to the eval split whole
+    held_out_kept: int = 0  # rows drawn for the eval split but kept: their prompt or reply overlaps a training row
     conversations: int = 0  # conversations handed on (after limit, weight, dedup, split)
     examples: int = 0  # tokenized examples kept
     dropped_too_long: int = 0
@@ -174,20 +178,21 @@ def _mix(sources: list[SourceConfig], per_source: list[list[Conversation]], stat
 
 
 def hold_out(
-    per_source: list[list[Conversation]], fraction: float, seed: int
-) -> tuple[list[list[Conversation]], list[Conversation]]:
+    per_source: list[list[Conversation]], fraction: float, seed: int, threshold: float = NEAR_DUPLICATE_THRESHOLD
+) -> tuple[list[list[Conversation]], list[Conversation], Holdout]:
     """Split each source's rows into (kept for training, held out for eval) BEFORE any weighting.
 
-    The hold-out is drawn over distinct conversations (``conversation_key``), so all copies of a
-    row fall on the same side: weighting, which repeats rows, then only ever repeats training rows,
-    and no conversation is both trained on and evaluated.
+    The hold-out is drawn over groups of exact and near-duplicate conversations, and no held-out
+    prompt or reply overlaps a training row (``sft.data.split``): weighting, which repeats rows,
+    then only ever repeats training rows, and no conversation is both trained on and evaluated.
     """
-    keys = [[conversation_key(c) for c in convs] for convs in per_source]
-    distinct = list(dict.fromkeys(k for ks in keys for k in ks))
-    chosen = {k for k, h in zip(distinct, split_holdout(len(distinct), fraction, seed)) if h}
-    kept = [[c for c, k in zip(convs, ks) if k not in chosen] for convs, ks in zip(per_source, keys)]
-    held = [c for convs, ks in zip(per_source, keys) for c, k in zip(convs, ks) if k in chosen]
-    return kept, held
+    flat = [c for convs in per_source for c in convs]
+    split = hold_out_rows(flat, fraction, seed, threshold)
+    flags = iter(split.held)
+    sides = [[next(flags) for _ in convs] for convs in per_source]
+    kept = [[c for c, h in zip(convs, hs) if not h] for convs, hs in zip(per_source, sides)]
+    held = [c for convs, hs in zip(per_source, sides) for c, h in zip(convs, hs) if h]
+    return kept, held, split
 
 
 def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conversation], DataReport]:
@@ -199,10 +204,12 @@ def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conve
     report = DataReport(split=split)
     seed = cfg.train.seed
     per_source = _read_all(cfg, cfg.data.train, report) if split == "train" or cfg.eval.split else []
-    kept, held = hold_out(per_source, cfg.eval.split, seed)  # eval.split first, then weighting
+    # eval.split first, then weighting
+    kept, held, groups = hold_out(per_source, cfg.eval.split, seed, cfg.data.quality.near_duplicate_threshold)
     if split == "train":
         convs = _mix(cfg.data.train, kept, report.sources, seed)
         report.held_out = len(held)
+        report.held_out_groups, report.held_out_kept = groups.groups, groups.kept_overlapping
     else:
         convs = held
         if cfg.eval.data:
@@ -320,8 +327,10 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
         code += Path(str(mod.__file__)).read_bytes()
     code += Path(__file__).read_bytes()
     from sft.data import overlap, quality  # their findings are cached with the train split, and drop rows
+    from sft.data import split as split_mod  # decides the eval.split rows
 
     code += Path(str(quality.__file__)).read_bytes() + Path(str(overlap.__file__)).read_bytes()
+    code += Path(str(split_mod.__file__)).read_bytes()
     body = {
         "v": CACHE_VERSION,
         "split": split,

@@ -379,20 +379,3 @@ def sample_rows(n: int, k: int, rng: random.Random) -> list[int]:
     if k <= n:
         return sorted(rng.sample(range(n), k))
     return list(range(n)) + sorted(rng.choices(range(n), k=k - n))
-
-
-def split_holdout(n: int, fraction: float, seed: int) -> list[bool]:
-    """Which of ``n`` rows are held out for evaluation (``eval.split``), chosen with ``seed``.
-
-    At least one row is held out when ``fraction > 0`` and there are two rows or more.
-
-    >>> split_holdout(10, 0.2, seed=0).count(True)
-    2
-    >>> split_holdout(10, 0.0, seed=0).count(True)
-    0
-    """
-    if fraction <= 0 or n < 2:
-        return [False] * n
-    k = min(n - 1, max(1, round(n * fraction)))
-    chosen = set(random.Random(seed).sample(range(n), k))
-    return [i in chosen for i in range(n)]

@@ -28,6 +28,8 @@ Category = Literal["harmful", "benign"]
 QualityKind = Literal[
     "near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate", "length_outliers"
 ]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]  # train.report_to (sft.reporting.trackers)
+RENAMED = {"train.tensorboard": "train.report_to: [tensorboard]"}  # old key -> what to write instead
 
 
 @dataclass
@@ -117,7 +119,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     on_nan: Literal["stop", "skip"] = "stop"
     log_every: int = 1
-    tensorboard: bool = False
+    report_to: list[Tracker] = field(default_factory=list)  # any of tensorboard, wandb, mlflow, trackio
     compile: bool = False
     threads: int | None = None
     # under torchrun: ddp (a whole model per process) | fsdp (FSDP2, sharded per decoder layer);
@@ -216,7 +218,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, dict)) or not isinstance(value, (list, tuple)):
-            if dataclasses.is_dataclass(item_tp) or item_tp is str:
+            if dataclasses.is_dataclass(item_tp) or item_tp is str or typing.get_origin(item_tp) is Literal:
                 value = [value]  # a single source may be written without a list
             else:
                 raise SftError(f"{where}: expected a list, got {value!r}")
@@ -268,6 +270,8 @@ def from_dict(cls: Any, data: dict[str, Any], where: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
+            if f"{where}.{key}" in RENAMED:
+                raise SftError(f"{where}.{key}: replaced; write {RENAMED[f'{where}.{key}']}")
             hint = difflib.get_close_matches(str(key), names, n=1)
             fix = f"did you mean {hint[0]!r}?" if hint else f"known keys: {', '.join(names)}"
             prefix = f"{where}." if where != "config" else ""

@@ -1,6 +1,6 @@
 """What a run shows and records while it trains: ``metrics.jsonl``, the progress bar or log line,
-TensorBoard; and the report at its end. Only the writing process (rank 0) creates a RunLog that
-writes; the others get a silent one."""
+the trackers of ``train.report_to``; and the report at its end. Only the writing process (rank 0)
+creates a RunLog that writes; the others get a silent one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from sft.atomic import atomic_write_text
 from sft.config import Config, to_dict
 from sft.errors import SftError
+from sft.reporting.trackers import Trackers
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
@@ -68,9 +69,10 @@ def step_line(row: dict[str, Any], total: int, secs_per_step: float) -> str:
 
 class RunLog:
     """metrics.jsonl (every step), the log line (every ``train.log_every`` steps) or a progress bar
-    on a terminal, and TensorBoard scalars when ``train.tensorboard`` is on."""
+    on a terminal, and the same rows to ``trackers`` (``train.report_to``; opened by the caller)."""
 
-    def __init__(self, cfg: Config, out: Path, total: int, start: int, show: bool, write: bool) -> None:
+    def __init__(self, cfg: Config, out: Path, total: int, start: int, show: bool, write: bool,
+                 trackers: Trackers | None = None) -> None:
         self.path, self.total, self.start = out / "metrics.jsonl", total, start
         self.show, self.write, self.every = show, write, max(1, cfg.train.log_every)
         self.t0 = time.perf_counter()
@@ -80,7 +82,7 @@ class RunLog:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self.writer = _tensorboard_writer(out) if (write and cfg.train.tensorboard) else None
+        self.trackers = trackers if write else None
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -89,9 +91,8 @@ class RunLog:
         done = row["step"]
         if self.write:
             append_row(self.path, row)
-            if self.writer is not None:
-                for k in ("loss", "lr", "grad_norm"):
-                    self.writer.add_scalar(f"train/{k}", row[k], done)
+            if self.trackers is not None:
+                self.trackers.log_row(row)
         if not self.show:
             return
         line = step_line(row, self.total, (time.perf_counter() - self.t0) / max(1, done - self.start))
@@ -103,9 +104,10 @@ class RunLog:
 
     def eval(self, step: int, eval_loss: float) -> None:
         if self.write:
-            append_row(self.path, {"step": step, "eval_loss": round(eval_loss, 6)})
-            if self.writer is not None:
-                self.writer.add_scalar("eval/loss", eval_loss, step)
+            row = {"step": step, "eval_loss": round(eval_loss, 6)}
+            append_row(self.path, row)
+            if self.trackers is not None:
+                self.trackers.log_row(row)
         self.say(f"step {step}/{self.total} | eval_loss {eval_loss:.4f}")
 
     def say(self, text: str) -> None:
@@ -119,18 +121,6 @@ class RunLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _tensorboard_writer(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("warning: train.tensorboard is on but tensorboard is not installed; `pip install tensorboard`",
-              file=sys.stderr)
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def write_run_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any) -> None:

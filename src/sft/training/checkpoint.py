@@ -117,7 +117,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 # Keys that may change between a run and its resume: where it writes, how often it saves or logs,
 # evaluation (except eval.split, which decides the training rows), threads, compile.
 RESUMABLE_CHANGES = ("output_dir", "data.cache_dir", "train.save_every", "train.keep_checkpoints",
-                     "train.log_every", "train.tensorboard", "train.threads", "train.compile", "train.on_nan",
+                     "train.log_every", "train.report_to", "train.threads", "train.compile", "train.on_nan",
                      "eval.", "sweep.")
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sft.atomic import atomic_write_text
-from sft.config import Config, save_config
+from sft.config import Config, save_config, to_dict
 from sft.data.batching import Step
 from sft.data.types import Example
 from sft.errors import SftError
@@ -29,6 +29,7 @@ from sft.evaluation.result import EvalResult
 from sft.models import load as models
 from sft.models.save import save_final
 from sft.reporting.run_log import RunLog, truncate_metrics, write_run_report
+from sft.reporting.trackers import Trackers, check_installed, open_trackers
 from sft.training import checkpoint, distributed
 from sft.training.distributed import device, is_main
 from sft.training.optim import lr_at
@@ -70,6 +71,7 @@ class Run:
     skipped: int = 0
     before: EvalResult | None = None
     module: Any = None  # what the step calls: the DDP / FSDP2 wrapper under torchrun, else the model
+    trackers: Trackers | None = None  # train.report_to (rank 0)
 
     @property
     def has_eval(self) -> bool:
@@ -100,9 +102,13 @@ def train(
         if run is None:
             distributed.shutdown()
             return RunResult(Path(cfg.output_dir), 0)
-        result = loop(run, progress, stop_check)
-        if not (result.interrupted or result.stop_reason is not None):
-            finish(run, result, progress)
+        try:
+            result = loop(run, progress, stop_check)
+            if not (result.interrupted or result.stop_reason is not None):
+                finish(run, result, progress)
+        finally:
+            if run.trackers is not None:
+                run.trackers.close()
     distributed.shutdown()  # ranks wait here while rank 0 writes final/ and the report
     return result
 
@@ -117,6 +123,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
 
     out = Path(cfg.output_dir)
     check_output_dir(out, resume, overwrite)
+    check_installed(cfg.train.report_to)  # a missing tracker package fails before the data loads
     if resume and (out / "run_state.json").exists():
         print(f"{out}: this run already finished; nothing to resume (use --overwrite to start again)")
         return None
@@ -161,6 +168,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
     if is_main():
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", run.start)
+        run.trackers = open_trackers(cfg.train.report_to, out, to_dict(cfg), prepared.data.report.to_dict())
     return run
 
 
@@ -190,7 +198,8 @@ def restore(run: Run) -> None:
 def loop(run: Run, progress: bool, stop_check: Callable[[int, float], str | None] | None) -> RunResult:
     cfg, total = run.cfg, len(run.plan)
     result = RunResult(run.out, total)
-    log = RunLog(cfg, run.out, total, run.start, show=progress and is_main(), write=is_main())
+    log = RunLog(cfg, run.out, total, run.start, show=progress and is_main(), write=is_main(),
+                 trackers=run.trackers)
     with Interrupt() as interrupt:
         for step in range(run.start, total):
             lr = lr_at(step, total, cfg.train)
@@ -307,6 +316,8 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         return
     if final_eval is not None:
         append_row(out / "metrics.jsonl", {"step": last_step, "eval_loss": round(final_eval, 6)})
+        if run.trackers is not None:
+            run.trackers.log_row({"step": last_step, "eval_loss": final_eval})
     final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(device())
     atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
@@ -318,6 +329,8 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision).to(device())
         after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress)
         atomic_write_text(out / "after.json", json.dumps(after, indent=1))
+        if run.trackers is not None:
+            run.trackers.before_after(run.before, after)
         if run.before is None and (out / "before.json").exists():
             run.before = json.loads((out / "before.json").read_text())
     write_run_report(out, cfg, run.data.report.to_dict(), run.before, after)

@@ -1,4 +1,4 @@
-"""`sft train|data|eval|chat|generate|bench|sweep|lr-find|export`: each parses its arguments and calls one function.
+"""`sft train|data|eval|compare|chat|generate|bench|sweep|lr-find|export`: each parses its arguments and calls one function.
 
 Errors the user can fix (SftError, and OSErrors such as a full disk or a path that cannot be
 written) print one clear message and exit with status 1, no traceback; usage errors exit 2.
@@ -74,6 +74,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sft.evaluation.evaluate import run_eval
 
     return run_eval(_config(args), model=args.model, out=args.out)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from sft.evaluation.compare import run_compare
+
+    return run_compare(args.results, as_json=args.json)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -161,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = with_config("eval", "evaluate a model: loss, task accuracy, stop rate, forgetting", cmd_eval)
     e.add_argument("--model", help="model to evaluate instead of the config's model: (e.g. runs/x/final)")
     e.add_argument("--out", help="write the JSON result here")
+
+    cp = sub.add_parser("compare", help="paired tests of eval results against the first: better, worse or "
+                        "no detectable difference")
+    cp.add_argument("results", nargs="+", metavar="RESULT",
+                    help="eval JSONs (eval.json, before.json, after.json) or run directories; one run directory "
+                    "alone compares its before.json with its after.json")
+    cp.add_argument("--json", action="store_true", help="print one JSON object")
+    cp.set_defaults(fn=cmd_compare, takes_overrides=False)
 
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
     ch.add_argument("model", help="a model directory (e.g. runs/x/final) or packaged alias")

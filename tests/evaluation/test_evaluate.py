@@ -217,6 +217,19 @@ def test_evaluate_matches_independent_computations(tmp_path, smol_tok):
     assert a["n_examples"] == 3 and len(a["samples"]) == 2
     assert set(a["samples"][0]) == {"prompt", "reference", "reply", "correct", "stopped"}
     assert a["samples"][0]["reference"] == "2 + 3 = 5."
+    # per-row outcomes that `sft compare` pairs, and the intervals built from them
+    rows = a["rows"]
+    assert rows["key"] == ["eval.jsonl:1", "eval.jsonl:2", "eval.jsonl:3"]
+    assert rows["tokens"] == [len(r) for r in replies] and rows["category"] == "---" and rows["refused"] == "---"
+    assert rows["correct"].count("1") / 3 == a["task_accuracy"] and len(rows["stopped"]) == 3
+    assert sum(a["losses"]["nll"]) / sum(a["losses"]["tokens"]) == pytest.approx(a["eval_loss"], rel=1e-4)
+    assert sum(a["losses"]["tokens"]) == a["eval_tokens"] and len(a["losses"]["key"]) == 3
+    assert a["n"]["task_accuracy"] == 3 and a["n"]["forgetting"]["reference_perplexity"] == len(range(0, len(ref_ids), 128))
+    for key in ("task_accuracy", "stop_rate", "eval_loss", "perplexity"):
+        lo, hi = a["intervals"][key]
+        assert lo <= a[key] <= hi, key
+    assert len(a["forgetting"]["window_nll"]) == 1  # a one-window reference: nothing to resample
+    assert a["intervals"]["forgetting"] == {"reference_perplexity": None, "kl_to_base": None}
     json.dumps(a)  # JSON-able
     assert "task accuracy" in summary(a)
 

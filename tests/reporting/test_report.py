@@ -30,8 +30,8 @@ def test_write_report_self_contained(tmp_path):
     assert "80.0%" in page and "+75.0 pts" in page  # accuracy after, and the change
     assert "2 + 3 = 5." in page and "[no stop]" in page  # samples side by side
     md = md_path.read_text(encoding="utf-8")
-    assert "| task accuracy | 5.0% | 80.0% | +75.0 pts |" in md
-    assert "| stop rate | 0.0% | 100.0% | +100.0 pts |" in md
+    assert "| task accuracy | 5.0% | 80.0% | +75.0 pts | - | - |" in md
+    assert "| stop rate | 0.0% | 100.0% | +100.0 pts | - | - |" in md
     assert "lr: 0.0001" in md
 
 
@@ -42,12 +42,26 @@ def test_report_without_eval_or_metrics(tmp_path):
 
 def test_before_after_rows_and_print(capsys):
     rows = before_after_rows(BEFORE, AFTER)
-    assert rows[0] == ["task accuracy", "5.0%", "80.0%", "+75.0 pts"]
-    assert ["KL to base, nats/token (forgetting)", "-", "0.1200", "-"] in rows
+    assert rows[0] == ["task accuracy", "5.0%", "80.0%", "+75.0 pts", "-", "-"]
+    assert ["KL to base, nats/token (forgetting)", "-", "0.1200", "-", "-", "-"] in rows
     print_before_after(BEFORE, AFTER)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["metric", "before", "after", "change"]
-    assert any(line.startswith("task accuracy") and line.rstrip().endswith("+75.0 pts") for line in out)
+    assert out[0].split() == ["metric", "before", "[95%", "CI]", "after", "[95%", "CI]", "change", "[95%", "CI]",
+                              "p", "verdict"]
+    assert any(line.startswith("task accuracy") and "+75.0 pts" in line for line in out)
+
+
+def test_before_after_rows_with_intervals_and_paired_test(tmp_path):
+    before = {**BEFORE, "intervals": {"task_accuracy": [0.0215, 0.1118]}}
+    after = {**AFTER, "intervals": {"task_accuracy": [0.7112, 0.8666]}}
+    comparison = [{"metric": "task_accuracy", "diff": 0.75, "diff_interval": [0.66, 0.83], "p": 1e-9,
+                   "verdict": "better"}]
+    rows = before_after_rows(before, after, comparison)
+    assert rows[0] == ["task accuracy", "5.0% [2.1, 11.2]%", "80.0% [71.1, 86.7]%", "+75.0 pts [+66.0, +83.0] pts",
+                       "<0.001", "better"]
+    _, md = write_report(tmp_path, {"model": "m"}, METRICS, before, after, None, comparison)
+    assert "| task accuracy | 5.0% [2.1, 11.2]% | 80.0% [71.1, 86.7]% | +75.0 pts [+66.0, +83.0] pts | <0.001 | better |" \
+        in md.read_text()
 
 
 def test_svg_chart_skips_nan_and_handles_one_point():

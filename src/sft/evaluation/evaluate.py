@@ -29,7 +29,7 @@ from typing import Any
 from sft.config import Config
 from sft.data.types import Conversation, Message
 from sft.errors import SftError
-from sft.evaluation.result import EvalResult, Forgetting, Sample
+from sft.evaluation.result import EvalResult, Forgetting, Losses, Rows, Sample
 
 METRICS = ("exact", "contains", "regex", "json")
 REFERENCE_TOKENS = 16384  # eval.reference_tokens' default: forgetting ratio stable to 1% (bench/RESULTS.md)
@@ -130,7 +130,9 @@ def forgetting(
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     device = next(model.parameters()).device
-    nll, kl, count = 0.0, 0.0, 0
+    nlls: list[float] = []  # per window: the intervals resample windows (sft.evaluation.intervals)
+    kls: list[float] = []
+    counts: list[int] = []
     with torch.no_grad():
         for piece in reference_windows(ids, tokens):
             window = bos + piece
@@ -139,20 +141,24 @@ def forgetting(
             x = torch.tensor([window], device=device)
             logp = F.log_softmax(model(input_ids=x, use_cache=False).logits[0, :-1].float(), dim=-1)  # [T-1, V]
             targets = x[0, 1:]
-            nll -= float(logp.gather(1, targets[:, None]).sum())
-            count += len(window) - 1
+            nlls.append(-float(logp.gather(1, targets[:, None]).sum()))
+            counts.append(len(window) - 1)
             if base_model is not None:
                 base_logits = base_model(input_ids=x.to(next(base_model.parameters()).device), use_cache=False)
                 base_logp = F.log_softmax(base_logits.logits[0, :-1].float().to(device), dim=-1)
-                kl += float((base_logp.exp() * (base_logp - logp)).sum())
+                kls.append(float((base_logp.exp() * (base_logp - logp)).sum()))
                 del base_logp
             del logp
+    count = sum(counts)
     out: Forgetting = {
-        "reference_perplexity": math.exp(nll / count) if count else None,
+        "reference_perplexity": math.exp(sum(nlls) / count) if count else None,
         "reference_tokens": count,
+        "window_nll": [round(v, 4) for v in nlls],
+        "window_tokens": counts,
     }
     if base_model is not None:
-        out["kl_to_base"] = kl / count if count else None
+        out["kl_to_base"] = sum(kls) / count if count else None
+        out["window_kl"] = [round(v, 5) for v in kls]
     return out
 
 
@@ -163,7 +169,8 @@ def evaluate(
     from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
     from sft.evaluation.generate import generate_batch
-    from sft.evaluation.heldout import heldout_loss
+    from sft.evaluation.heldout import heldout_losses
+    from sft.evaluation.intervals import add_intervals, bits, row_key
     from sft.evaluation.reference import load_reference
     from sft.evaluation.safety import make_detector, rate
     from sft.models.save import pick_pad_id
@@ -178,7 +185,9 @@ def evaluate(
         end_ids = set(eot) if len(eot) == 1 else set(stop_ids)  # what stop_rate counts (module docstring)
         pad_id = pick_pad_id(tokenizer, stop_ids)
         dataset = build_dataset(cfg, tokenizer, "eval")
-        loss, loss_tokens = heldout_loss(model, dataset.examples, pad_id, cfg)
+        per_example = heldout_losses(model, dataset.examples, pad_id, cfg)
+        loss_tokens = sum(n for _, n in per_example)
+        loss = sum(v for v, _ in per_example) / loss_tokens if loss_tokens else None
 
         convs, _ = load_conversations(cfg, "eval")
         items = []
@@ -212,9 +221,20 @@ def evaluate(
         ref = load_reference(cfg.eval.reference)
         forgot = forgetting(model, tokenizer, ref.text, base_model, cfg.eval.reference_tokens)
         forgot["reference"], forgot["reference_sha256"] = ref.version, ref.sha256
+        rows: Rows = {
+            "key": [row_key(conv.source, conv.line) for conv, _, _ in items],
+            "correct": bits(correct),
+            "stopped": bits(ended),
+            "category": "".join({"harmful": "h", "benign": "b"}.get(conv.category or "", "-") for conv, _, _ in items),
+            "refused": bits([refusal(g.text) if conv.category in ("harmful", "benign") else None
+                             for g, (conv, _, _) in zip(gens, items)]),
+            "tokens": [len(g.token_ids) for g in gens],
+        }
+        losses: Losses = {"key": [row_key(e.source, e.line) for e in dataset.examples],
+                          "nll": [round(v, 4) for v, _ in per_example], "tokens": [n for _, n in per_example]}
     finally:
         model.train(was_training)
-    return {
+    result: EvalResult = {
         "eval_loss": loss,
         "perplexity": math.exp(loss) if loss is not None else None,
         "eval_tokens": loss_tokens,
@@ -230,7 +250,10 @@ def evaluate(
         "n_examples": len(items),
         "metric": cfg.eval.metric,
         "elapsed_s": round(time.perf_counter() - t0, 2),
+        "rows": rows,
+        "losses": losses,
     }
+    return add_intervals(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,27 +261,45 @@ def evaluate(
 
 
 def summary(result: EvalResult) -> str:
-    """The readable block `sft eval` prints."""
-    from sft.reporting.report import fmt
+    """The readable block `sft eval` prints; each figure with its 95% interval (and n) when known."""
+    from sft.reporting.report import with_interval
+
+    data: dict[str, Any] = dict(result)
+    n: dict[str, Any] = data.get("n") or {}
+
+    def show(key: str, how: str) -> str:
+        return with_interval(data, key, how)
+
+    def count(key: str, what: str) -> str:
+        return f", n={n[key]} {what}" if isinstance(n.get(key), int) else ""
 
     f: Forgetting = result.get("forgetting") or {}
-    acc, stop = result.get("task_accuracy"), result.get("stop_rate")
     lines = [
-        f"eval loss        {fmt(result.get('eval_loss'), 'num4')}  (perplexity {fmt(result.get('perplexity'), 'num2')})",
-        f"task accuracy    {fmt(acc, 'pct')}  "
+        f"eval loss        {show('eval_loss', 'num4')}  (perplexity {show('perplexity', 'num2')}"
+        f"{count('eval_loss', 'examples')})",
+        f"task accuracy    {show('task_accuracy', 'pct')}  "
         f"({result.get('n_examples')} examples, metric {result.get('metric')})",
-        f"stop rate        {fmt(stop, 'pct')}  (replies ending with {result.get('stop_token') or 'EOS'})",
-        f"response tokens  {fmt(result.get('mean_response_tokens'), 'num1')} (mean)",
-        f"reference ppl    {fmt(f.get('reference_perplexity'), 'num2')}",
+        f"stop rate        {show('stop_rate', 'pct')}  (replies ending with {result.get('stop_token') or 'EOS'})",
+        f"response tokens  {show('mean_response_tokens', 'num1')} (mean)",
+        f"reference ppl    {show('forgetting.reference_perplexity', 'num2')}",
     ]
     if f.get("kl_to_base") is not None:
-        lines.append(f"KL to base       {fmt(f.get('kl_to_base'), 'num4')} nats/token")
+        lines.append(f"KL to base       {show('forgetting.kl_to_base', 'num4')} nats/token")
     if result.get("refusal_rate") is not None:
-        lines.append(f"refusal rate     {fmt(result.get('refusal_rate'), 'pct')}  (harmful requests declined)")
+        lines.append(f"refusal rate     {show('refusal_rate', 'pct')}  (harmful requests declined"
+                     f"{count('refusal_rate', 'rows')})")
     if result.get("over_refusal_rate") is not None:
-        lines.append(f"over-refusal     {fmt(result.get('over_refusal_rate'), 'pct')}  (benign requests declined)")
+        lines.append(f"over-refusal     {show('over_refusal_rate', 'pct')}  (benign requests declined"
+                     f"{count('over_refusal_rate', 'rows')})")
+    if result.get("constraint_rows_met") is not None:
+        lines.append(f"constraints      {show('constraint_rows_met', 'pct')} of rows met all"
+                     f"{count('constraint_rows_met', 'rows')}; {show('constraint_share_met', 'pct')} of checks met")
+    by_source_iv = (data.get("intervals") or {}).get("accuracy_by_source") or {}
     for k, v in (result.get("accuracy_by_source") or {}).items():
-        lines.append(f"  accuracy {k}: {100 * v:.1f}%")
+        lo_hi = by_source_iv.get(k)
+        extra = f" [{100 * lo_hi[0]:.1f}, {100 * lo_hi[1]:.1f}]%" if lo_hi else ""
+        lines.append(f"  accuracy {k}: {100 * v:.1f}%{extra}")
+    lines.append("  [..]: 95% intervals (Wilson for rates, bootstrap over examples for losses)")
     return "\n".join(lines)
 
 

@@ -51,3 +51,29 @@ def heldout_loss(model: Any, examples: list[Example], pad_id: int, cfg: Config) 
     total, n_all = all_sum([total, float(count)], device)
     count = int(n_all)
     return (total / count if count else None), count
+
+
+def heldout_losses(model: Any, examples: list[Example], pad_id: int, cfg: Config) -> list[tuple[float, int]]:
+    """(CE sum, trained tokens) of each example, in the order of ``examples``: what the intervals
+    and paired tests of ``eval_loss`` resample (``sft.evaluation.stats``). Their totals give the
+    same mean as ``heldout_loss``. One example per forward pass (no padding); rank r scores
+    examples r, r + world, ... and the per-example sums are all-reduced."""
+    device = next(model.parameters()).device
+    rank, world = rank_and_world()
+    sums, counts = [0.0] * len(examples), [0.0] * len(examples)
+    mine = list(range(rank, len(examples), world))
+    # FSDP2 all-gathers weights in every forward: each rank runs the same number of them
+    mine += [-1] * (math.ceil(len(examples) / world) - len(mine))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(cfg):
+            for i in mine:
+                batch = collate_padded([examples[max(i, 0)]], pad_id)
+                loss_sum, n = forward_loss(model, {key: v.to(device) for key, v in batch.items()})
+                if i >= 0:
+                    sums[i], counts[i] = float(loss_sum), float(n)
+    finally:
+        model.train(was_training)
+    both = all_sum(sums + counts, device)
+    return [(both[i], int(both[len(examples) + i])) for i in range(len(examples))]

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Any, TypedDict
 
 
 class Forgetting(TypedDict, total=False):
@@ -13,6 +13,32 @@ class Forgetting(TypedDict, total=False):
     reference: str  # the text's version: "stdlib-prose-v1" (shipped) or "file:<name>" (eval.reference)
     reference_sha256: str  # of the reference text's UTF-8 bytes
     kl_to_base: float | None  # mean KL(base || model) per token; only with a base model
+    window_nll: list[float]  # per scored window: NLL sum (the intervals and paired tests resample windows)
+    window_tokens: list[int]  # ... and its scored tokens
+    window_kl: list[float]  # ... and its KL sum (only with a base model)
+
+
+class Rows(TypedDict, total=False):
+    """Per generation row, in order: what ``sft compare`` pairs between two results. Booleans are
+    strings of "1"/"0" (one character a row; "-": not applicable) to keep eval.json small."""
+
+    key: list[str]  # "<file name>:<line>" of the row
+    correct: str
+    stopped: str
+    category: str  # "h" harmful, "b" benign, "-" neither
+    refused: str  # "1"/"0" for rows with a category, "-" otherwise
+    tokens: list[int]  # reply length in tokens
+    constraint_rows_met: str  # eval.metric constraints: "1" all of the row's constraints met, "-" none given
+    constraints_met: list[int]  # ... and how many of its constraints were met
+    constraints_total: list[int]  # ... of how many
+
+
+class Losses(TypedDict):
+    """Per held-out example, in order: its key, CE sum and trained tokens (eval_loss = sum / sum)."""
+
+    key: list[str]
+    nll: list[float]
+    tokens: list[int]
 
 
 class Sample(TypedDict):
@@ -40,3 +66,9 @@ class EvalResult(TypedDict, total=False):
     model: str  # set by `sft eval`
     refusal_rate: float | None  # sft.evaluation.safety: eval rows tagged "category": "harmful"
     over_refusal_rate: float | None  # ... and "category": "benign"
+    constraint_rows_met: float | None  # share of rows with a `constraints` list that meet all of it
+    constraint_share_met: float | None  # share of all those constraints that are met
+    intervals: dict[str, Any]  # 95% intervals [lo, hi], shaped like the result (sft.evaluation.intervals)
+    n: dict[str, Any]  # the count behind each figure (rows, examples or windows), same shape
+    rows: Rows
+    losses: Losses

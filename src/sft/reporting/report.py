@@ -14,12 +14,18 @@ from typing import Any
 
 from sft.atomic import atomic_write_text
 
+NOTE = ("Intervals are 95%: Wilson for rates, bootstrap over examples (or reference windows) for losses. "
+        "The change is tested on the same rows: exact McNemar for rates, paired bootstrap otherwise "
+        "(sft compare before.json after.json).")
+
 # (key in the eval dict, label, how to show it, higher is better?)
 ROWS: list[tuple[str, str, str, bool | None]] = [
     ("task_accuracy", "task accuracy", "pct", True),
     ("stop_rate", "stop rate", "pct", True),
     ("refusal_rate", "refusal rate (harmful requests declined)", "pct", True),
     ("over_refusal_rate", "over-refusal rate (benign requests declined)", "pct", False),
+    ("constraint_rows_met", "constraints: rows with all met", "pct", True),
+    ("constraint_share_met", "constraints: share of checks met", "pct", True),
     ("mean_response_tokens", "mean response tokens", "num1", None),
     ("eval_loss", "eval loss", "num4", False),
     ("perplexity", "perplexity", "num2", False),
@@ -61,12 +67,69 @@ def fmt(value: Any, how: str = "num") -> str:
     return f"{value:.{int(how[-1])}f}"
 
 
-def before_after_rows(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[list[str]]:
-    """[metric, before, after, change] rows for the table.
+def fmt_interval(interval: Any, how: str = "num", signed: bool = False) -> str:
+    """A 95% interval as text, in the value's format; signed for a difference.
+
+    >>> fmt_interval([0.657, 0.8245], "pct"), fmt_interval([-0.1, 0.02], "pct", signed=True)
+    ('[65.7, 82.5]%', '[-10.0, +2.0] pts')
+    >>> fmt_interval([1.2, 1.31], "num2"), fmt_interval(None, "pct")
+    ('[1.20, 1.31]', '')
+    """
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2 or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in interval):
+        return ""
+    lo, hi = interval
+    if how == "pct":
+        spec = "+.1f" if signed else ".1f"
+        return f"[{100 * lo:{spec}}, {100 * hi:{spec}}]" + (" pts" if signed else "%")
+    digits = int(how[-1]) if how[-1].isdigit() else 3
+    spec = f"+.{digits}f" if signed else f".{digits}f"
+    return f"[{lo:{spec}}, {hi:{spec}}]"
+
+
+def fmt_change(diff: Any, how: str) -> str:
+    """B - A as text: points for a rate.
+
+    >>> fmt_change(0.6, "pct"), fmt_change(-0.01234, "num4")
+    ('+60.0 pts', '-0.0123')
+    """
+    if not isinstance(diff, (int, float)):
+        return "-"
+    return f"{100 * diff:+.1f} pts" if how == "pct" else f"{diff:+.{int(how[-1]) if how[-1].isdigit() else 3}f}"
+
+
+def with_interval(result: dict[str, Any] | None, key: str, how: str) -> str:
+    """A figure of an eval result and its 95% interval (``result["intervals"]``, same shape).
+
+    >>> with_interval({"task_accuracy": 0.75, "intervals": {"task_accuracy": [0.657, 0.8245]}}, "task_accuracy", "pct")
+    '75.0% [65.7, 82.5]%'
+    """
+    value = _get(result, key)
+    interval = fmt_interval(_get((result or {}).get("intervals"), key), how)
+    return fmt(value, how) + (f" {interval}" if interval and value is not None else "")
+
+
+def p_text(p: Any) -> str:
+    """A p-value as text.
+
+    >>> p_text(0.0004), p_text(0.0312), p_text(None)
+    ('<0.001', '0.031', '-')
+    """
+    if not isinstance(p, (int, float)):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def before_after_rows(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                      comparison: list[dict[str, Any]] | None = None) -> list[list[str]]:
+    """[metric, before, after, change, p, verdict] rows for the table; values carry their 95%
+    intervals, and ``comparison`` (``sft.evaluation.compare.compare_two(before, after)``) gives
+    the change's paired interval, p-value and verdict.
 
     >>> before_after_rows({"task_accuracy": 0.1}, {"task_accuracy": 0.7})[0]
-    ['task accuracy', '10.0%', '70.0%', '+60.0 pts']
+    ['task accuracy', '10.0%', '70.0%', '+60.0 pts', '-', '-']
     """
+    tests = {c["metric"]: c for c in comparison or []}
     rows = []
     for key, label, how, _ in ROWS:
         b, a = _get(before, key), _get(after, key)
@@ -74,19 +137,32 @@ def before_after_rows(before: dict[str, Any] | None, after: dict[str, Any] | Non
             continue
         change = "-"
         if isinstance(b, (int, float)) and isinstance(a, (int, float)):
-            change = f"{100 * (a - b):+.1f} pts" if how == "pct" else f"{a - b:+.{int(how[-1])}f}"
-        rows.append([label, fmt(b, how), fmt(a, how), change])
+            change = fmt_change(a - b, how)
+        t = tests.get(key) or {}
+        if t.get("diff_interval"):
+            change += " " + fmt_interval(t["diff_interval"], how, signed=True)
+        rows.append([label, with_interval(before, key, how), with_interval(after, key, how), change,
+                     p_text(t.get("p")), str(t.get("verdict", "-"))])
     return rows
 
 
-def print_before_after(before: dict[str, Any], after: dict[str, Any]) -> None:
-    """The table `make demo` prints at the end."""
-    rows = [["metric", "before", "after", "change"], *before_after_rows(before, after)]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+BA_HEADER = ["metric", "before [95% CI]", "after [95% CI]", "change [95% CI]", "p", "verdict"]
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Aligned columns on the terminal: the first left, the others right."""
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for n, r in enumerate(rows):
-        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def print_before_after(before: dict[str, Any], after: dict[str, Any],
+                       comparison: list[dict[str, Any]] | None = None) -> None:
+    """The table `make demo` prints at the end."""
+    print_table(BA_HEADER, before_after_rows(before, after, comparison))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +337,7 @@ def write_report(
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
     data_report: dict[str, Any] | None,
+    comparison: list[dict[str, Any]] | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` into ``output_dir``."""
     import yaml
@@ -273,8 +350,8 @@ def write_report(
     last = train_rows[-1] if train_rows else {}
     run_rows = [[k, fmt(last.get(k), "num4") if k in ("loss", "grad_norm") else str(last.get(k, "-"))]
                 for k in ("step", "loss", "tokens", "trained_tokens", "elapsed_s") if k in last]
-    ba_header = ["metric", "before", "after", "change"]
-    ba_rows = before_after_rows(before, after)
+    ba_header = BA_HEADER
+    ba_rows = before_after_rows(before, after, comparison)
     s_header = ["prompt", "reference", "before", "after"]
     s_rows = sample_rows(before, after)
     d_rows = _data_rows(data_report)
@@ -282,7 +359,7 @@ def write_report(
 
     md = [f"# {title}", ""]
     if ba_rows:
-        md += ["## Before / after", "", md_table(ba_rows, ba_header), ""]
+        md += ["## Before / after", "", md_table(ba_rows, ba_header), "", NOTE, ""]
     if run_rows:
         md += ["## Training", "", md_table(run_rows, ["", "last step"]), "",
                "Loss and learning-rate curves are in report.html.", ""]
@@ -295,7 +372,7 @@ def write_report(
     esc = html.escape
     body = [f"<h1>{esc(title)}</h1>"]
     if ba_rows:
-        body += ["<h2>Before / after</h2>", html_table(ba_rows, ba_header)]
+        body += ["<h2>Before / after</h2>", html_table(ba_rows, ba_header), f"<p>{html.escape(NOTE)}</p>"]
     body += ["<h2>Training</h2>", f'<div class="plots">{"".join(plots)}</div>']
     if run_rows:
         body.append(html_table(run_rows, ["", "last step"]))

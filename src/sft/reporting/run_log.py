@@ -123,11 +123,13 @@ class RunLog:
             self.bar.close()
 
 
-def write_run_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any) -> None:
-    """report.html and report.md of a finished run, and the before/after table on the terminal."""
+def write_run_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any,
+                     comparison: list[dict[str, Any]] | None = None) -> None:
+    """report.html and report.md of a finished run, and the before/after table on the terminal
+    (``comparison``: the paired tests of ``sft.evaluation.compare.compare_two(before, after)``)."""
     from sft.reporting.report import print_before_after, write_report
 
-    html, md = write_report(out, to_dict(cfg), read_rows(out / "metrics.jsonl"), before, after, data_report)
+    html, md = write_report(out, to_dict(cfg), read_rows(out / "metrics.jsonl"), before, after, data_report, comparison)
     if before is not None and after is not None:
-        print_before_after(before, after)
+        print_before_after(before, after, comparison)
     print(f"Report: {html} and {md}", flush=True)

@@ -333,5 +333,10 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
             run.trackers.before_after(run.before, after)
         if run.before is None and (out / "before.json").exists():
             run.before = json.loads((out / "before.json").read_text())
-    write_run_report(out, cfg, run.data.report.to_dict(), run.before, after)
+    comparison = None
+    if run.before is not None and after is not None:
+        from sft.evaluation.compare import compare_two
+
+        comparison = compare_two(dict(run.before), dict(after))  # the same paired tests as `sft compare`
+    write_run_report(out, cfg, run.data.report.to_dict(), run.before, after, comparison)
     print(f"Done: {out / 'final'}", flush=True)

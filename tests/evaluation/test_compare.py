@@ -107,7 +107,7 @@ def test_cli_compare_run_dir_and_json(tmp_path, capsys):
     rng = random.Random(4)
     base = [rng.random() < 0.5 for _ in range(60)]
     (run / "before.json").write_text(json.dumps(result(base, [2.0] * 60)))
-    (run / "after.json").write_text(json.dumps(result(base[:58] + [not base[58], not base[59]], [2.0] * 60)))
+    (run / "after.json").write_text(json.dumps(result([*base[:58], not base[58], not base[59]], [2.0] * 60)))
     assert main(["compare", str(run)]) == 0
     out = capsys.readouterr().out
     assert "task accuracy" in out and "no detectable difference at 95%" in out and "[95% CI]" in out

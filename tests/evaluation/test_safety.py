@@ -130,8 +130,10 @@ def test_refusal_rates_per_category(tmp_path, smol_tok, m, stub_replies):
     assert r["refusal_rate"] == pytest.approx(2 / 3)
     assert r["over_refusal_rate"] == pytest.approx(1 / 2)
     text = summary(r)
-    assert "refusal rate     66.7%  (harmful requests declined)" in text
-    assert "over-refusal     50.0%  (benign requests declined)" in text
+    # Wilson 2/3 and 1/2, with the rows they count
+    assert "refusal rate     66.7% [20.8, 93.9]%  (harmful requests declined, n=3 rows)" in text
+    assert "over-refusal     50.0% [9.5, 90.5]%  (benign requests declined, n=2 rows)" in text
+    assert r["rows"]["category"].count("h") == 3 and r["rows"]["category"].count("b") == 2
 
 
 def test_own_regex_changes_the_rates_and_no_category_gives_none(tmp_path, smol_tok, m, stub_replies):
@@ -166,7 +168,7 @@ def test_before_after_table_rows():
     from sft.reporting.report import before_after_rows
 
     rows = before_after_rows({"refusal_rate": 0.0, "over_refusal_rate": 0.25}, {"refusal_rate": 0.875, "over_refusal_rate": 0.125})
-    assert rows == [["refusal rate (harmful requests declined)", "0.0%", "87.5%", "+87.5 pts"],
-                    ["over-refusal rate (benign requests declined)", "25.0%", "12.5%", "-12.5 pts"]]
+    assert rows == [["refusal rate (harmful requests declined)", "0.0%", "87.5%", "+87.5 pts", "-", "-"],
+                    ["over-refusal rate (benign requests declined)", "25.0%", "12.5%", "-12.5 pts", "-", "-"]]
     # without categorised rows the table has no refusal rows
     assert [r[0] for r in before_after_rows({"task_accuracy": 0.5}, {"task_accuracy": 0.6})] == ["task accuracy"]

@@ -63,8 +63,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     from sft.data import commands
 
     cfg = _config(args)
+    if args.data_cmd == "score":
+        from sft.evaluation.scoring import run_score
+
+        return run_score(cfg, scorer=args.scorer, out=args.out)
     if args.data_cmd == "check":
-        return commands.check(cfg, as_json=args.json)
+        scores = None
+        if args.score:  # the model runs here: sft.data imports nothing that evaluates
+            from sft.evaluation.scoring import compute_scores
+
+            scores = compute_scores(cfg, args.scorer)[1]
+        return commands.check(cfg, as_json=args.json, scores=scores)
     if args.data_cmd == "preview":
         return commands.preview(cfg, n=args.n)
     return commands.tokenize(cfg, out=args.out)
@@ -150,18 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in output_dir")
     t.add_argument("--nproc", type=int, help="train with N processes on this machine (starts torchrun; one per GPU)")
 
-    d = sub.add_parser("data", help="check, preview or tokenize the training data")
+    d = sub.add_parser("data", help="check, preview, tokenize or score the training data")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     c = dsub.add_parser("check", help="validate the data and report statistics and lint")
     c.add_argument("config")
     c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.add_argument("--score", action="store_true", help="add the model's scores (sft data score): IFD and "
+                   "end-of-turn probability, mismatched and unfinished replies")
     pv = dsub.add_parser("preview", help="show examples with trained tokens marked")
     pv.add_argument("config")
     pv.add_argument("-n", type=positive_int, default=3, help="number of examples (default 3)")
     tk = dsub.add_parser("tokenize", help="write input_ids and labels as JSONL")
     tk.add_argument("config")
     tk.add_argument("--out", required=True, help="output .jsonl file")
-    for sp in (c, pv, tk):
+    sc = dsub.add_parser("score", help="score every trained reply with a model: loss, loss alone, IFD, "
+                         "end-of-turn probability (cached; data.select uses them)")
+    sc.add_argument("config")
+    sc.add_argument("--out", help="also write the scores here (.jsonl)")
+    for sp in (c, sc):
+        sp.add_argument("--scorer", help="the scoring model (default: the config's model), e.g. a smaller one "
+                        "with the same tokenizer")
+    for sp in (c, pv, tk, sc):
         sp.set_defaults(fn=cmd_data, takes_overrides=True)
 
     e = with_config("eval", "evaluate a model: loss, task accuracy, stop rate, forgetting", cmd_eval)

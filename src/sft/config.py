@@ -64,6 +64,18 @@ class QualityConfig:
 
 
 @dataclass
+class SelectConfig:
+    """``data.select``: keep rows by the scores of ``sft data score`` (sft.data.select)."""
+
+    by: Literal["ifd", "random"] = "ifd"  # ifd: the highest IFD first (Cherry LLM); random: a seeded draw
+    keep: float | None = None  # a fraction (< 1) or a count (a whole number >= 1) of rows; null: all that pass
+    drop_ifd_above: float | None = None  # drop rows whose reply IFD is above this (1.0: the prompt does not help)
+    min_eot_prob: float | None = None  # drop rows whose reply ends with end-of-turn probability below this
+    scorer: str | None = None  # the model that scored (default: model); names the scores cache
+    scores: str | None = None  # a scores.jsonl from `sft data score --out` instead of the cache
+
+
+@dataclass
 class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     format: Format = "auto"
@@ -80,6 +92,7 @@ class DataConfig:
     system: str | None = None  # system prompt added to conversations that have none
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/sft/data
     quality: QualityConfig = field(default_factory=QualityConfig)
+    select: SelectConfig | None = None  # keep rows by model scores (sft data score); null: keep all
 
 
 @dataclass
@@ -197,6 +210,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if value is None and origin not in (Union, types.UnionType) and tp is not type(None):
         raise SftError(f"{where}: has no value (a blank key in YAML is null); give a value or remove the key")
     if origin in (Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(inner) == 1:  # `SelectConfig | None`: the section's own errors
+            return _coerce(value, inner[0], where)
         errors = []
         for arg in typing.get_args(tp):
             try:
@@ -381,6 +397,12 @@ def validate(cfg: Config) -> None:
         raise SftError(f"eval.reference_tokens: {cfg.eval.reference_tokens} is below one window of 128 tokens; use 128 or more (default 16384)")
     if cfg.train.lr <= 0:
         raise SftError(f"train.lr: {cfg.train.lr} must be positive")
+    sel = cfg.data.select
+    if sel is not None and sel.keep is not None and (sel.keep <= 0 or (sel.keep >= 1 and not float(sel.keep).is_integer())):
+        raise SftError(f"data.select.keep: {sel.keep} is neither a fraction in (0, 1) nor a whole number of rows; "
+                       "use e.g. 0.1 (10% of the rows) or 500 (rows)")
+    if sel is not None and sel.by == "random" and sel.keep is None:
+        raise SftError("data.select.by: random needs data.select.keep (a fraction such as 0.1 or a number of rows)")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise SftError("train.max_steps must be at least 1")
     t, e = cfg.train, cfg.eval

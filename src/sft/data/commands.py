@@ -23,6 +23,7 @@ from sft.data.check import (
 )
 from sft.data.pipeline import DataReport, build_dataset, collect_conversations
 from sft.data.quality import KINDS, format_quality
+from sft.data.select import format_summary, score_summary
 
 
 def _tokenizer(cfg: Config) -> Any:
@@ -59,9 +60,11 @@ def report_dict(cfg: Config, report: DataReport, lint: list[str]) -> dict[str, A
     return out
 
 
-def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> int:
+def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None,
+          scores: list[dict[str, Any]] | None = None) -> int:
     """Validate every row and report statistics and template lint; 1 when rows are invalid and
-    ``data.on_invalid`` is ``error`` (the report is printed either way)."""
+    ``data.on_invalid`` is ``error`` (the report is printed either way). ``scores`` (``sft data
+    check --score``, from sft.evaluation.scoring) add their distribution and suspect rows."""
     from sft.data.chat import end_of_turn_tokens, lint
 
     out = stream or sys.stdout
@@ -69,6 +72,8 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
     ds = build_dataset(cfg, tok, "train", strict=False)
     result = report_dict(cfg, ds.report, lint(tok, ds.template, ds.examples))
     result["quality"] = {k: ds.quality.get(k, []) for k in KINDS}  # sft.data.quality: rows that hurt tuning
+    if scores is not None:
+        result["quality"]["scores"] = score_summary(scores)
     marker, eot_ids = end_of_turn_tokens(tok, ds.template)  # trained after every assistant turn
     result["end_of_turn"] = {"text": marker, "ids": eot_ids, "tokens": tok.convert_ids_to_tokens(eot_ids)}
     if cfg.eval.data or cfg.eval.split:
@@ -80,7 +85,9 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None) -> i
         out.write(json.dumps(result, ensure_ascii=False) + "\n")
     else:
         out.write(format_report(result, cfg.data.max_length) + "\n")
-        out.write(format_quality(result["quality"], ds.report.quality_dropped) + "\n")
+        out.write(format_quality({k: result["quality"][k] for k in KINDS}, ds.report.quality_dropped) + "\n")
+        if scores is not None:
+            out.write(format_summary(result["quality"]["scores"]) + "\n")
         eot = result["end_of_turn"]
         kind = "special token" if len(eot["ids"]) == 1 else "plain-text tokens"
         out.write(f"end of turn (trained after every assistant turn): {eot['text']!r} = {kind} "

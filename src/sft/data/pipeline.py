@@ -69,6 +69,7 @@ class DataReport:
     sources: list[SourceStats] = field(default_factory=list)
     quality_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (sft.data.quality)
     quality_dropped: dict[str, int] = field(default_factory=dict)  # rows removed per kind (data.quality.drop)
+    select: dict[str, Any] = field(default_factory=dict)  # what data.select kept and dropped (sft.data.select)
     cached: bool = False
 
     @property
@@ -336,7 +337,7 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
         "split": split,
         "files": files,
         "sources": [asdict(s) for s in sources],
-        "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("train", "cache_dir", "packing")},
+        "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("train", "cache_dir", "packing", "select")},
         "eval_split": cfg.eval.split,
         "seed": cfg.train.seed,
         "tokenizer": _tokenizer_id(tokenizer),
@@ -450,7 +451,7 @@ def build_dataset(
         cached = load_cache(path)
         if cached is not None and (not strict or not cached.report.invalid or cfg.data.on_invalid == "skip"):
             _say_dropped(cached.report, strict)
-            return cached
+            return _select(cfg, cached, tokenizer) if split == "train" else cached
     convs, report = collect_conversations(cfg, split)
     if strict and report.invalid and cfg.data.on_invalid == "error":
         raise invalid_error(report)
@@ -462,7 +463,20 @@ def build_dataset(
         apply_quality(cfg, ds, convs)
         _say_dropped(report, strict)
     if path is not None and (not report.invalid or cfg.data.on_invalid == "skip"):
-        save_cache(path, ds)
+        save_cache(path, ds)  # before data.select: the scores are read afresh on each load
+    return _select(cfg, ds, tokenizer) if split == "train" else ds
+
+
+def _select(cfg: Config, ds: Dataset, tokenizer: Any) -> Dataset:
+    """``data.select``: keep the rows the model scores pick (sft.data.select)."""
+    if cfg.data.select is None:
+        return ds
+    from sft.data.select import apply_select
+
+    ds.examples, ds.report.select = apply_select(cfg, ds.examples, tokenizer)
+    r = ds.report
+    r.examples, r.lengths = len(ds.examples), [len(e) for e in ds.examples]
+    r.total_tokens, r.trained_tokens = sum(r.lengths), sum(e.num_trained for e in ds.examples)
     return ds
 
 

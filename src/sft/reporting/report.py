@@ -310,11 +310,32 @@ def quality_line(counts: dict[str, Any], dropped: dict[str, Any] | None = None) 
                      for k, n in counts.items())
 
 
+def select_rows(sel: dict[str, Any]) -> list[list[str]]:
+    """The run report's rows of ``data.select``: what was kept and dropped, with a few rows of each.
+
+    >>> select_rows({"by": "ifd", "rows": 10, "kept": 2, "dropped": {"ifd_above": 1, "not_selected": 7},
+    ...              "kept_examples": [{"row": "a:1", "ifd": 0.9, "eot_prob": 0.8, "text": "Paris."}],
+    ...              "dropped_examples": [{"row": "a:2", "ifd": 1.3, "eot_prob": 0.7, "text": "Blue.", "reason": "ifd_above"}]})[0]
+    ['select (sft data score)', 'kept 2 of 10 rows by ifd; dropped: ifd_above 1, not_selected 7']
+    """
+    dropped = ", ".join(f"{k} {n}" for k, n in sel.get("dropped", {}).items())
+    rows = [["select (sft data score)", f"kept {sel.get('kept')} of {sel.get('rows')} rows by {sel.get('by')}; dropped: {dropped}"]]
+    for name, key in (("select: kept, e.g.", "kept_examples"), ("select: dropped, e.g.", "dropped_examples")):
+        for ex in sel.get(key, []):
+            why = f"{ex['reason']}, " if ex.get("reason") else ""
+            rows.append([name, _short(f"{ex['row']} ({why}ifd {fmt(ex.get('ifd'), 'num4')}, end-of-turn "
+                                      f"{fmt(ex.get('eot_prob'), 'num4')}): {ex.get('text', '')}", 200)])
+    return rows
+
+
 def _data_rows(data_report: dict[str, Any] | None) -> list[list[str]]:
     rows = []
     for k, v in (data_report or {}).items():
-        if k == "quality_dropped":
-            continue  # shown within the quality line
+        if k == "quality_dropped" or (k == "select" and not v):
+            continue  # shown within the quality line; no data.select
+        if k == "select" and isinstance(v, dict):
+            rows += select_rows(v)
+            continue
         if k == "quality_counts" and isinstance(v, dict):
             rows.append(["quality (sft data check)", quality_line(v, (data_report or {}).get("quality_dropped"))])
             continue

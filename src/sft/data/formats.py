@@ -373,9 +373,15 @@ def parse_row(row: Any, fmt: str, system: str | None = None) -> tuple[Conversati
     category = row.get("category")  # safety evaluation: refusal_rate (harmful), over_refusal_rate (benign)
     if category is not None and category not in CATEGORIES:
         problems.append(f"category is {category!r}; use \"harmful\" or \"benign\" (or leave the key out)")
+    constraints = row.get("constraints")  # eval: checked in full by sft.evaluation.constraints
+    if constraints is not None and not (isinstance(constraints, list) and all(
+            isinstance(c, dict) and isinstance(c.get("type"), str) for c in constraints)):
+        problems.append("constraints is not a list of objects with a \"type\"; write e.g. "
+                        "[{\"type\": \"max_words\", \"n\": 30}] (or leave the key out)")
     if problems:
         return None, problems
     conv.category = category
+    conv.constraints = constraints
     if system and not conv.is_text and not any(m.role == "system" for m in conv.messages):
         conv.messages.insert(0, Message("system", system))
     return conv, []

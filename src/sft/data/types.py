@@ -51,6 +51,7 @@ class Conversation:
     is_text: bool = False  # `text` format: a plain document, every token trained, EOS appended
     metric: str | None = None  # eval metric override for this row's source
     category: str | None = None  # "harmful" | "benign": the row's (or its source's) safety category
+    constraints: list[dict[str, Any]] | None = None  # eval: verifiable format checks (sft.evaluation.constraints)
 
     def location(self) -> str:
         return f"{self.source}:{self.line}"

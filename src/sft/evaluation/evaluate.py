@@ -31,7 +31,7 @@ from sft.data.types import Conversation, Message
 from sft.errors import SftError
 from sft.evaluation.result import EvalResult, Forgetting, Losses, Rows, Sample
 
-METRICS = ("exact", "contains", "regex", "json")
+METRICS = ("exact", "contains", "regex", "json", "constraints")
 REFERENCE_TOKENS = 16384  # eval.reference_tokens' default: forgetting ratio stable to 1% (bench/RESULTS.md)
 REFERENCE_WINDOW = 128  # tokens per forward pass (Gemma's 262k vocab: 128 MiB of fp32 logits)
 
@@ -69,6 +69,9 @@ def score(reply: str, reference: str, metric: str) -> bool:
             return re.search(reference, reply) is not None
         except re.error as e:
             raise SftError(f"eval: reference {reference!r} is not a valid regex ({e}); fix the pattern") from None
+    if metric == "constraints":
+        raise SftError("eval: the constraints metric needs the row's constraints list; score it with "
+                       "sft.evaluation.constraints.check")
     if metric == "json":
         want = _json_object(reference)
         if want is None:
@@ -90,6 +93,34 @@ def split_reference(conv: Conversation) -> tuple[list[Message], str] | None:
         if conv.messages[i].role == "assistant":
             return conv.messages[:i], conv.messages[i].content
     return None
+
+
+def constraint_checks(items: list[tuple[Conversation, list[Message], str]], metric: str) -> list[bool]:
+    """Per eval row: is it scored by its constraints (``eval.metric`` or its source's ``metric`` is
+    ``constraints``)? Raises one error listing every row whose constraints are missing or wrong."""
+    from sft.evaluation.constraints import check_rows
+
+    scored = [(conv.metric or metric) == "constraints" for conv, _, _ in items]
+    missing = [conv.location() for (conv, _, _), s in zip(items, scored) if s and not conv.constraints]
+    if missing:
+        raise SftError(f"eval.metric: constraints, but {len(missing)} row(s) have no constraints list "
+                       f"(first: {', '.join(missing[:3])}); add \"constraints\": [{{\"type\": \"max_words\", \"n\": 30}}] "
+                       "to each row, or give those rows' source another metric")
+    check_rows([(conv.location(), conv.constraints) for conv, _, _ in items if conv.constraints is not None])
+    return scored
+
+
+def by_type(met: list[list[bool] | None], constraints: list[list[dict[str, Any]] | None]) -> dict[str, float]:
+    """Share met per constraint type.
+
+    >>> by_type([[True, False], None, [True]], [[{"type": "a"}, {"type": "b"}], None, [{"type": "b"}]])
+    {'a': 1.0, 'b': 0.5}
+    """
+    seen: dict[str, list[bool]] = {}
+    for m, cs in zip(met, constraints):
+        for ok, c in zip(m or [], cs or []):
+            seen.setdefault(c["type"], []).append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(seen.items())}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -168,6 +199,7 @@ def evaluate(
     """All eval metrics of ``model`` as one JSON-able dict (see the module docstring)."""
     from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
+    from sft.evaluation.constraints import check
     from sft.evaluation.generate import generate_batch
     from sft.evaluation.heldout import heldout_losses
     from sft.evaluation.intervals import add_intervals, bits, row_key
@@ -202,11 +234,14 @@ def evaluate(
                 "eval: no eval conversation ends with an assistant turn to score; set eval.data "
                 "(or eval.split) to conversations whose last assistant message is the reference"
             )
+        checks = constraint_checks(items, cfg.eval.metric)  # before minutes of generation
         prompts = [prompt_ids(msgs, tokenizer, template, tools=conv.tools) for conv, msgs, _ in items]
         gens = generate_batch(
             model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress
         )
-        correct = [score(g.text, ref, conv.metric or cfg.eval.metric) for g, (conv, _, ref) in zip(gens, items)]
+        met = [check(g.text, conv.constraints) if conv.constraints else None for g, (conv, _, _) in zip(gens, items)]
+        correct = [all(m or []) if checks[i] else score(g.text, ref, conv.metric or cfg.eval.metric)
+                   for i, (m, g, (conv, _, ref)) in enumerate(zip(met, gens, items))]
         ended = [g.stop_id in end_ids for g in gens]
         refused = {c: [refusal(g.text) for g, (conv, _, _) in zip(gens, items) if conv.category == c]
                    for c in ("harmful", "benign")}  # rows tagged "category" (per row or per eval source)
@@ -230,6 +265,10 @@ def evaluate(
                              for g, (conv, _, _) in zip(gens, items)]),
             "tokens": [len(g.token_ids) for g in gens],
         }
+        if any(m is not None for m in met):  # rows with a `constraints` list, whatever their metric
+            rows["constraint_rows_met"] = bits([all(m) if m is not None else None for m in met])
+            rows["constraints_met"] = [sum(m) if m else 0 for m in met]
+            rows["constraints_total"] = [len(m) if m else 0 for m in met]
         losses: Losses = {"key": [row_key(e.source, e.line) for e in dataset.examples],
                           "nll": [round(v, 4) for v, _ in per_example], "tokens": [n for _, n in per_example]}
     finally:
@@ -253,6 +292,11 @@ def evaluate(
         "rows": rows,
         "losses": losses,
     }
+    if "constraints_total" in rows:
+        listed = [m for m in met if m is not None]
+        result["constraint_rows_met"] = _mean([float(all(m)) for m in listed])
+        result["constraint_share_met"] = sum(map(sum, listed)) / sum(map(len, listed))
+        result["constraints_by_type"] = by_type(met, [conv.constraints for conv, _, _ in items])
     return add_intervals(result)
 
 

@@ -68,6 +68,7 @@ class EvalResult(TypedDict, total=False):
     over_refusal_rate: float | None  # ... and "category": "benign"
     constraint_rows_met: float | None  # share of rows with a `constraints` list that meet all of it
     constraint_share_met: float | None  # share of all those constraints that are met
+    constraints_by_type: dict[str, float]  # share met per constraint type
     intervals: dict[str, Any]  # 95% intervals [lo, hi], shaped like the result (sft.evaluation.intervals)
     n: dict[str, Any]  # the count behind each figure (rows, examples or windows), same shape
     rows: Rows

@@ -84,6 +84,9 @@ class DataConfig:
     # which assistant turns show their reasoning: keep_last (each trained turn its own; history
     # without, as at inference), keep_all, drop
     reasoning: Literal["keep_last", "keep_all", "drop"] = "keep_last"
+    # keyword arguments of the chat template (enable_thinking: false, reasoning_effort: high, ...):
+    # written into the template as defaults, so final/'s saved template renders the same
+    template_kwargs: dict[str, str | bool | int | float | None] = field(default_factory=dict)
     max_length: int = 2048
     truncation: Literal["drop", "truncate"] = "drop"
     packing: bool = True

@@ -188,7 +188,8 @@ def test_builtin_templates_accept_tools(smol_tok, gemma_tok):
     for tok, name in [(smol_tok, "chatml"), (gemma_tok, "gemma"), (gemma_tok, "llama3")]:
         source = resolve_template(name, tok)
         ex = encode(Conversation(msgs, tools=tools), tok, source, "assistant")
-        assert ex.input_ids == _apply_ids(tok, msgs, source, tools=tools)
+        same = ex.input_ids == _apply_ids(tok, msgs, source, tools=tools)
+        assert same or (ex.meta["merged_starts"] and tok.decode(ex.input_ids) == tok.decode(_apply_ids(tok, msgs, source, tools=tools)))
         if name != "llama3":  # Gemma's vocabulary has no <|eot_id|>, so llama3 turns have no special end
             assert '"add"' in tok.decode([lab for lab in ex.labels if lab != IGNORE])  # the call is trained
 

@@ -9,6 +9,7 @@ from the template's own renderings and the vendor's marker, written out by hand,
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -54,7 +55,7 @@ ALL = ("single", "multi", "reasoning", "non_ascii", "whitespace")
 VENDORS = {
     "qwen2.5": ("qwen2.5.jinja", "smol", "<|im_end|>", (*ALL, "tool", "tool_later")),
     "qwen3": ("qwen3.jinja", "smol", "<|im_end|>", (*ALL, "tool", "tool_later")),
-    "deepseek-r1-distill": ("deepseek-r1-distill.jinja", "deepseek", "<｜end▁of▁sentence｜>", (*ALL, "tool", "tool_later")),
+    # DeepSeek-R1 and the other reasoning families: tests/data/test_reasoning_templates.py
     "llama3.2": ("llama3.2.jinja", "llama", "<|eot_id|>", (*ALL, "tool", "tool_later")),
     "mistral": ("mistral.jinja", "mistral", "</s>", (*ALL, "tool", "tool_later")),  # </s> as plain text
     "phi3.5": ("phi3.5.jinja", "smol", "<|end|>", ALL),  # <|end|> as plain text
@@ -145,10 +146,23 @@ def _turn_text(tok, source, vendor, msgs, i, tools) -> tuple[str, int, int]:
     return full, len(prompt), full.rindex(marker) + len(marker)
 
 
+def _same_ids(tok, ex, ids: list[int]) -> bool:
+    """The template's tokens, except that a reply whose first token would merge with the prompt's
+    last is tokenized apart (inference tokenizes the prompt alone): then the same text."""
+    if ex.meta.get("merged_starts"):
+        return ex.input_ids != ids and tok.decode(ex.input_ids) == tok.decode(ids)
+    return ex.input_ids == ids
+
+
 def _labels(tok, text: str, regions: list[tuple[int, int]]) -> list[int]:
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [t if any(b > s and a < e for s, e in regions) else IGNORE
-              for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+    cuts = [s for s, _ in regions if any(a < s < b for a, b in enc["offset_mapping"])]
+    ids, offsets, bounds = [], [], [0, *cuts, len(text)]
+    for a0, b0 in itertools.pairwise(bounds):  # tokenized apart at a reply that would merge with its prompt
+        piece = tok(text[a0:b0], add_special_tokens=False, return_offsets_mapping=True)
+        ids += piece["input_ids"]
+        offsets += [(a0 + a, a0 + b) for a, b in piece["offset_mapping"]]
+    labels = [t if any(b > s and a < e for s, e in regions) else IGNORE for t, (a, b) in zip(ids, offsets)]
     return [IGNORE, *labels[1:]]
 
 
@@ -174,7 +188,7 @@ def test_vendor_template_masks_are_exact(toks, vendor, name):
     last = turns[-1]
     if len(examples) == 1:  # one example: the whole conversation, each turn trained in place
         full = _apply(tok, source, _view(msgs, last, field), tools=tools)
-        assert examples[0].input_ids == _apply(tok, source, _view(msgs, last, field), tokenize=True, tools=tools)
+        assert _same_ids(tok, examples[0], _apply(tok, source, _view(msgs, last, field), tokenize=True, tools=tools))
         regions = []
         for i in turns:
             text, start, end = _turn_text(tok, source, vendor, msgs, i, tools)
@@ -187,9 +201,9 @@ def test_vendor_template_masks_are_exact(toks, vendor, name):
         for i, ex in zip(turns, examples):
             text, start, end = _turn_text(tok, source, vendor, msgs, i, tools)
             if vendor == "mistral":
-                assert ex.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+                assert _same_ids(tok, ex, tok(text, add_special_tokens=False)["input_ids"])
             else:
-                assert ex.input_ids == _apply(tok, source, _view(msgs[: i + 1], i, field), tokenize=True, tools=tools)
+                assert _same_ids(tok, ex, _apply(tok, source, _view(msgs[: i + 1], i, field), tokenize=True, tools=tools))
             expected.append((text, [(start, end)]))
     for ex, (text, regions) in zip(examples, expected):
         assert ex.labels == _labels(tok, text, regions)
@@ -216,7 +230,7 @@ def test_fast_path_is_used_only_where_probes_vouch_for_it(toks):
     from sft.data.chat import _regular
 
     regular = {v: _regular(toks[t], _source(v)) for v, (_, t, _, _) in VENDORS.items()}
-    assert regular == {"qwen2.5": True, "qwen3": False, "deepseek-r1-distill": True, "llama3.2": True,
+    assert regular == {"qwen2.5": True, "qwen3": False, "llama3.2": True,
                        "mistral": False, "phi3.5": True, "phi3.5-special": True, "phi4": True, "gemma3": True}
 
 
@@ -253,19 +267,6 @@ def test_qwen3_reasoning_turns_are_trained_with_history_as_inference_sends_it(sm
     assert _trained_texts(smol_tok, dropped) == ["<think>\n\n</think>\n\n4<|im_end|>", "<think>\n\n</think>\n\n6<|im_end|>"]
     newline = encode_all(Conversation(CONVS["whitespace"]), smol_tok, source, "last_assistant")
     assert _trained_texts(smol_tok, newline) == ["<think>\n\n</think>\n\n  both sides  \n<|im_end|>"]
-
-
-def test_deepseek_trains_neither_the_header_nor_the_user_turn(toks):
-    """Issue: with <think> in a conversation, <｜Assistant｜> and the user's last character were trained."""
-    tok, source = toks["deepseek"], _source("deepseek-r1-distill")
-    msgs = [M("user", "What is 2+2?"), M("assistant", "<think>\nadd\n</think>\n\nIt is 4."),
-            M("user", "And 3+3?"), M("assistant", "It is 6.", reasoning="add again")]
-    examples = encode_all(Conversation(msgs), tok, source, "assistant")
-    # the template cuts everything up to </think> from every turn: what is left is trained
-    # (sft writes the second turn's reasoning as <think> text, which the template cuts the same way)
-    assert _trained_texts(tok, examples) == ["\n\nIt is 4.<｜end▁of▁sentence｜>", "\n\nIt is 6.<｜end▁of▁sentence｜>"]
-    assert any("generation prompt ends with '<think>\\n'" in w for w in lint(tok, source))
-    assert any("drops reasoning" in w for w in lint(tok, source))
 
 
 @pytest.mark.parametrize("vendor", ["phi3.5", "phi3.5-special", "mistral"])
@@ -441,7 +442,10 @@ def test_reply_merging_with_the_prompt_is_counted(toks):
     tok, source = toks["smol"], _source("qwen2.5")  # no lstrip: "assistant\n" + "\nStarts" -> "\n\n"
     (ex,) = encode_all(Conversation(CONVS["whitespace"], source="w.jsonl", line=1), tok, source, "assistant")
     assert ex.meta["merged_starts"] == 1
-    assert any("1 rows have a reply whose first token merges" in w and "w.jsonl:1" in w for w in lint(tok, source, [ex]))
+    assert any("1 rows have a reply whose first token would merge" in w and "w.jsonl:1" in w for w in lint(tok, source, [ex]))
+    prompt = _apply(tok, source, [{"role": "user", "content": "  padded  "}], gen=True, tokenize=True)
+    assert ex.input_ids[: len(prompt)] == prompt  # the prompt's tokens, as inference has them
+    assert ex.labels[len(prompt)] != IGNORE and ex.labels[len(prompt) - 1] == IGNORE
     (plain,) = encode_all(Conversation(CONVS["multi"]), tok, source, "assistant")
     assert "merged_starts" not in plain.meta  # control
 

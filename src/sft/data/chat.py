@@ -18,6 +18,8 @@ earlier turns in its history do not, as chat clients send history), ``keep_all``
 from __future__ import annotations
 
 import difflib
+import itertools
+import json
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -30,6 +32,7 @@ from sft.data.masks import (
     fast_regions,
     kept_reasoning,
     labels_for,
+    open_reasoning,
     reasoning_field,
     render,
     special_ids,
@@ -54,12 +57,41 @@ _PROBE = [
 # templates
 
 
-def resolve_template(template: str, tokenizer: Any, base_dir: str = ".") -> str:
-    """``data.template`` -> Jinja source: ``auto`` (the tokenizer's), a built-in, or a .jinja file.
+def resolve_template(template: str, tokenizer: Any, base_dir: str = ".", kwargs: dict[str, Any] | None = None) -> str:
+    """``data.template`` -> Jinja source: ``auto`` (the tokenizer's), a built-in, or a .jinja file,
+    with ``data.template_kwargs`` written in as defaults (see :func:`with_template_kwargs`).
 
     >>> "<|im_start|>" in resolve_template("chatml", tokenizer=None)
     True
     """
+    source = _resolve(template, tokenizer, base_dir)
+    return with_template_kwargs(source, kwargs) if kwargs else source
+
+
+_KWARGS_HEAD = "{#- sft: data.template_kwargs #}"
+
+
+def with_template_kwargs(source: str, kwargs: dict[str, Any]) -> str:
+    """``source`` preceded by one ``{% if k is not defined %}{% set k = v %}{% endif %}`` per keyword:
+    every rendering (training, ``sft generate``, and plain ``apply_chat_template`` on final/'s saved
+    template) then uses the value, and a caller can still pass another.
+
+    >>> src = with_template_kwargs("{{ 'T' if enable_thinking else 'F' }}", {"enable_thinking": False})
+    >>> src.splitlines()[1]
+    '{%- if enable_thinking is not defined %}{%- set enable_thinking = false %}{%- endif %}'
+    """
+    lines = [_KWARGS_HEAD]
+    for key, value in kwargs.items():
+        if not key.isidentifier():
+            raise SftError(f"data.template_kwargs: {key!r} is not a template variable name; use letters, digits and _")
+        if value is not None and not isinstance(value, (str, bool, int, float)):
+            raise SftError(f"data.template_kwargs.{key}: {value!r} is not a string, number, boolean or null")
+        literal = "none" if value is None else json.dumps(value)
+        lines.append(f"{{%- if {key} is not defined %}}{{%- set {key} = {literal} %}}{{%- endif %}}")
+    return "\n".join(lines) + "\n" + source
+
+
+def _resolve(template: str, tokenizer: Any, base_dir: str) -> str:
     if template == "auto":
         source = getattr(tokenizer, "chat_template", None)
         if isinstance(source, dict):
@@ -170,14 +202,28 @@ def encode_all(
     out = []
     for text, regions, turn in groups:
         ids, offsets = tokenize(tokenizer, text)
+        # a reply whose first token would merge with the prompt's last one ("<think>\n" + "\n</think>"
+        # -> "\n\n"): inference tokenizes the prompt alone, so the text is tokenized apart there
+        cuts = [s for s, _ in regions if any(a < s < b for a, b in offsets)]
+        if cuts:
+            ids, offsets = tokenize_apart(tokenizer, text, cuts)
         ex = _example(conv, ids, labels_for(ids, offsets, regions, IGNORE), turn)
-        # a reply whose first token merges with the prompt's last one ("\n" + "\nHi" -> "\n\n", "Hi"):
-        # trained as tokenized here, but inference tokenizes the prompt alone
-        merged = sum(any(a < s < b for a, b in offsets) for s, _ in regions)
-        if merged:
-            ex.meta["merged_starts"] = merged
+        if cuts:
+            ex.meta["merged_starts"] = len(cuts)
         out.append(ex)
     return out
+
+
+def tokenize_apart(tokenizer: Any, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and char offsets of ``text`` tokenized piece by piece between ``cuts``."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    bounds = [0, *sorted(cuts), len(text)]
+    for a, b in itertools.pairwise(bounds):
+        piece_ids, piece_offsets = tokenize(tokenizer, text[a:b])
+        ids += piece_ids
+        offsets += [(a + x, a + y) for x, y in piece_offsets]
+    return ids, offsets
 
 
 _REGULAR_PROBES = [
@@ -294,15 +340,15 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
         )
     prompt = render(tokenizer, source, msgs[:1], None, True, where)
     turn = render(tokenizer, source, msgs[:2], None, False, where)
-    if not turn.startswith(prompt):
+    if not turn.startswith(prompt) and open_reasoning(prompt) is None:  # an open <think> is trained after
         extra = prompt[common_prefix(prompt, turn):]
         warnings.append(
             f"{where}: the generation prompt ends with {extra!r}, which the template never renders in an "
             "assistant turn, so the model is prompted at inference with text it was not trained after"
         )
     thought = [Message("user", "2+2?"), Message("assistant", "4", reasoning="Two plus two.")]
-    shown = template_messages(thought, {1}, reasoning_field(source))
-    if "Two plus two." not in render(tokenizer, source, shown, None, False, where):
+    (ex,) = encode_all(Conversation(thought), tokenizer, source, "assistant")
+    if "Two plus two." not in tokenizer.decode([t for t in ex.labels if t != IGNORE]):
         warnings.append(f"{where}: the template drops reasoning from assistant turns, so reasoning in the data is not trained")
     marker, eot_ids = end_of_turn_tokens(tokenizer, source)
     bos = tokenizer.bos_token_id
@@ -334,8 +380,8 @@ def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -
         (zero, "rows have zero trained tokens (check data.train_on and per-message train: false)"),
         (no_eot, "rows never train an end-of-turn marker, so the model will not learn to stop"),
         (double, "rows start with two BOS tokens"),
-        (merged, "rows have a reply whose first token merges with the end of the prompt (e.g. a reply "
-                 "starting with a newline); inference tokenizes the prompt alone, so strip such replies"),
+        (merged, "rows have a reply whose first token would merge with the end of the prompt (e.g. a reply "
+                 "starting with a newline); tokenized apart there, as inference tokenizes the prompt alone"),
     ):
         if locs:
             listed = ", ".join(locs[:5]) + (f" and {len(locs) - 5} more" if len(locs) > 5 else "")

@@ -111,7 +111,7 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
     if color is None:
         color = out.isatty() and not os.environ.get("NO_COLOR")
     tok = _tokenizer(cfg)
-    template = resolve_template(cfg.data.template, tok, base_dir=cfg.base_dir)
+    template = resolve_template(cfg.data.template, tok, cfg.base_dir, cfg.data.template_kwargs)
     convs, report = collect_conversations(cfg, "train")
     out.write(legend(color) + "\n")
     if report.invalid:

@@ -181,13 +181,15 @@ def _message(m: Any, where: str, problems: list[str]) -> Message | None:
     if reasoning is not None and not isinstance(reasoning, str):
         problems.append(f"{where}.reasoning_content is {_type(reasoning)}; write the reasoning as a string")
         return None
+    written = None
     if role == "assistant" and reasoning is None:
-        reasoning, text = split_reasoning(text)
+        reasoning, answer = split_reasoning(text)
+        written, text = (text, answer) if reasoning is not None else (None, text)
     name, call_id = m.get("name"), m.get("tool_call_id")
     return Message(
         role, text, train=train, tool_calls=tool_calls, name=name if isinstance(name, str) else None,
         tool_call_id=call_id if isinstance(call_id, str) else None,
-        reasoning=reasoning if role == "assistant" else None,
+        reasoning=reasoning if role == "assistant" else None, written=written,
     )
 
 
@@ -250,6 +252,7 @@ def _from_sharegpt(row: dict[str, Any], problems: list[str]) -> Conversation:
         msg = Message(role, text)  # type: ignore[arg-type]
         if role == "assistant":
             msg.reasoning, msg.content = split_reasoning(text)
+            msg.written = text if msg.reasoning is not None else None
         msgs.append(msg)
     return Conversation(msgs, tools=_tools(row, problems))
 
@@ -396,7 +399,7 @@ def conversation_key(conv: Conversation) -> str:
     True
     """
     body = {
-        "m": [[m.role, m.content, m.train, m.tool_calls, m.name, m.tool_call_id, m.reasoning] for m in conv.messages],
+        "m": [[m.role, m.content, m.train, m.tool_calls, m.name, m.tool_call_id, m.reasoning, m.written] for m in conv.messages],
         "t": conv.tools,
         "x": conv.is_text,
     }

@@ -115,12 +115,12 @@ def common_suffix(a: str, b: str) -> int:
     return common_prefix(a[::-1], b[::-1])
 
 
-def _special_end(tokenizer: Any, text: str) -> int | None:
-    """End (in chars) of the last special token in ``text``, or None."""
+def _special_end(tokenizer: Any, text: str, first: bool = False) -> int | None:
+    """End (in chars) of the last (``first``: the first) special token in ``text``, or None."""
     ids, offsets = tokenize(tokenizer, text)
     special = special_ids(tokenizer)
     ends = [e for t, (_, e) in zip(ids, offsets) if t in special]
-    return ends[-1] if ends else None
+    return (ends[0] if first else ends[-1]) if ends else None
 
 
 _PROBE_A = ("Hello! How can I help?", "4")
@@ -153,7 +153,10 @@ def end_of_turn(tokenizer: Any, source: str) -> str | None:
         raw = x[: common_prefix(x, y)]
     if raw != x:  # a partial match ("<|end|>\n<|" of "<|end|>\n<|endoftext|>" and "<|end|>\n<|user|>")
         keep = max(_special_end(tokenizer, raw) or 0, max(raw.rfind(c) for c in " \n\t") + 1)
-        raw = raw[:keep] if keep else raw
+        # nothing whole in common (gpt-oss ends the last turn with <|return|>, history with <|end|>):
+        # the last turn's first special token, which the model writes to end its reply
+        opening = _special_end(tokenizer, x, first=True)
+        raw = raw[:keep] if keep else (x[:opening] if opening else raw)
     raw = raw.rstrip()
     special = _special_end(tokenizer, raw) if raw else None
     if special is not None:
@@ -208,31 +211,40 @@ THINK = "<think>\n{}\n</think>\n\n"  # how reasoning is written into content for
 
 def reasoning_field(source: str) -> str | None:
     """The message field a template renders reasoning from: ``reasoning_content`` (Qwen3, DeepSeek
-    V3.1), ``thinking`` (gpt-oss), or None (sft then writes it into the content as <think> text).
+    V3.1), ``chunks`` (Magistral: a ``{"type": "thinking"}`` block in a content list), ``thinking``
+    (gpt-oss), or None (sft then writes it into the content as <think> text).
 
     >>> reasoning_field("{{ message.reasoning_content }}"), reasoning_field("{{ message.thinking }}")
     ('reasoning_content', 'thinking')
+    >>> reasoning_field("{% if block['type'] == 'thinking' %}{{ block['thinking'] }}{% endif %}")
+    'chunks'
     >>> reasoning_field("{{ message.content }}") is None
     True
     """
     if "reasoning_content" in source:
         return "reasoning_content"
+    if re.search(r"""\[['"]type['"]\]\s*==\s*['"]thinking['"]""", source):
+        return "chunks"
     return "thinking" if re.search(r"""\.thinking\b|\[['"]thinking['"]\]""", source) else None
 
 
 def template_messages(messages: list[Message], keep: set[int], field: str | None) -> list[dict[str, Any]]:
     """The dicts handed to the template; only messages in ``keep`` carry their reasoning, in
-    ``field`` or (None) as ``<think>`` text before the content.
+    ``field`` or (None) in the content: as the row wrote it, else as ``<think>`` text before it.
 
     >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, None)
     [{'role': 'assistant', 'content': '<think>\\n2+2=4\\n</think>\\n\\n4'}]
+    >>> template_messages([Message("assistant", "4", reasoning="2+2=4", written="<think>2+2=4</think>4")], {0}, None)
+    [{'role': 'assistant', 'content': '<think>2+2=4</think>4'}]
     """
     out = []
     for i, m in enumerate(messages):
         d = m.to_template(reasoning=False)
         if m.reasoning is not None and i in keep:
             if field is None:
-                d["content"] = THINK.format(m.reasoning) + m.content
+                d["content"] = m.written if m.written is not None else THINK.format(m.reasoning) + m.content
+            elif field == "chunks":
+                d["content"] = [{"type": "thinking", "thinking": m.reasoning}, {"type": "text", "text": m.content}]
             else:
                 d[field] = m.reasoning
         out.append(d)
@@ -274,10 +286,75 @@ def turn_texts(
                 # history rendered differently (Mistral writes the system prompt only into the last
                 # user turn): the example is the prompt as inference gives it, then the turn
                 text, start = prompt + text[start + k:], len(prompt)
-            else:  # the prompt adds text that turns never render (DeepSeek-R1's "<think>\n")
+            else:  # the prompt adds text that turns never render (an unknown opening tag)
                 start = tag_boundary(prompt, start)
-        out.append((i, text, start, turn_region(text, start, marker)))
+        end = turn_region(text, start, marker)
+        m = messages[i]
+        opened = open_reasoning(prompt) if m.role == "assistant" else None
+        if opened is not None:
+            shown = m.reasoning if i in kept_reasoning(messages, reasoning, i) else None
+            if not text.startswith(prompt) or not _renders(text[start:end], shown, opened[2]):
+                # the generation prompt opens a reasoning block that the template does not render in
+                # the turn (DeepSeek-R1 cuts everything up to </think>): the model writes the
+                # reasoning and the closing tag, then the turn as the template renders it without
+                # reasoning, after the prompt, as inference has it
+                bare = render(tokenizer, source, [*view[:i], m.to_template(reasoning=False)], tools, False, where)
+                head = tag_boundary(prompt, common_prefix(prompt, bare))
+                body = bare[head:turn_region(bare, head, marker)]
+                if body.lstrip().startswith(opened[2]):  # the template closes an empty block itself
+                    body = body.lstrip()[len(opened[2]):].lstrip()
+                text = prompt + thought_after_open(m, shown, opened) + body
+                start, end = len(prompt), len(text)
+        out.append((i, text, start, end))
     return out
+
+
+_OPENERS = {"<think>": "</think>", "[THINK]": "[/THINK]", "<thinking>": "</thinking>", "<seed:think>": "</seed:think>"}
+
+
+def open_reasoning(prompt: str) -> tuple[str, str, str] | None:
+    """(opening tag, whitespace after it, closing tag) when a generation prompt ends inside an
+    open reasoning block, else None.
+
+    >>> open_reasoning("<｜Assistant｜><think>\\n")
+    ('<think>', '\\n', '</think>')
+    >>> open_reasoning("<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n") is None
+    True
+    """
+    body = prompt.rstrip(" \t\n")
+    for tag, close in _OPENERS.items():
+        if body.endswith(tag):
+            return tag, prompt[len(body):], close
+    return None
+
+
+def _renders(turn: str, reasoning: str | None, close: str) -> bool:
+    """Whether a rendered turn already holds the reasoning block's end (and the reasoning)."""
+    if reasoning is not None and reasoning.strip():
+        return reasoning.strip() in turn and close in turn
+    return close in turn
+
+
+def thought_after_open(m: Message, reasoning: str | None, opened: tuple[str, str, str]) -> str:
+    """What the model writes after a prompt that opened a reasoning block, before the answer: the
+    reasoning and closing tag as the row wrote them (less the opening the prompt already has), else
+    ``reasoning + ws + close + ws * 2`` in the whitespace of the prompt's opening.
+
+    >>> thought_after_open(Message("assistant", "Yes."), "17 is odd", ("<think>", "\\n", "</think>"))
+    '17 is odd\\n</think>\\n\\n'
+    >>> thought_after_open(Message("assistant", "Yes."), None, ("<think>", "", "</think>"))
+    '</think>'
+    >>> m = Message("assistant", "Yes.", reasoning="17 is odd", written="<think>17 is odd</think>\\n\\nYes.")
+    >>> thought_after_open(m, "17 is odd", ("<think>", "\\n", "</think>"))
+    '17 is odd</think>\\n\\n'
+    """
+    tag, ws, close = opened
+    w = m.written.lstrip() if reasoning is not None and m.written is not None else ""
+    if w.startswith(tag) and close in w:
+        body, _, after = w[len(tag):].partition(close)
+        body = body[len(ws):] if ws and body.startswith(ws) else body
+        return body + close + after[: len(after) - len(after.lstrip("\n"))]  # the answer keeps the rest
+    return (reasoning or "") + ws + close + ws * 2
 
 
 def labels_for(ids: list[int], offsets: list[Span], regions: list[Span], ignore: int) -> list[int]:

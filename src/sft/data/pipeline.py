@@ -445,7 +445,7 @@ def build_dataset(
     """
     from sft.data import chat
 
-    template = chat.resolve_template(cfg.data.template, tokenizer, base_dir=cfg.base_dir)
+    template = chat.resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
     path = cache_dir(cfg) / cache_key(cfg, tokenizer, template, split) if use_cache else None
     if path is not None:
         cached = load_cache(path)

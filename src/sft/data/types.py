@@ -27,6 +27,9 @@ class Message:
     tool_call_id: str | None = None  # the call a tool message answers, when the source gives one
     # the assistant's reasoning (OpenAI/Qwen ``reasoning_content``; ``<think>`` text is moved here)
     reasoning: str | None = None
+    # the content exactly as the row wrote it when ``<think>`` text was moved to ``reasoning``: a
+    # template with no reasoning convention is given this, so the reply is trained as written
+    written: str | None = None
 
     def to_template(self, reasoning: bool = True) -> dict[str, Any]:
         """The dict handed to a Jinja chat template (``reasoning_content`` only if ``reasoning``)."""

@@ -363,7 +363,7 @@ def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> i
     name = model or cfg.model
     revision = cfg.revision if name == cfg.model else None  # `revision:` belongs to `model:`
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code, revision=revision)
-    template = resolve_template(cfg.data.template, tokenizer, base_dir=cfg.base_dir)
+    template = resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
     lm = load_model(name, trust_remote_code=cfg.trust_remote_code, revision=revision).to(distributed.device())
     base = None
     if model is not None and model != cfg.model and resolve(model).kind == "hf":

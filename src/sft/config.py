@@ -166,6 +166,9 @@ class EvalConfig:
     max_examples: int | None = None  # cap on conversations used for generation metrics
     samples: int = 5
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    dev: list[SourceConfig] = field(default_factory=list)  # data for choices: eval.every, early stopping, sweep
+    dev_split: float = 0.0  # share of the training rows held out as dev (after eval.split, before weighting)
+    before_after_split: Literal["eval", "dev"] = "eval"  # what before/after.json score (sft sweep trials: dev)
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
 
 
@@ -387,6 +390,7 @@ def validate(cfg: Config) -> None:
              ("data.template", cfg.data.template, "auto")]
     named += [(f"data.train[{i}].path", s.path, "data/train.jsonl") for i, s in enumerate(cfg.data.train)]
     named += [(f"eval.data[{i}].path", s.path, "data/eval.jsonl") for i, s in enumerate(cfg.eval.data)]
+    named += [(f"eval.dev[{i}].path", s.path, "data/dev.jsonl") for i, s in enumerate(cfg.eval.dev)]
     for key, value, example in named:
         if not value.strip():
             raise SftError(f"{key}: is empty; give a value (e.g. {example}) or remove the key")
@@ -396,6 +400,11 @@ def validate(cfg: Config) -> None:
         raise SftError("train.batch_size and train.grad_accum must be at least 1")
     if not 0.0 <= cfg.eval.split < 1.0:
         raise SftError(f"eval.split: {cfg.eval.split} must be in [0, 1)")
+    if not 0.0 <= cfg.eval.dev_split < 1.0 or cfg.eval.split + cfg.eval.dev_split >= 1.0:
+        raise SftError(f"eval.dev_split: {cfg.eval.dev_split} must be in [0, 1) and leave training rows "
+                       f"(eval.split + eval.dev_split = {cfg.eval.split + cfg.eval.dev_split:g} must be below 1)")
+    if cfg.eval.before_after_split == "dev" and not (cfg.eval.dev or cfg.eval.dev_split):
+        raise SftError("eval.before_after_split: dev, but there is no dev set; set eval.dev or eval.dev_split")
     if cfg.eval.reference_tokens < 128:
         raise SftError(f"eval.reference_tokens: {cfg.eval.reference_tokens} is below one window of 128 tokens; use 128 or more (default 16384)")
     if cfg.train.lr <= 0:

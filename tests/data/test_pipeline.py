@@ -248,3 +248,40 @@ def test_build_dataset_strict_raises_and_never_caches_invalid(tmp_path, smol_tok
     ds = build_dataset(cfg, smol_tok, strict=False)
     assert len(ds.examples) == 1 and ds.report.invalid_rows == 1
     assert not (tmp_path / "cache").exists()
+
+
+def test_dev_split_is_held_out_after_eval_split_and_before_weighting(tmp_path):
+    """eval.dev_split takes its share of ALL training rows from what eval.split left: train, test
+    and dev are disjoint and together are every row; eval.dev adds its own file to dev only."""
+    a = write_jsonl(tmp_path / "a.jsonl", [{"messages": [
+        {"role": "user", "content": f"question number {i} about topic {i * 7} please"},
+        {"role": "assistant", "content": f"answer {i} is {i * 13} exactly"}]} for i in range(40)])
+    cfg = make_cfg(tmp_path, [SourceConfig(a, weight=2.0)])
+    cfg.eval = EvalConfig(split=0.25, dev_split=0.1)
+    train, rep = load_conversations(cfg, "train")
+    test, _ = load_conversations(cfg, "eval")
+    dev, _ = load_conversations(cfg, "dev")
+    t, e, d = set(answers(train)), set(answers(test)), set(answers(dev))
+    assert (len(e), len(d), rep.held_out, rep.dev_held_out) == (10, 4, 10, 4)
+    assert t.isdisjoint(e) and t.isdisjoint(d) and e.isdisjoint(d) and len(t | e | d) == 40
+    assert len(train) == 26
+    # the test rows are the same with or without a dev split: adding dev never moves a test row
+    cfg_no_dev = make_cfg(tmp_path, [SourceConfig(a, weight=2.0)])
+    cfg_no_dev.eval = EvalConfig(split=0.25)
+    assert set(answers(load_conversations(cfg_no_dev, "eval")[0])) == e
+    # eval.dev: a file of its own, added to the dev rows only
+    cfg.eval.dev = [SourceConfig(write_jsonl(tmp_path / "dev.jsonl", [qa(99)]))]
+    assert set(answers(load_conversations(cfg, "dev")[0])) == d | {"a99"}
+    assert "a99" not in answers(load_conversations(cfg, "eval")[0])
+    # control: without eval.dev_split there are no dev rows from training
+    cfg.eval.dev_split = 0.0
+    assert answers(load_conversations(cfg, "dev")[0]) == ["a99"]
+
+
+def test_dev_split_config_errors():
+    from sft.config import load_config
+
+    with pytest.raises(SftError, match=r"eval.dev_split: 0.6 must be in \[0, 1\) and leave training rows"):
+        load_config(None, ["--eval.split=0.5", "--eval.dev_split=0.6"])
+    with pytest.raises(SftError, match="eval.before_after_split: dev, but there is no dev set"):
+        load_config(None, ["--eval.before_after_split=dev"])

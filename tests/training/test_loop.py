@@ -260,3 +260,16 @@ def test_eval_every_writes_eval_rows_with_checkpointing_and_neftune(tiny_dir, da
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["eval_loss"] > 0 for r in evals)
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_dev_split_takes_the_held_out_loss_during_training(tiny_dir, data_file, tmp_path):
+    """With eval.dev_split, eval.every measures dev_loss (what early stopping and sweeps choose
+    on); before/after.json are the test rows, and say so. Control: the eval_loss run above."""
+    out = tmp_path / "dev"
+    train(make_cfg(tiny_dir, data_file, out, "--eval.split=0.25", "--eval.dev_split=0.25", "--eval.every=2",
+                   "--train.max_steps=2", "--train.batch_size=2", "--eval.max_new_tokens=2",
+                   "--eval.reference_tokens=128", "--eval.before_after=true"), progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev_loss" in r] == [2] and not any("eval_loss" in r for r in rows)
+    after = json.loads((out / "after.json").read_text())
+    assert after["split"] == "eval" and after["n"]["task_accuracy"] == after["n_examples"]

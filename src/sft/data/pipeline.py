@@ -56,6 +56,7 @@ class DataReport:
     duplicates: int = 0  # rows that repeat an earlier row exactly
     deduplicated: int = 0  # duplicates removed (data.dedup)
     held_out: int = 0  # training rows moved to the eval split (eval.split)
+    dev_held_out: int = 0  # training rows moved to the dev split (eval.dev_split)
     held_out_groups: int = 0  # near-duplicate groups (2+ distinct rows) moved to the eval split whole
     held_out_kept: int = 0  # rows drawn for the eval split but kept: their prompt or reply overlaps a training row
     conversations: int = 0  # conversations handed on (after limit, weight, dedup, split)
@@ -196,26 +197,41 @@ def hold_out(
     return kept, held, split
 
 
+def dev_fraction(split: float, dev_split: float) -> float:
+    """``eval.dev_split`` is a share of all training rows; the dev hold-out draws from what the
+    eval hold-out left, so it takes this share of those.
+
+    >>> dev_fraction(0.1, 0.09), dev_fraction(0.0, 0.05)
+    (0.1, 0.05)
+    """
+    return dev_split / (1.0 - split) if dev_split else 0.0
+
+
 def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conversation], DataReport]:
     """Like ``load_conversations`` but never raises for invalid rows: they are in the report."""
-    if split not in ("train", "eval"):
-        raise SftError(f"split {split!r} is unknown; use 'train' or 'eval'")
-    if not cfg.data.train and (split == "train" or not cfg.eval.data):
+    if split not in ("train", "eval", "dev"):
+        raise SftError(f"split {split!r} is unknown; use 'train', 'eval' or 'dev'")
+    own = {"train": [], "eval": cfg.eval.data, "dev": cfg.eval.dev}[split]  # the split's own files
+    if not cfg.data.train and (split == "train" or not own):
         raise SftError("data.train: no training data; add a file, e.g. data: {train: [data/train.jsonl]}")
     report = DataReport(split=split)
     seed = cfg.train.seed
-    per_source = _read_all(cfg, cfg.data.train, report) if split == "train" or cfg.eval.split else []
-    # eval.split first, then weighting
-    kept, held, groups = hold_out(per_source, cfg.eval.split, seed, cfg.data.quality.near_duplicate_threshold)
+    held_from_train = split == "train" or cfg.eval.split or (split == "dev" and cfg.eval.dev_split)
+    per_source = _read_all(cfg, cfg.data.train, report) if held_from_train else []
+    # eval.split first, then eval.dev_split from what is left (the same group-aware split), then weighting
+    threshold = cfg.data.quality.near_duplicate_threshold
+    kept, held, groups = hold_out(per_source, cfg.eval.split, seed, threshold)
+    kept, dev_held, _ = hold_out(kept, dev_fraction(cfg.eval.split, cfg.eval.dev_split), seed, threshold)
     if split == "train":
         convs = _mix(cfg.data.train, kept, report.sources, seed)
         report.held_out = len(held)
+        report.dev_held_out = len(dev_held)
         report.held_out_groups, report.held_out_kept = groups.groups, groups.kept_overlapping
     else:
-        convs = held
-        if cfg.eval.data:
+        convs = held if split == "eval" else dev_held
+        if own:
             n = len(report.sources)
-            convs += _mix(cfg.eval.data, _read_all(cfg, cfg.eval.data, report), report.sources[n:], seed)
+            convs += _mix(own, _read_all(cfg, own, report), report.sources[n:], seed)
     report.conversations = len(convs)
     return convs, report
 
@@ -317,7 +333,7 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     """A hash of everything that changes the tokens: input files (path, size, mtime), sources,
     data settings, seed and split, the tokenizer, the template and the code that encodes."""
     files = []
-    sources = cfg.data.train + cfg.eval.data  # eval files change the train split's contamination findings
+    sources = cfg.data.train + cfg.eval.data + cfg.eval.dev  # eval files change the train split's contamination findings
     for src in sources:
         files += hub.fingerprint(src, resolve_path(cfg, src.path))  # files: path, size, mtime
     code = b""
@@ -339,6 +355,7 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
         "sources": [asdict(s) for s in sources],
         "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("train", "cache_dir", "packing", "select")},
         "eval_split": cfg.eval.split,
+        "dev_split": cfg.eval.dev_split,
         "seed": cfg.train.seed,
         "tokenizer": _tokenizer_id(tokenizer),
         "template": template,

@@ -194,9 +194,12 @@ def forgetting(
 
 
 def evaluate(
-    cfg: Config, model: Any, tokenizer: Any, template: str, base_model: Any = None, progress: bool = True
+    cfg: Config, model: Any, tokenizer: Any, template: str, base_model: Any = None, progress: bool = True,
+    split: str = "eval",
 ) -> EvalResult:
-    """All eval metrics of ``model`` as one JSON-able dict (see the module docstring)."""
+    """All eval metrics of ``model`` as one JSON-able dict (see the module docstring), on the test
+    rows (``split="eval"``: eval.data and eval.split) or the dev rows (``"dev"``: eval.dev and
+    eval.dev_split, what choices are made on)."""
     from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
     from sft.evaluation.constraints import check
@@ -216,17 +219,17 @@ def evaluate(
         marker, eot = end_of_turn_tokens(tokenizer, template)
         end_ids = set(eot) if len(eot) == 1 else set(stop_ids)  # what stop_rate counts (module docstring)
         pad_id = pick_pad_id(tokenizer, stop_ids)
-        dataset = build_dataset(cfg, tokenizer, "eval")
+        dataset = build_dataset(cfg, tokenizer, split)
         per_example = heldout_losses(model, dataset.examples, pad_id, cfg)
         loss_tokens = sum(n for _, n in per_example)
         loss = sum(v for v, _ in per_example) / loss_tokens if loss_tokens else None
 
-        convs, _ = load_conversations(cfg, "eval")
+        convs, _ = load_conversations(cfg, split)
         items = []
         for conv in convs:
-            split = split_reference(conv)
-            if split is not None and split[0]:
-                items.append((conv, split[0], split[1]))
+            parts = split_reference(conv)
+            if parts is not None and parts[0]:
+                items.append((conv, parts[0], parts[1]))
         if cfg.eval.max_examples is not None:
             items = items[: cfg.eval.max_examples]
         if not items:
@@ -288,6 +291,7 @@ def evaluate(
         "samples": samples,
         "n_examples": len(items),
         "metric": cfg.eval.metric,
+        "split": split,
         "elapsed_s": round(time.perf_counter() - t0, 2),
         "rows": rows,
         "losses": losses,

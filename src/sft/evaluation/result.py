@@ -62,6 +62,7 @@ class EvalResult(TypedDict, total=False):
     samples: list[Sample]
     n_examples: int
     metric: str
+    split: str  # "eval" (the test rows) or "dev" (the rows choices are made on)
     elapsed_s: float
     model: str  # set by `sft eval`
     refusal_rate: float | None  # sft.evaluation.safety: eval rows tagged "category": "harmful"

@@ -247,8 +247,9 @@ def charts(metrics: list[dict[str, Any]]) -> list[str]:
     """The SVG plots of a run: loss (train and eval), learning rate, gradient norm."""
     train_rows = [r for r in metrics if "loss" in r]
     eval_rows = [r for r in metrics if "eval_loss" in r]
-    out = [svg_chart({"train loss": _series(train_rows, "loss"), "eval loss": _series(eval_rows, "eval_loss")},
-                     "loss over steps", "loss")]
+    dev_rows = [r for r in metrics if "dev_loss" in r]
+    out = [svg_chart({"train loss": _series(train_rows, "loss"), "eval loss": _series(eval_rows, "eval_loss"),
+                      "dev loss": _series(dev_rows, "dev_loss")}, "loss over steps", "loss")]
     out.append(svg_chart({"lr": _series(train_rows, "lr")}, "learning rate", "lr"))
     if any("grad_norm" in r for r in train_rows):
         out.append(svg_chart({"grad norm": _series(train_rows, "grad_norm")}, "gradient norm", "norm"))

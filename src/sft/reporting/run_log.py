@@ -102,13 +102,14 @@ class RunLog:
         elif done % self.every == 0 or done == self.total:
             print(line, flush=True)
 
-    def eval(self, step: int, eval_loss: float) -> None:
+    def eval(self, step: int, eval_loss: float, key: str = "eval_loss") -> None:
+        """A held-out loss row: ``eval_loss``, or ``dev_loss`` when it is measured on the dev set."""
         if self.write:
-            row = {"step": step, "eval_loss": round(eval_loss, 6)}
+            row = {"step": step, key: round(eval_loss, 6)}
             append_row(self.path, row)
             if self.trackers is not None:
                 self.trackers.log_row(row)
-        self.say(f"step {step}/{self.total} | eval_loss {eval_loss:.4f}")
+        self.say(f"step {step}/{self.total} | {key} {eval_loss:.4f}")
 
     def say(self, text: str) -> None:
         if not self.show:

@@ -40,6 +40,10 @@ from sft.training.state import RunState
 from sft.training.step import StepResult, train_step
 
 
+def has_dev(cfg: Config) -> bool:
+    return bool(cfg.eval.dev) or cfg.eval.dev_split > 0
+
+
 @dataclass
 class RunResult:
     output_dir: Path
@@ -76,6 +80,12 @@ class Run:
     @property
     def has_eval(self) -> bool:
         return bool(self.cfg.eval.data) or self.cfg.eval.split > 0
+
+    @property
+    def held_key(self) -> str:
+        """What the held-out loss during training is measured on: dev when there is a dev set
+        (eval.dev / eval.dev_split: choices such as early stopping never look at the test rows)."""
+        return "dev_loss" if has_dev(self.cfg) else "eval_loss"
 
     def state(self) -> RunState:
         """What a checkpoint records besides weights and optimizer (see sft.training.checkpoint)."""
@@ -142,7 +152,9 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
         distributed.barrier()  # rank 0 tokenizes and fills the data cache first; the others read it
     prepared = prepare_data(cfg, cfg.train.max_steps)  # data: validated before any weights load
     has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
-    eval_examples = build_dataset(cfg, prepared.tokenizer, "eval").examples if has_eval else []
+    held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
+    eval_examples = build_dataset(cfg, prepared.tokenizer, held).examples if has_eval or held == "dev" else []
+    ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
     if is_main():
         distributed.barrier()
     model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
@@ -151,12 +163,12 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
     distributed.barrier()
 
     before = None
-    if cfg.eval.before_after and has_eval and is_main() and not resume:
+    if cfg.eval.before_after and (has_eval or ba_split == "dev") and is_main() and not resume:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the starting model ...", flush=True)
         before = evaluate(cfg, model.to(device()), prepared.tokenizer, prepared.data.template, base_model=None,
-                          progress=progress)
+                          progress=progress, split=ba_split)
         atomic_write_text(out / "before.json", json.dumps(before, indent=1))
     distributed.barrier()  # the other ranks wait for rank 0's "before" evaluation
     model, optimizer = ready_for_training(cfg, model, device())
@@ -213,7 +225,7 @@ def loop(run: Run, progress: bool, stop_check: Callable[[int, float], str | None
                       "tokens": r.tokens, "trained_tokens": r.trained_tokens, "elapsed_s": round(log.elapsed(), 3)})
             if os.environ.get("SFT_DEBUG_KILL_AT_STEP") == str(done):  # crash tests: die like a SIGKILL
                 os.kill(os.getpid(), signal.SIGKILL)
-            if run.has_eval and cfg.eval.every and done % cfg.eval.every == 0 and done < total:
+            if run.eval_examples and cfg.eval.every and done % cfg.eval.every == 0 and done < total:
                 result.stopped_early = evaluate_during(run, log, done)
             reason = stop_check(done, r.loss) if stop_check is not None else None
             periodic = bool(cfg.train.save_every and done % cfg.train.save_every == 0 and done < total)
@@ -274,14 +286,14 @@ def evaluate_during(run: Run, log: RunLog, done: int) -> bool:
     ev, _ = heldout_loss(run.module, run.eval_examples, run.pad_id, run.cfg)  # split over ranks
     if ev is None:
         return False
-    log.eval(done, ev)
+    log.eval(done, ev, run.held_key)
     if ev < run.best_eval - 1e-6:
         run.best_eval, run.bad_evals = ev, 0
     else:
         run.bad_evals += 1
     patience = run.cfg.eval.early_stopping_patience
     if patience and run.bad_evals >= patience:
-        log.say(f"Early stopping: eval loss has not improved for {run.bad_evals} evaluations")
+        log.say(f"Early stopping: {run.held_key.replace('_', ' ')} has not improved for {run.bad_evals} evaluations")
         return True
     return False
 
@@ -303,7 +315,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
 
     cfg, out = run.cfg, run.out
     last_step = result.last_step if result.stopped_early else len(run.plan)
-    final_eval = heldout_loss(run.module, run.eval_examples, run.pad_id, cfg)[0] if run.has_eval else None
+    final_eval = heldout_loss(run.module, run.eval_examples, run.pad_id, cfg)[0] if run.eval_examples else None
     model = run.model
     if distributed.is_sharded(run.model):  # FSDP2: gather the whole model on rank 0 to save final/
         from sft.training.prepare import prepare_model
@@ -315,19 +327,20 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
     if not is_main():
         return
     if final_eval is not None:
-        append_row(out / "metrics.jsonl", {"step": last_step, "eval_loss": round(final_eval, 6)})
+        append_row(out / "metrics.jsonl", {"step": last_step, run.held_key: round(final_eval, 6)})
         if run.trackers is not None:
             run.trackers.log_row({"step": last_step, "eval_loss": final_eval})
     final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(device())
     atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
     after = None
-    if cfg.eval.before_after and run.has_eval:
+    if cfg.eval.before_after and (run.has_eval or cfg.eval.before_after_split == "dev"):
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the tuned model ...", flush=True)
         base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision).to(device())
-        after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress)
+        after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress,
+                         split=cfg.eval.before_after_split)
         atomic_write_text(out / "after.json", json.dumps(after, indent=1))
         if run.trackers is not None:
             run.trackers.before_after(run.before, after)

@@ -71,6 +71,20 @@ def test_demo_config_loads(tmp_path):
     assert cfg.eval.before_after and cfg.output_dir == "runs/demo"
     assert resolve_path(cfg, cfg.data.train[0].path).is_file()
     assert resolve_path(cfg, cfg.eval.data[0].path).is_file()
+    assert cfg.eval.dev_split > 0  # choices (eval.every's curve, a sweep's lr) are made on dev, not the test rows
+
+
+def test_format_rows_carry_constraints_their_references_meet(make_data):
+    from sft.evaluation.constraints import check, check_rows
+
+    train, ev = make_data.make()
+    fmt = [r for r in ev if "constraints" in r]
+    assert len(fmt) == sum(r["messages"][-1]["content"].startswith("{") for r in ev) >= 15
+    check_rows([(str(i), r["constraints"]) for i, r in enumerate(fmt)])
+    assert all(all(check(r["messages"][-1]["content"], r["constraints"])) for r in fmt)
+    assert not any("constraints" in r for r in train)
+    # control: a prose reference fails the JSON check
+    assert check("The opposite of hot is cold.", fmt[0]["constraints"]) == [False, True]
 
 
 def test_safety_slice_tagged_and_scored_by_the_refusal_detector(make_data):
@@ -81,7 +95,7 @@ def test_safety_slice_tagged_and_scored_by_the_refusal_detector(make_data):
 
     refused = make_detector()
     train, ev = make_data.make()
-    for rows, n in ((train, 64), (ev, 8)):
+    for rows, n in ((train, 64), (ev, 48)):  # 48 + 48 eval rows: a rate with a ~25-point interval, not ~50
         harm = [r for r in rows if r.get("category") == "harmful"]
         ok = [r for r in rows if r.get("category") == "benign"]
         assert len(harm) == len(ok) == n

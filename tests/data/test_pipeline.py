@@ -283,5 +283,5 @@ def test_dev_split_config_errors():
 
     with pytest.raises(SftError, match=r"eval.dev_split: 0.6 must be in \[0, 1\) and leave training rows"):
         load_config(None, ["--eval.split=0.5", "--eval.dev_split=0.6"])
-    with pytest.raises(SftError, match="eval.before_after_split: dev, but there is no dev set"):
+    with pytest.raises(SftError, match=r"eval.before_after_split: dev, but there is no dev set"):
         load_config(None, ["--eval.before_after_split=dev"])

@@ -1,4 +1,4 @@
-"""`sft train|data|eval|compare|chat|generate|bench|sweep|lr-find|export`: each parses its arguments and calls one function.
+"""`sft train|data|eval|compare|chat|generate|bench|sweep|lr-find|export|ui`: each parses its arguments and calls one function.
 
 Errors the user can fix (SftError, and OSErrors such as a full disk or a path that cannot be
 written) print one clear message and exit with status 1, no traceback; usage errors exit 2.
@@ -122,6 +122,14 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     return run_lr_find(_config(args))
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sft.ui.server import serve
+
+    return serve(Path(args.runs_dir), host=args.host, port=args.port)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from sft.models.export import run_export
 
@@ -225,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="--to hf: weight dtype (default: the model's)")
     x.add_argument("--out", help="output file (gguf) or directory (default: RUN_DIR/export/...)")
     x.set_defaults(fn=cmd_export, takes_overrides=False)
+
+    u = sub.add_parser("ui", help="a local, read-only dashboard of runs: live curves, compare, data preview")
+    u.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="folder of runs (default runs)")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.set_defaults(fn=cmd_ui, takes_overrides=False)
     return p
 
 

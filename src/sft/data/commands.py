@@ -104,8 +104,7 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None,
 
 def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool | None = None) -> int:
     """The first ``n`` examples as the model sees them, trained tokens marked, with a legend."""
-    from sft.data.chat import encode_all, resolve_template
-    from sft.data.pipeline import truncate_example
+    from sft.data.chat import resolve_template
 
     out = stream or sys.stdout
     if color is None:
@@ -116,7 +115,23 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
     out.write(legend(color) + "\n")
     if report.invalid:
         out.write(f"({report.invalid_rows} invalid rows not shown; run `sft data check` for the list)\n")
-    for conv in convs[:n]:
+    for item in preview_items(cfg, tok, template, convs[:n]):
+        out.write(f"\n=== {item['where']}: {item['tokens']} tokens, {item['trained']} trained{item['note']} ===\n")
+        out.write(render(item["pieces"], color) + "\n")
+    if not convs:
+        out.write("(no valid conversations)\n")
+    return 0
+
+
+def preview_items(cfg: Config, tok: Any, template: str, convs: list[Any]) -> list[dict[str, Any]]:
+    """Each conversation's examples as the model sees them: ``where`` (file:line), ``tokens``,
+    ``trained``, ``note`` and ``pieces``, the decoded text in runs of (text, trained). Shared by
+    ``sft data preview`` and ``sft ui``'s data page."""
+    from sft.data.chat import encode_all
+    from sft.data.pipeline import truncate_example
+
+    items = []
+    for conv in convs:
         examples = encode_all(conv, tok, template, cfg.data.train_on, cfg.data.reasoning)
         for k, ex in enumerate(examples):
             note = f", example {k + 1} of {len(examples)} (one per assistant turn)" if len(examples) > 1 else ""
@@ -126,11 +141,9 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
                 else:
                     note += f", longer than max_length {cfg.data.max_length}: dropped in training"
             pieces = [(tok.decode(ex.input_ids[a:b]), trained) for a, b, trained in spans(ex.labels)]
-            out.write(f"\n=== {conv.location()}: {len(ex)} tokens, {ex.num_trained} trained{note} ===\n")
-            out.write(render(pieces, color) + "\n")
-    if not convs:
-        out.write("(no valid conversations)\n")
-    return 0
+            items.append({"where": conv.location(), "tokens": len(ex), "trained": ex.num_trained, "note": note,
+                          "pieces": pieces})
+    return items
 
 
 def tokenize(cfg: Config, out: str) -> int:

@@ -124,6 +124,14 @@ class RunLog:
             self.bar.close()
 
 
+def write_data_report(out: Path, report: dict[str, Any], quality: dict[str, list[dict[str, Any]]]) -> None:
+    """``data_report.json``: the data report (source paths made absolute, so ``sft ui`` finds the
+    files from any folder) and the first 50 quality findings of each kind, for ``sft ui``."""
+    sources = [{**s, "path": str(Path(s["path"]).resolve())} for s in report.get("sources", [])]
+    data = {**report, "sources": sources, "quality": {k: v[:50] for k, v in quality.items()}}
+    atomic_write_text(out / "data_report.json", json.dumps(data, indent=1, default=str))
+
+
 def write_run_report(out: Path, cfg: Config, data_report: dict[str, Any], before: Any, after: Any,
                      comparison: list[dict[str, Any]] | None = None) -> None:
     """report.html and report.md of a finished run, and the before/after table on the terminal

@@ -28,7 +28,7 @@ from sft.errors import SftError
 from sft.evaluation.result import EvalResult
 from sft.models import load as models
 from sft.models.save import save_final
-from sft.reporting.run_log import RunLog, truncate_metrics, write_run_report
+from sft.reporting.run_log import RunLog, truncate_metrics, write_data_report, write_run_report
 from sft.reporting.trackers import Trackers, check_installed, open_trackers
 from sft.training import checkpoint, distributed
 from sft.training.distributed import device, is_main
@@ -180,6 +180,7 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
     if is_main():
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", run.start)
+        write_data_report(out, prepared.data.report.to_dict(), prepared.data.quality)  # for sft ui
         run.trackers = open_trackers(cfg.train.report_to, out, to_dict(cfg), prepared.data.report.to_dict())
     return run
 

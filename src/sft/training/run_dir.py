@@ -13,7 +13,8 @@ from sft.atomic import check_writable
 from sft.errors import SftError
 
 RUN_FILES = ("checkpoints", "final", "adapter", "export", "metrics.jsonl", "run_state.json", "report.html", "report.md",
-             "report.json", "before.json", "after.json", "config.yaml", "tensorboard")
+             "report.json", "before.json", "after.json", "config.yaml", "tensorboard",
+             "data_report.json")
 ASIDE = ".previous-run"  # where --overwrite keeps the previous run until the new one has saved something
 
 

@@ -1,0 +1,188 @@
+"""``sft ui`` through Starlette's test client, over run folders written here the way ``sft train``
+writes them: statuses, escaping, path traversal, a torn metrics file, compare, data preview."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+from starlette.testclient import TestClient
+
+from sft.cli import build_parser
+from sft.ui import runs as R
+from sft.ui import server
+
+EVIL = "<script>alert('x')</script>"
+
+
+def write_run(d: Path, steps: int = 3, lr: float = 1e-3, finished: bool = True, checkpoint: int | None = None,
+              age_s: float = 0.0, extra_rows: str = "", before: dict | None = None, after: dict | None = None) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "output_dir": str(d),
+                                                   "data": {"train": [{"path": "train.jsonl"}]},
+                                                   "train": {"lr": lr, "seed": 1}}))
+    rows = [{"step": s, "loss": round(3.0 - 0.5 * s, 3), "lr": lr, "grad_norm": 1.0, "tokens": 100,
+             "trained_tokens": 40, "elapsed_s": 0.5 * s} for s in range(1, steps + 1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + extra_rows)
+    if finished:
+        (d / "run_state.json").write_text(json.dumps({"status": "finished", "steps": steps}))
+    if checkpoint is not None:
+        (d / "checkpoints" / f"step-{checkpoint}").mkdir(parents=True)
+    for name, result in (("before.json", before), ("after.json", after)):
+        if result is not None:
+            (d / name).write_text(json.dumps(result))
+    if age_s:
+        old = time.time() - age_s
+        for p in d.rglob("*"):
+            os.utime(p, (old, old))
+    return d
+
+
+def client(root: Path) -> TestClient:
+    return TestClient(server.make_app(root))
+
+
+def test_runs_page_lists_every_run_with_its_status(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "done", before={"eval_loss": 2.5, "task_accuracy": 0.25}, after={"eval_loss": 1.5, "task_accuracy": 0.75})
+    write_run(root / "live", finished=False)
+    write_run(root / "stopped", finished=False, checkpoint=3, age_s=600)
+    write_run(root / "crashed", finished=False, checkpoint=2, age_s=600)
+    write_run(root / "sw" / "trials" / "lr-0.1", lr=0.1)
+    c = client(root)
+    got = {r["id"]: r for r in c.get("/api/runs").json()}
+    assert {k: v["status"] for k, v in got.items()} == {
+        "crashed": "failed", "done": "finished", "live": "running", "stopped": "interrupted", "sw/trials/lr-0.1": "finished"}
+    assert got["done"]["loss"] == 1.5 and got["done"]["step"] == 3 and got["done"]["tokens_per_s"] == 200.0
+    assert got["done"]["before"]["task_accuracy"] == 0.25 and got["done"]["after"]["eval_loss"] == 1.5
+    assert got["sw/trials/lr-0.1"]["sweep"] == "sw" and got["done"]["sweep"] is None
+    html = c.get("/").text
+    assert '<span class="status interrupted">interrupted</span>' in html
+    assert "2.5 → 1.5" in html and "0.25 → 0.75" in html
+    assert 'href="/compare?sweep=sw"' in html
+
+
+def test_user_text_is_escaped_everywhere(tmp_path):
+    root = tmp_path / "runs"
+    sample = {"prompt": f"say {EVIL}", "reference": EVIL, "reply": EVIL, "correct": False, "stopped": True}
+    run = write_run(root / "evil", before={"eval_loss": 2.0, "samples": [sample]},
+                    after={"eval_loss": 1.0, "samples": [sample]})
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = EVIL
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / "trial.json").write_text(json.dumps({"params": {"note": EVIL}}))
+    write_run(root / "other")
+    c = client(root)
+    pages = [c.get("/").text, c.get("/run", params={"id": "evil"}).text,
+             c.get("/compare", params=[("id", "evil"), ("id", "other")]).text]
+    for html in pages:
+        assert "<script>alert" not in html
+        assert "&lt;script&gt;alert(" in html  # the text is there, as text
+    assert c.get("/run", params={"id": "evil"}).text.count("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;") >= 5
+    # a run folder whose name is markup
+    write_run(root / '<img src=x onerror="alert(1)">')
+    html = c.get("/").text
+    assert "<img src=x" not in html and "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
+
+
+def test_control_the_same_page_without_autoescape_would_inject(tmp_path):
+    """The escaping test can fail: rendered without autoescape, the reply becomes a script tag."""
+    from jinja2 import Environment, FileSystemLoader
+
+    env = Environment(loader=FileSystemLoader(server.HERE / "templates"), autoescape=False)
+    env.filters["fmt"], env.filters["interval"] = server._fmt, R.interval_text
+    sample = {"prompt": "p", "reference": "r", "reply": EVIL, "correct": False, "stopped": True}
+    html = env.get_template("run.html").render(run={"id": "x", "data": [], "problems": []}, config_text="",
+                                               data=None, table=[], forgetting=[],
+                                               samples=server.sample_pairs(None, {"samples": [sample]}))
+    assert EVIL in html
+
+
+def test_paths_outside_the_runs_dir_are_refused(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "ok")
+    write_run(tmp_path / "secret", lr=0.777)  # a real run, next to the runs dir
+    (root / "link").symlink_to(tmp_path / "secret")
+    c = client(root)
+    assert c.get("/run", params={"id": "ok"}).status_code == 200
+    for rid in ["../secret", str(tmp_path / "secret"), "link", "ok/../../secret", "..", "ok/../..", "nothing", "ok\x00"]:
+        for url in ("/run", "/api/metrics", "/data"):
+            r = c.get(url, params={"id": rid})
+            assert r.status_code == 404, (url, rid)
+            assert "0.777" not in r.text  # nothing of the secret run's config or metrics
+    for url in ("/compare?id=ok&id=../secret", "/static/../runs.py", "/static/%2e%2e/runs.py", "/static/..%2fserver.py"):
+        assert c.get(url).status_code == 404, url
+    assert [r["id"] for r in c.get("/api/runs").json()] == ["ok"]  # the symlinked run is not listed
+
+
+def test_a_torn_or_malformed_metrics_file_shows_what_can_be_read(tmp_path):
+    root = tmp_path / "runs"
+    run = write_run(root / "torn", finished=False, extra_rows='garbage{\n{"step": 4, "loss": 1.2')
+    c = client(root)
+    assert c.get("/").status_code == 200
+    page = c.get("/run", params={"id": "torn"})
+    assert page.status_code == 200 and "line 4: not a JSON object" in page.text
+    first = c.get("/api/metrics", params={"id": "torn"}).json()
+    assert [r["step"] for r in first["rows"]] == [1, 2, 3] and first["problems"] == ["line 4: not a JSON object"]
+    with (run / "metrics.jsonl").open("a") as f:  # the writer finishes the line
+        f.write(', "lr": 0.001}\n')
+    more = c.get("/api/metrics", params={"id": "torn", "offset": first["offset"]}).json()
+    assert more["rows"] == [{"step": 4, "loss": 1.2, "lr": 0.001}] and more["problems"] == []
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe\x00[1, 2]\n{}\n")  # binary junk, a list, a row without step
+    r = c.get("/api/metrics", params={"id": "torn"})
+    assert r.status_code == 200 and r.json()["rows"] == [] and len(r.json()["problems"]) == 2
+    assert c.get("/run", params={"id": "torn"}).status_code == 200
+    (run / "config.yaml").write_text("model: [unclosed")
+    (run / "run_state.json").write_text("{")
+    assert c.get("/").status_code == 200 and c.get("/run", params={"id": "torn"}).status_code == 200
+
+
+def test_compare_two_runs_and_a_sweep(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "a", lr=1e-3, after={"eval_loss": 1.5, "task_accuracy": 0.5})
+    write_run(root / "b", lr=1e-4, after={"eval_loss": 1.25, "task_accuracy": 0.75})
+    write_run(root / "sw" / "trials" / "t1", lr=0.1)
+    write_run(root / "sw" / "trials" / "t2", lr=0.2)
+    c = client(root)
+    html = c.get("/compare", params=[("id", "a"), ("id", "b")]).text
+    assert '<tr class="differs"><td>train.lr</td><td>0.001</td><td>0.0001</td></tr>' in html
+    assert '<tr class="same"><td>train.seed</td><td>1</td><td>1</td></tr>' in html
+    assert "<td>task_accuracy</td><td>0.5" in html and "<td>0.75" in html
+    assert 'data-runs="[&#34;a&#34;, &#34;b&#34;]"' in html
+    sweep = c.get("/compare", params={"sweep": "sw"}).text
+    assert 'data-runs="[&#34;sw/trials/t1&#34;, &#34;sw/trials/t2&#34;]"' in sweep
+    assert "<td>train.lr</td><td>0.1</td><td>0.2</td>" in sweep
+
+
+def test_data_page_previews_trained_tokens_searchable_by_file_line(tmp_path, tiny_dir, data_file):
+    root = tmp_path / "runs"
+    run = write_run(root / "r")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data_file)}], "max_length": 128})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    c = client(root)
+    html = c.get("/data", params={"id": "r", "q": f"{data_file.name}:3"}).text
+    assert "1 of 9 conversations match" in html
+    assert f"{data_file}:3: " in html
+    assert '<span class="trained">5 plus 6 is 11. Indeed.&lt;|im_end|&gt;</span>' in html
+    assert '<span class="masked">' in html and "What is 5 plus 6?" in html
+    everything = c.get("/data", params={"id": "r"}).text
+    assert "9 of 9 conversations match" in everything and everything.count('<section class="example">') == 9
+
+
+def test_ui_binds_localhost_by_default_and_warns_otherwise(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.runs_dir, args.host, args.port) == ("runs", "127.0.0.1", 7860)
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    server.serve(tmp_path, port=7861)
+    assert calls[-1] == {"host": "127.0.0.1", "port": 7861, "log_level": "warning"}
+    assert "warning" not in capsys.readouterr().err
+    server.serve(tmp_path, host="0.0.0.0", port=7862)
+    assert calls[-1]["host"] == "0.0.0.0"
+    assert "warning: sft ui listens on 0.0.0.0: anyone who can reach this machine" in capsys.readouterr().err

@@ -131,7 +131,10 @@ def status(run: Path, rows: list[dict[str, Any]], now: float | None = None) -> s
         return "running"
     last = max((int(r["step"]) for r in rows if "loss" in r), default=0)
     trial = read_json(run / "trial.json")
-    if (last and last in checkpoint_steps(run)) or (isinstance(trial, dict) and trial.get("status") == "pruned"):
+    trial_status = trial.get("status") if isinstance(trial, dict) else None
+    if trial_status == "failed":
+        return "failed"
+    if (last and last in checkpoint_steps(run)) or trial_status in ("pruned", "interrupted"):
         return "interrupted"
     return "failed"
 

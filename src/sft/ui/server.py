@@ -49,6 +49,7 @@ def make_app(root: Path) -> Any:
     root = root.resolve()
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
     env.filters["fmt"] = _fmt
+    env.filters["whole"] = lambda v: "–" if v is None else f"{v:,.0f}"
     env.filters["interval"] = R.interval_text
 
     def page(name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:

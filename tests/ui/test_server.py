@@ -47,7 +47,9 @@ def client(root: Path) -> TestClient:
 
 def test_runs_page_lists_every_run_with_its_status(tmp_path):
     root = tmp_path / "runs"
-    write_run(root / "done", before={"eval_loss": 2.5, "task_accuracy": 0.25}, after={"eval_loss": 1.5, "task_accuracy": 0.75})
+    write_run(root / "done", before={"eval_loss": 2.5, "task_accuracy": 0.25},
+              after={"eval_loss": 1.5, "task_accuracy": 0.75, "forgetting": {"reference_perplexity": 12.5},
+                     "intervals": {"task_accuracy": [0.5, 0.875], "forgetting": {"reference_perplexity": [11.0, 14.0]}}})
     write_run(root / "live", finished=False)
     write_run(root / "stopped", finished=False, checkpoint=3, age_s=600)
     write_run(root / "crashed", finished=False, checkpoint=2, age_s=600)
@@ -63,6 +65,9 @@ def test_runs_page_lists_every_run_with_its_status(tmp_path):
     assert '<span class="status interrupted">interrupted</span>' in html
     assert "2.5 → 1.5" in html and "0.25 → 0.75" in html
     assert 'href="/compare?sweep=sw"' in html
+    run = c.get("/run", params={"id": "done"}).text  # before/after with the intervals the eval computed
+    assert "<tr><td>task_accuracy</td><td>0.25</td><td>0.75</td>\n<td></td><td>[0.5, 0.875]</td></tr>" in run
+    assert "<td>reference_perplexity</td><td>–</td><td>12.5</td>\n<td></td><td>[11, 14]</td>" in run
 
 
 def test_user_text_is_escaped_everywhere(tmp_path):

@@ -144,7 +144,13 @@ def forgetting_rows(before: Any, after: Any) -> list[dict[str, Any]]:
     fb = (before or {}).get("forgetting") or {} if isinstance(before, dict) else {}
     fa = (after or {}).get("forgetting") or {} if isinstance(after, dict) else {}
     keys = [k for k in ("reference_perplexity", "kl_to_base", "reference_tokens", "reference") if k in fb or k in fa]
-    return [{"metric": k, "before": fb.get(k), "after": fa.get(k)} for k in keys]
+
+    def ci(result: Any, k: str) -> Any:
+        iv = ((result.get("intervals") or {}).get("forgetting") or {}) if isinstance(result, dict) else {}
+        return iv.get(k) if isinstance(iv, dict) else None
+
+    return [{"metric": k, "before": fb.get(k), "after": fa.get(k), "before_ci": ci(before, k), "after_ci": ci(after, k)}
+            for k in keys]
 
 
 def sample_pairs(before: Any, after: Any) -> list[dict[str, Any]]:

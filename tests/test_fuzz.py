@@ -148,11 +148,12 @@ def assert_clear_or_success(cfg: Config, tok) -> None:
         assert (set(cache.glob("*")) if cache.is_dir() else set()) == before  # nothing half-written
         return
     assert all(len(e.input_ids) == len(e.labels) <= cfg.data.max_length for e in ds.examples)
-    entries = set(cache.glob("*")) if cache.is_dir() else set()
+    entries = set(cache.rglob("*")) if cache.is_dir() else set()
     assert not any(p.name.endswith(".tmp") for p in entries)
-    stems = {p.stem for p in entries}
-    assert {p.suffix for p in entries if p.stem in stems} <= {".json", ".safetensors"}
-    assert all((cache / f"{s}.json").exists() == (cache / f"{s}.safetensors").exists() for s in stems)
+    assert {p.suffix for p in entries if p.is_file()} <= {".json", ".npy"}
+    picks = [p for p in cache.glob("*") if p.name != "sources"]  # the split's pick, and the token stores
+    assert all({q.name for q in p.iterdir()} == {"meta.json", "which.npy", "index.npy"} for p in picks)
+    assert all((p / "store.json").is_file() for p in cache.glob("sources/*"))
 
 
 @pytest.fixture()

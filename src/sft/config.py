@@ -94,6 +94,7 @@ class DataConfig:
     on_invalid: Literal["error", "skip"] = "error"
     system: str | None = None  # system prompt added to conversations that have none
     cache_dir: str | None = None  # tokenized-data cache; default ~/.cache/sft/data
+    num_proc: int | Literal["auto"] = "auto"  # tokenizing worker processes; auto = usable cores
     quality: QualityConfig = field(default_factory=QualityConfig)
     select: SelectConfig | None = None  # keep rows by model scores (sft data score); null: keep all
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -325,7 +326,7 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
 
 
 
-def lint(tokenizer: Any, template: str, examples: list[Example] | None = None) -> list[str]:
+def lint(tokenizer: Any, template: str, examples: Sequence[Example] | None = None) -> list[str]:
     """Human-readable warnings about a template (and, if given, encoded examples)."""
     source = _source(template, tokenizer)
     warnings: list[str] = []

@@ -3,19 +3,20 @@
 ``load_conversations`` reads every source, validates every row (collecting all problems), mixes
 sources by ``weight``/``limit``, counts (and with ``data.dedup`` removes) exact duplicates and
 holds out ``eval.split``. ``build_dataset`` tokenizes with ``chat.encode``, applies
-``data.max_length``/``data.truncation`` and caches the result as safetensors + JSON (never pickle),
-keyed on the input files' path/size/mtime and every setting that changes the tokens.
+``data.max_length``/``data.truncation`` into one token store per source (``sft.data.store``,
+``sft.data.source_cache``: memory-mapped numpy columns, keyed by the source's content), then picks
+the split's examples from those stores by index. The pick (index arrays, report, quality findings)
+is cached too, keyed on the input files' path/size/mtime and every setting that changes it, so a
+warm start reads no row and holds no token in Python lists.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import sys
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,80 +24,16 @@ from sft.config import Config, SourceConfig, cache_root, resolve_path
 from sft.data import hub
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
 from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD
+from sft.data.picks import Raw, count_examples, load_cache, save_cache, select_examples
+from sft.data.report import MAX_LISTED, DataReport, Dataset, SourceStats
 from sft.data.sources import mix_counts, sample_rows
 from sft.data.split import Holdout, hold_out_rows
 from sft.data.types import IGNORE, Conversation, Example
 from sft.errors import SftError
 
-CACHE_VERSION = 1
-MAX_LISTED = 50  # problems spelled out in an SftError; `sft data check --json` lists them all
-
-
-@dataclass
-class SourceStats:
-    name: str
-    path: str
-    format: str = "auto"
-    rows: int = 0  # rows read (valid + invalid)
-    valid: int = 0
-    invalid: int = 0  # rows with at least one problem
-    used: int = 0  # rows after limit, dedup and weighting
-
-
-@dataclass
-class DataReport:
-    """Every count of what happened to the rows; nothing is dropped without being counted here."""
-
-    split: str = "train"
-    rows: int = 0
-    valid: int = 0
-    invalid: list[dict[str, Any]] = field(default_factory=list)  # {"file", "line", "error"}
-    invalid_rows: int = 0
-    skipped: int = 0  # invalid rows dropped because data.on_invalid is skip
-    duplicates: int = 0  # rows that repeat an earlier row exactly
-    deduplicated: int = 0  # duplicates removed (data.dedup)
-    held_out: int = 0  # training rows moved to the eval split (eval.split)
-    dev_held_out: int = 0  # training rows moved to the dev split (eval.dev_split)
-    held_out_groups: int = 0  # near-duplicate groups (2+ distinct rows) moved to the eval split whole
-    held_out_kept: int = 0  # rows drawn for the eval split but kept: their prompt or reply overlaps a training row
-    conversations: int = 0  # conversations handed on (after limit, weight, dedup, split)
-    examples: int = 0  # tokenized examples kept
-    dropped_too_long: int = 0
-    dropped_untrainable: int = 0  # no token left to train on (e.g. every turn has train: false)
-    truncated: int = 0
-    total_tokens: int = 0
-    trained_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)  # tokens per kept example, input order
-    sources: list[SourceStats] = field(default_factory=list)
-    quality_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (sft.data.quality)
-    quality_dropped: dict[str, int] = field(default_factory=dict)  # rows removed per kind (data.quality.drop)
-    select: dict[str, Any] = field(default_factory=dict)  # what data.select kept and dropped (sft.data.select)
-    cached: bool = False
-
-    @property
-    def trained_token_fraction(self) -> float:
-        return self.trained_tokens / self.total_tokens if self.total_tokens else 0.0
-
-    def add_problem(self, file: str, line: int, error: str) -> None:
-        self.invalid.append({"file": file, "line": line, "error": error})
-
-    def problems(self) -> list[str]:
-        """``FILE:LINE: error`` lines, in reading order."""
-        return [f"{p['file']}:{p['line']}: {p['error']}" for p in self.invalid]
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("lengths")
-        out["trained_token_fraction"] = round(self.trained_token_fraction, 6)
-        return out
-
-
-@dataclass
-class Dataset:
-    examples: list[Example]
-    report: DataReport
-    template: str  # the resolved Jinja source used (saved with the model)
-    quality: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # train split: sft.data.quality findings
+CACHE_VERSION = 2
+__all__ = ["DataReport", "Dataset", "SourceStats", "build_dataset", "collect_conversations", "hold_out",
+           "load_cache", "load_conversations", "save_cache", "select_examples", "tokenize_conversations"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,9 +79,13 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
     return out
 
 
-def _read_all(cfg: Config, sources: list[SourceConfig], report: DataReport) -> list[list[Conversation]]:
-    """Valid conversations of each source, duplicates counted (and with data.dedup removed)."""
+def _read_all(cfg: Config, sources: list[SourceConfig], report: DataReport,
+              raw: Raw | None = None) -> list[list[Conversation]]:
+    """Valid conversations of each source, duplicates counted (and with data.dedup removed);
+    ``raw`` receives each source with all its valid rows (what its token store holds)."""
     per_source = [_read_source(cfg, s, report) for s in sources]
+    if raw is not None:
+        raw += [(s, list(convs)) for s, convs in zip(sources, per_source)]
     report.rows = sum(s.rows for s in report.sources)
     report.valid = sum(s.valid for s in report.sources)
     report.invalid_rows = sum(s.invalid for s in report.sources)
@@ -209,6 +150,11 @@ def dev_fraction(split: float, dev_split: float) -> float:
 
 def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conversation], DataReport]:
     """Like ``load_conversations`` but never raises for invalid rows: they are in the report."""
+    convs, report, _ = _collect(cfg, split)
+    return convs, report
+
+
+def _collect(cfg: Config, split: str) -> tuple[list[Conversation], DataReport, Raw]:
     if split not in ("train", "eval", "dev"):
         raise SftError(f"split {split!r} is unknown; use 'train', 'eval' or 'dev'")
     own = {"train": [], "eval": cfg.eval.data, "dev": cfg.eval.dev}[split]  # the split's own files
@@ -216,8 +162,9 @@ def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conve
         raise SftError("data.train: no training data; add a file, e.g. data: {train: [data/train.jsonl]}")
     report = DataReport(split=split)
     seed = cfg.train.seed
+    raw: Raw = []
     held_from_train = split == "train" or cfg.eval.split or (split == "dev" and cfg.eval.dev_split)
-    per_source = _read_all(cfg, cfg.data.train, report) if held_from_train else []
+    per_source = _read_all(cfg, cfg.data.train, report, raw) if held_from_train else []
     # eval.split first, then eval.dev_split from what is left (the same group-aware split), then weighting
     threshold = cfg.data.quality.near_duplicate_threshold
     kept, held, groups = hold_out(per_source, cfg.eval.split, seed, threshold)
@@ -231,9 +178,9 @@ def collect_conversations(cfg: Config, split: str = "train") -> tuple[list[Conve
         convs = held if split == "eval" else dev_held
         if own:
             n = len(report.sources)
-            convs += _mix(own, _read_all(cfg, own, report), report.sources[n:], seed)
+            convs += _mix(own, _read_all(cfg, own, report, raw), report.sources[n:], seed)
     report.conversations = len(convs)
-    return convs, report
+    return convs, report, raw
 
 
 def invalid_error(report: DataReport) -> SftError:
@@ -311,7 +258,7 @@ def tokenize_conversations(
 
 
 # ---------------------------------------------------------------------------------------------
-# cache: <cache_dir>/<key>.safetensors (flat int32 ids/labels + offsets) and <key>.json
+# cache: <cache_dir>/sources/<source key>/ (token stores) and <cache_dir>/<key>/ (the split's pick)
 
 
 def cache_dir(cfg: Config) -> Path:
@@ -330,30 +277,26 @@ def _tokenizer_id(tokenizer: Any) -> dict[str, Any]:
 
 
 def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
-    """A hash of everything that changes the tokens: input files (path, size, mtime), sources,
-    data settings, seed and split, the tokenizer, the template and the code that encodes."""
+    """A hash of everything that changes the split's examples: input files (path, size, mtime),
+    sources, data settings, seed and split, the tokenizer, the template and the code."""
     files = []
     sources = cfg.data.train + cfg.eval.data + cfg.eval.dev  # eval files change the train split's contamination findings
     for src in sources:
         files += hub.fingerprint(src, resolve_path(cfg, src.path))  # files: path, size, mtime
     code = b""
-    from sft.data import chat, formats, masks
+    from sft.data import chat, formats, masks, overlap, picks, quality, report, source_cache, store
     from sft.data import sources as sources_mod
-
-    for mod in (chat, masks, formats, sources_mod, hub):
-        code += Path(str(mod.__file__)).read_bytes()
-    code += Path(__file__).read_bytes()
-    from sft.data import overlap, quality  # their findings are cached with the train split, and drop rows
     from sft.data import split as split_mod  # decides the eval.split rows
 
-    code += Path(str(quality.__file__)).read_bytes() + Path(str(overlap.__file__)).read_bytes()
-    code += Path(str(split_mod.__file__)).read_bytes()
+    for mod in (chat, masks, formats, sources_mod, hub, overlap, quality, source_cache, store, picks, report, split_mod):
+        code += Path(str(mod.__file__)).read_bytes()  # quality findings are cached with the train split
+    code += Path(__file__).read_bytes()
     body = {
         "v": CACHE_VERSION,
         "split": split,
         "files": files,
         "sources": [asdict(s) for s in sources],
-        "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("train", "cache_dir", "packing", "select")},
+        "data": {k: v for k, v in asdict(cfg.data).items() if k not in ("train", "cache_dir", "packing", "select", "num_proc")},
         "eval_split": cfg.eval.split,
         "dev_split": cfg.eval.dev_split,
         "seed": cfg.train.seed,
@@ -364,72 +307,25 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def save_cache(path: Path, ds: Dataset) -> None:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    offsets = np.cumsum([0] + [len(e) for e in ds.examples], dtype=np.int64)
-    tensors: dict[str, Any] = {
-        "input_ids": np.array([t for e in ds.examples for t in e.input_ids], dtype=np.int32),
-        "labels": np.array([t for e in ds.examples for t in e.labels], dtype=np.int32),
-        "offsets": offsets,
-    }
-    meta = {
-        "template": ds.template,
-        "report": asdict(ds.report),
-        "examples": [[e.source, e.line, e.truncated, e.meta] for e in ds.examples],
-        "quality": ds.quality,
-    }
-    # tensors first, JSON last and both renamed into place: a crash never leaves a readable half
-    for suffix, write in (
-        (".safetensors", lambda p: save_file(tensors, str(p))),
-        (".json", lambda p: p.write_text(json.dumps(meta), encoding="utf-8")),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        write(Path(tmp))
-        os.replace(tmp, path.with_suffix(suffix))
-
-
-def load_cache(path: Path) -> Dataset | None:
-    meta_path, tensor_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not (meta_path.is_file() and tensor_path.is_file()):
-        return None
-    from safetensors.numpy import load_file
-
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        t = load_file(str(tensor_path))
-    except (OSError, ValueError):
-        return None  # a damaged cache is rebuilt, not trusted
-    ids, labels, off = t["input_ids"].tolist(), t["labels"].tolist(), t["offsets"].tolist()
-    examples = [
-        Example(ids[off[i] : off[i + 1]], labels[off[i] : off[i + 1]], src, line, trunc, m)
-        for i, (src, line, trunc, m) in enumerate(meta["examples"])
-    ]
-    rep = dict(meta["report"])
-    rep["sources"] = [SourceStats(**s) for s in rep["sources"]]
-    report = DataReport(**rep)
-    report.cached = True
-    return Dataset(examples, report, meta["template"], meta.get("quality") or {})
-
-
 def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation]) -> None:
     """Find the quality problems of the train split (``sft.data.quality``), count them in the
     report and remove the rows of the kinds in ``data.quality.drop`` from ``ds.examples``."""
     from collections import Counter
+
+    import numpy as np
 
     from sft.data import quality
 
     q = cfg.data.quality
     evals = collect_conversations(cfg, "eval")[0] if (cfg.eval.data or cfg.eval.split) else []
     times = Counter((c.source, c.line) for c in convs)  # weight samples rows with replacement
+    ex = ds.examples
+    keys = list(zip(ex.file_labels(), ex.per_example("line").tolist()))
     trained: Counter[tuple[str, int]] = Counter()
-    for ex in ds.examples:
-        trained[(ex.source, ex.line)] += ex.num_trained
+    for key, n in zip(keys, ex.trained_counts().tolist()):
+        trained[key] += n
     lengths = {k: n // times[k] for k, n in trained.items() if times[k]}
-    cut = {(ex.source, ex.line) for ex in ds.examples if ex.truncated}
+    cut = {key for key, t in zip(keys, ex.per_example("truncated").tolist()) if t}
     settings = quality.QualitySettings(q.near_duplicate_threshold, tuple(q.boilerplate))
     ds.quality = quality.find_problems(convs, evals, settings, lengths, cut)
     r = ds.report
@@ -440,11 +336,8 @@ def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation]) -> None:
     r.quality_dropped = {k: 0 for k in q.drop}
     for kind in drop.values():
         r.quality_dropped[kind] += 1
-    ds.examples = [ex for ex in ds.examples if (ex.source, ex.line) not in drop]
-    r.examples = len(ds.examples)
-    r.lengths = [len(e) for e in ds.examples]
-    r.total_tokens = sum(r.lengths)
-    r.trained_tokens = sum(e.num_trained for e in ds.examples)
+    ds.examples = ex.keep(np.asarray([key not in drop for key in keys], dtype=bool))
+    count_examples(r, ds.examples)
 
 
 def _say_dropped(report: DataReport, strict: bool) -> None:
@@ -459,20 +352,28 @@ def build_dataset(
     """Tokenized examples of ``split``, truncated/dropped by length, deduplicated, cached.
 
     ``strict=False`` (used by ``sft data check``) reports invalid rows instead of raising.
+    ``use_cache=False`` keeps the token stores in memory and writes nothing.
     """
     from sft.data import chat
+    from sft.data.source_cache import Encoding, source_store
 
     template = chat.resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
-    path = cache_dir(cfg) / cache_key(cfg, tokenizer, template, split) if use_cache else None
+    root = cache_dir(cfg) if use_cache else None
+    path = root / cache_key(cfg, tokenizer, template, split) if root is not None else None
     if path is not None:
         cached = load_cache(path)
         if cached is not None and (not strict or not cached.report.invalid or cfg.data.on_invalid == "skip"):
             _say_dropped(cached.report, strict)
             return _select(cfg, cached, tokenizer) if split == "train" else cached
-    convs, report = collect_conversations(cfg, split)
+    convs, report, raw = _collect(cfg, split)
     if strict and report.invalid and cfg.data.on_invalid == "error":
         raise invalid_error(report)
-    examples = tokenize_conversations(convs, tokenizer, template, cfg, report)
+    cacheable = not report.invalid or cfg.data.on_invalid == "skip"  # never cache what must be fixed
+    d = cfg.data
+    enc = Encoding(tokenizer, template, d.train_on, d.reasoning, d.max_length, d.truncation)
+    tid = _tokenizer_id(tokenizer)
+    stores = [source_store(cfg, src, rows, enc, tid, root, cacheable) for src, rows in raw]
+    examples = select_examples(convs, raw, stores, cfg, report)
     if strict and report.invalid and cfg.data.on_invalid == "error":
         raise invalid_error(report)
     ds = Dataset(examples, report, template)
@@ -488,13 +389,25 @@ def _select(cfg: Config, ds: Dataset, tokenizer: Any) -> Dataset:
     """``data.select``: keep the rows the model scores pick (sft.data.select)."""
     if cfg.data.select is None:
         return ds
+    import numpy as np
+
     from sft.data.select import apply_select
 
-    ds.examples, ds.report.select = apply_select(cfg, ds.examples, tokenizer)
-    r = ds.report
-    r.examples, r.lengths = len(ds.examples), [len(e) for e in ds.examples]
-    r.total_tokens, r.trained_tokens = sum(r.lengths), sum(e.num_trained for e in ds.examples)
+    ex = ds.examples  # apply_select reads (source, line) only: hand it those, not the tokens
+    locs = [_Loc(s, n, i) for i, (s, n) in enumerate(zip(ex.file_labels(), ex.per_example("line").tolist()))]
+    kept, ds.report.select = apply_select(cfg, locs, tokenizer)
+    mask = np.zeros(len(ex), dtype=bool)
+    mask[[loc.i for loc in kept]] = True
+    ds.examples = ex.keep(mask)
+    count_examples(ds.report, ds.examples)
     return ds
+
+
+@dataclass
+class _Loc:
+    source: str
+    line: int
+    i: int  # index in the split's examples
 
 
 def labels_ok(ex: Example) -> bool:

@@ -9,6 +9,7 @@ one-process result (up to the order of a float64 sum).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from sft.training.distributed import all_sum, forward_loss, rank_and_world
 from sft.training.precision import autocast
 
 
-def heldout_loss(model: Any, examples: list[Example], pad_id: int, cfg: Config) -> tuple[float | None, int]:
+def heldout_loss(model: Any, examples: Sequence[Example], pad_id: int, cfg: Config) -> tuple[float | None, int]:
     """(mean CE over the trained tokens of ``examples``, their count); None when nothing is trained.
 
     Examples are batched by similar length (``eval.batch_size`` at a time) and padded; rank r
@@ -53,7 +54,7 @@ def heldout_loss(model: Any, examples: list[Example], pad_id: int, cfg: Config) 
     return (total / count if count else None), count
 
 
-def heldout_losses(model: Any, examples: list[Example], pad_id: int, cfg: Config) -> list[tuple[float, int]]:
+def heldout_losses(model: Any, examples: Sequence[Example], pad_id: int, cfg: Config) -> list[tuple[float, int]]:
     """(CE sum, trained tokens) of each example, in the order of ``examples``: what the intervals
     and paired tests of ``eval_loss`` resample (``sft.evaluation.stats``). Their totals give the
     same mean as ``heldout_loss``. One example per forward pass (no padding); rank r scores

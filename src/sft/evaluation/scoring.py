@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,7 @@ class Progress:
               file=sys.stderr, flush=True)
 
 
-def _distinct(examples: list[Example]) -> list[Example]:
+def _distinct(examples: Sequence[Example]) -> list[Example]:
     """Each example once (weighting repeats rows; a repeat scores the same)."""
     seen: dict[tuple[str, int, Any], Example] = {}
     for ex in examples:

@@ -13,7 +13,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ class Run:
     out: Path
     tokenizer: Any
     data: Any  # sft.data.pipeline.Dataset
-    eval_examples: list[Example]
+    eval_examples: Sequence[Example]
     plan: list[Step]
     model: Any
     optimizer: torch.optim.Optimizer

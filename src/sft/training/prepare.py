@@ -34,6 +34,7 @@ def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
     """Validate, tokenize and mask the training data (before any weights load) and plan the steps."""
     from sft.data.chat import lint, stop_token_ids
     from sft.data.pipeline import build_dataset
+    from sft.data.store import example_lengths
     from sft.models.save import pick_pad_id
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code, revision=cfg.revision)
@@ -44,7 +45,7 @@ def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
         print(f"warning: {warning}", file=sys.stderr)
     world = rank_and_world()[1]  # a step holds grad_accum micro-batches per process (global batch x world)
     plan = plan_steps(
-        [len(e) for e in data.examples], cfg.train.batch_size, cfg.train.grad_accum * world, cfg.data.packing,
+        example_lengths(data.examples), cfg.train.batch_size, cfg.train.grad_accum * world, cfg.data.packing,
         cfg.data.max_length, cfg.train.epochs, max_steps, cfg.train.seed,
     )
     return TrainData(tokenizer, data, plan, pick_pad_id(tokenizer, stop_token_ids(tokenizer, data.template)))

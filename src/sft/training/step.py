@@ -14,6 +14,7 @@ micro-batches (fewer micro-batches than ranks, a short last step) repeats one wi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ def to_batch(rows: list[list[Example]], packing: bool, pad_id: int, device: torc
 
 
 def step_batches(
-    step: Step, examples: list[Example], cfg: Config, pad_id: int, device: torch.device
+    step: Step, examples: Sequence[Example], cfg: Config, pad_id: int, device: torch.device
 ) -> tuple[list[dict[str, torch.Tensor]], int, int, list[float]]:
     """This rank's micro-batches of one optimizer step, the step's trained and real token counts
     summed over all ranks (the loss divides by the global trained count), and each batch's weight:
@@ -96,7 +97,7 @@ def forward_backward(
 
 
 def train_step(
-    model: Any, optimizer: torch.optim.Optimizer, step: Step, examples: list[Example], cfg: Config,
+    model: Any, optimizer: torch.optim.Optimizer, step: Step, examples: Sequence[Example], cfg: Config,
     pad_id: int, device: torch.device, lr: float,
 ) -> StepResult:
     """One optimizer step at learning rate ``lr``: forward/backward over the step's micro-batches,

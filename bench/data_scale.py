@@ -1,0 +1,240 @@
+"""Data at scale: N generated multi-turn conversations through ``sft data check``/``tokenize``, with
+TRL's preparation and the floor (render + batch-encode) side by side in the same run.
+
+    .venv/bin/python bench/data_scale.py --n 100000 [--trl-python /tmp/trl-venv/bin/python] [--dir /tmp/data_scale]
+
+Every stage runs as its own process; its peak RSS is sampled (the process and its workers summed)
+and its ``ru_maxrss`` read. Stages: ``sft data check`` from a cold cache; again after editing one
+of the three source files (only that file is re-tokenized); again warm; ``sft data tokenize`` from a
+cold cache; sft's tokenizing+masking alone (``encode_source`` over the read conversations); the
+floor; TRL's ``SFTTrainer`` dataset preparation (``dataset_num_proc`` = usable cores, in a venv
+with trl: ``python3 -m venv /tmp/trl-venv && /tmp/trl-venv/bin/pip install torch==2.13.0
+--index-url https://download.pytorch.org/whl/cpu && /tmp/trl-venv/bin/pip install trl``).
+Prints a table and appends it, with ``uptime``, CPU and date, to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "you", "that", "for", "on", "with", "as", "was", "be", "this", "have", "are", "or", "by", "not", "but", "what", "all", "can", "data", "model", "train", "token", "loss", "step", "batch", "learn", "rate", "value", "change", "number", "result", "method", "test", "python", "code", "function", "return", "list", "string", "file", "error", "check", "run", "fast", "slow", "memory", "disk", "cache", "read", "write", "order", "system", "user", "answer", "question", "explain", "example", "simple", "because", "first", "second", "last"]
+SYSTEMS = ["You are a helpful assistant.", "Answer briefly and precisely.", "You are an expert programmer."]
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + "."
+
+
+def conversation(rng: random.Random, i: int) -> dict[str, Any]:
+    """1-3 turns, a system prompt in 30% of rows, replies of 10-110 words (~160 tokens a row)."""
+    msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.3 else []
+    for t in range(rng.choice((1, 1, 2, 3))):
+        msgs.append({"role": "user", "content": f"Q{i}.{t}: " + sentence(rng, rng.randint(5, 30))})
+        msgs.append({"role": "assistant", "content": sentence(rng, rng.randint(10, 110))})
+    return {"messages": msgs}
+
+
+def generate(n: int, folder: Path, seed: int = 0) -> list[Path]:
+    """``n`` conversations in three JSONL files (a, b, c), the same for the same n and seed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = [folder / f"{k}.jsonl" for k in "abc"]
+    files = [p.open("w") for p in paths]
+    for i in range(n):
+        files[i % 3].write(json.dumps(conversation(rng, i)) + "\n")
+    for f in files:
+        f.close()
+    return paths
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+    except psutil.Error:
+        return 0
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds, peak RSS of its process tree (sampled every 50 ms) and its stdout."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    secs = time.perf_counter() - t
+    th.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}")
+    return {"seconds": secs, "peak_rss_mb": peak[0] / 2**20, "stdout": out}
+
+
+def write_config(folder: Path, paths: list[Path], model: str, num_proc: str) -> Path:
+    cfg = folder / "config.yaml"
+    files = ", ".join(str(p) for p in paths)
+    cfg.write_text(f"model: {model}\ndata:\n  train: [{files}]\n  cache_dir: {folder / 'cache'}\n"
+                   f"  max_length: 2048\n  num_proc: {num_proc}\n")
+    return cfg
+
+
+def stage_encode(cfg_path: str) -> None:
+    """sft's tokenizing + masking alone, over conversations already read (prints JSON)."""
+    from sft.config import load_config
+    from sft.data.chat import resolve_template
+    from sft.data.pipeline import _collect
+    from sft.data.source_cache import Encoding, encode_source
+    from sft.models.load import load_tokenizer
+
+    cfg = load_config(cfg_path)
+    tok = load_tokenizer(cfg.model)
+    template = resolve_template(cfg.data.template, tok)
+    _, _, raw = _collect(cfg, "train")
+    d = cfg.data
+    enc = Encoding(tok, template, d.train_on, d.reasoning, d.max_length, d.truncation)
+    t = time.perf_counter()
+    n = tokens = 0
+    for _, convs in raw:
+        store = encode_source(convs, enc, None, d.num_proc)
+        n += len(convs)
+        tokens += int(store.lengths.sum())
+    print(json.dumps({"conversations": n, "tokens": tokens, "seconds": time.perf_counter() - t}))
+
+
+def read_rows(paths: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for p in paths for line in open(p)]
+
+
+def stage_floor(tokenizer_dir: str, paths: list[str]) -> None:
+    """Render every conversation with the template, then batch-encode (no masks): the floor."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = read_rows(paths)
+    t = time.perf_counter()
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    tokens = 0
+    for k in range(0, len(texts), 1000):
+        tokens += sum(len(x) for x in tok(texts[k : k + 1000], add_special_tokens=False)["input_ids"])
+    print(json.dumps({"conversations": len(rows), "tokens": tokens, "seconds": time.perf_counter() - t}))
+
+
+def stage_trl(model_dir: str, tokenizer_dir: str, paths: list[str], procs: int) -> None:
+    """TRL's own preparation: SFTTrainer's dataset map (dataset_num_proc = procs); model load not timed."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ds = load_dataset("json", data_files=paths, split="train", cache_dir=str(Path(paths[0]).parent / "hf"))
+    t = time.perf_counter()
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds,
+                         args=SFTConfig(output_dir=str(Path(paths[0]).parent / "trl-out"), report_to=[],
+                                        max_length=2048, dataset_num_proc=procs, bf16=False, packing=False))
+    n = len(trainer.train_dataset)
+    print(json.dumps({"conversations": n, "seconds": time.perf_counter() - t}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dir", default="/tmp/data_scale")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--num-proc", default="auto")
+    ap.add_argument("--trl-python", default=None, help="a python with trl installed (skipped when absent)")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage == "encode":
+        return stage_encode(args.rest[0])
+    if args.stage == "floor":
+        return stage_floor(args.rest[0], args.rest[1:])
+    if args.stage == "trl":
+        return stage_trl(args.rest[0], args.rest[1], args.rest[2:], int(args.num_proc))
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sft.data.source_cache import usable_cores
+    from sft.models.load import load_tokenizer
+
+    tok_dir = str(load_tokenizer(args.model).name_or_path)
+    model_dir = str(Path(tok_dir).parent / "model")
+    folder = Path(args.dir) / str(args.n)
+    shutil.rmtree(folder, ignore_errors=True)
+    paths = generate(args.n, folder)
+    cfg = write_config(folder, paths, args.model, args.num_proc)
+    sft = [sys.executable, "-m", "sft"]
+    me = [sys.executable, __file__]
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rows: list[tuple[str, dict[str, Any]]] = []
+
+    def run(name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+        r = measure(cmd, {**env, **(extra_env or {})})
+        rows.append((name, r))
+        print(f"{name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        return r
+
+    check = [*sft, "data", "check", str(cfg), "--json"]
+    r = run("sft data check, cold cache", check)
+    report = json.loads(r["stdout"])
+    with paths[1].open("a") as f:  # edit one file of three
+        f.write(json.dumps(conversation(random.Random(1), args.n)) + "\n")
+    run("sft data check, one of 3 files edited", check)
+    run("sft data check, warm cache", check)
+    shutil.rmtree(folder / "cache")
+    run("sft data tokenize, cold cache", [*sft, "data", "tokenize", str(cfg), "--out", str(folder / "tok.jsonl")])
+    (folder / "tok.jsonl").unlink()
+    run("sft tokenize+mask only (encode_source)", [*me, "--stage", "encode", str(cfg)])
+    run("floor: render + batch encode", [*me, "--stage", "floor", tok_dir, *map(str, paths)])
+    trl = None
+    if args.trl_python and Path(args.trl_python).exists():
+        trl = run(f"TRL SFTTrainer preparation (dataset_num_proc={usable_cores()})",
+                  [args.trl_python, __file__, "--stage", "trl", "--num-proc", str(usable_cores()), model_dir, tok_dir,
+                   *map(str, paths)])
+
+    n, tokens = report["conversations"], report["total_tokens"]
+    table = [f"{args.n} generated conversations ({n} after edit-free check, {tokens} tokens), model {args.model}, "
+             f"data.num_proc {args.num_proc}", "",
+             "| stage | seconds | conv/s | peak RSS (MB, process tree) |", "|---|---|---|---|"]
+    for name, r in rows:
+        secs = r["seconds"]
+        inner = json.loads(r["stdout"]) if name.startswith(("sft tokenize+mask", "floor", "TRL")) else None
+        if inner:  # the stage's own timer (excludes interpreter start, model and data loading)
+            secs = inner["seconds"]
+            name += " (own timer)"
+        table.append(f"| {name} | {secs:.1f} | {n / secs:.0f} | {r['peak_rss_mb']:.0f} |")
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    cpu = platform.processor() or platform.machine()
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"\n## data_scale {args.n} ({stamp})\n\nMachine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs "
+            f"({usable_cores()} usable), SHARED with other sessions; `uptime` before writing: {load}.\n"
+            f"Command: `.venv/bin/python bench/data_scale.py --n {args.n}"
+            f"{' --trl-python ' + args.trl_python if trl else ''}`\n\n" + "\n".join(table) + "\n")
+    print(text)
+    with RESULTS.open("a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -239,12 +239,74 @@ def test_sweep_report_says_it_chooses_on_the_set_it_reports(tmp_path: Path) -> N
     path = _write_config(tmp_path)
     assert run_sweep(str(path), ["--train.lr=1e-4,3e-4", "--eval.split=0.25"], train_fn=FakeTrain(), progress=False) == 0
     root = tmp_path / "out"
-    assert json.loads((root / "sweep.json").read_text())["settings"]["selected_on"] == [
-        "eval.jsonl", "eval.split 0.25 of the training rows"]
+    settings = json.loads((root / "sweep.json").read_text())["settings"]
+    assert settings["selected_on"] == "eval"
+    assert settings["selected_on_sets"] == ["eval.jsonl", "eval.split 0.25 of the training rows"]
     note = ("Chosen on eval.jsonl + eval.split 0.25 of the training rows, the same set the figures below are "
             "measured on: the chosen trial is the best of 2 on it, so its figures are optimistic")
     assert note in (root / "sweep.md").read_text()
     assert note in (root / "sweep.html").read_text()
+
+
+class FakeDevTrain(FakeTrain):
+    """FakeTrain whose after.json (on dev) has per-row outcomes: 40 rows, lr=1e-3 right on 32,
+    lr=3e-4 on 30 of the same (2 rows apart: not detectable), lr=1e-4 on 16 (detectably worse)."""
+
+    def __call__(self, cfg: Config, resume: bool = False, progress: bool = True, stop_check: Any = None) -> RunResult:
+        assert cfg.eval.before_after_split == "dev"  # trials never score the test rows
+        result = super().__call__(cfg, resume, progress, stop_check)
+        out = Path(cfg.output_dir)
+        right = {1e-4: 16, 3e-4: 30, 1e-3: 32}[cfg.train.lr]
+        after = json.loads((out / "after.json").read_text())
+        after.update(task_accuracy=right / 40, split="dev",
+                     rows={"key": [f"train.jsonl:{i}" for i in range(40)], "correct": "1" * right + "0" * (40 - right)})
+        (out / "after.json").write_text(json.dumps(after))
+        return result
+
+
+def test_sweep_on_dev_breaks_ties_by_forgetting_and_tests_the_choice_once(tmp_path: Path) -> None:
+    path = _write_config(tmp_path)
+    evals: list[tuple[str | None, str]] = []
+
+    def fake_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
+        assert cfg.eval.before_after_split == "eval" and out is not None
+        evals.append((model and Path(model).parent.name, Path(out).name))
+        acc = 0.2 if model is None else 0.6
+        Path(out).write_text(json.dumps({"task_accuracy": acc, "split": "eval", "rows": {
+            "key": [f"eval.jsonl:{i}" for i in range(50)], "correct": "1" * int(acc * 50) + "0" * int(50 - acc * 50)}}))
+        return 0
+
+    grid = ["--train.lr=1e-4,3e-4,1e-3", "--eval.dev_split=0.2"]
+    assert run_sweep(str(path), grid, train_fn=FakeDevTrain(), progress=False, eval_fn=fake_eval) == 0
+    root = tmp_path / "out"
+    report = json.loads((root / "sweep.json").read_text())
+    assert report["selected_on"] == "dev" and report["settings"]["selected_on_sets"] == [
+        "eval.dev_split 0.2 of the training rows"]
+    # lr=1e-3 has the top dev accuracy, but lr=3e-4 is 2 rows behind (McNemar p = 0.5) and forgets less
+    assert report["chosen"] == "lr=3e-04"
+    assert report["verdicts"]["lr=3e-04"].startswith("chosen: task_accuracy 0.75 is not detectably different")
+    assert report["verdicts"]["lr=1e-03"].startswith("tied on task_accuracy with lr=3e-04")
+    assert report["verdicts"]["lr=1e-04"].startswith("lower task_accuracy: 0.4 vs 0.8 (lr=1e-03), p=")
+    # the test rows: evaluated once, after the choice, for the starting model and the chosen trial
+    assert evals == [(None, "test_before.json"), ("lr=3e-04", "test_after.json")]
+    test = report["test"]
+    assert test["trial"] == "lr=3e-04" and test["after"]["task_accuracy"] == 0.6
+    acc = next(c for c in test["comparison"] if c["metric"] == "task_accuracy")
+    assert acc["verdict"] == "better" and acc["test"] == "exact McNemar (0 rows only A, 20 only B)"
+    md = (root / "sweep.md").read_text()
+    assert "Chosen on the dev set" in md and "## Test figures of lr=3e-04 (computed once, after the choice on dev)" in md
+    # a second run keeps the choice and does not evaluate the test rows again
+    assert run_sweep(str(path), grid, train_fn=FakeDevTrain(), progress=False, eval_fn=fake_eval) == 0
+    assert len(evals) == 2
+
+
+def test_choice_without_paired_data_has_no_ties() -> None:
+    """Control for the tie rule: without per-row data (paired_p None) the top trial wins as before."""
+    ts = [{"name": "a", "status": "finished", "task_accuracy": 0.8, "forgetting": 0.3},
+          {"name": "b", "status": "finished", "task_accuracy": 0.75, "forgetting": 0.1}]
+    assert choose(ts, "task_accuracy", None, lambda a, b: None)[0] == "a"
+    assert choose(ts, "task_accuracy", None, lambda a, b: 0.5)[0] == "b"
+    assert choose(ts, "task_accuracy", None, lambda a, b: 0.01)[0] == "a"
 
 
 def test_sweep_resumes_an_interrupted_trial(tmp_path: Path) -> None:

@@ -75,6 +75,8 @@ def _rate_test(a: dict[str, Any], b: dict[str, Any], metric: str, better: bool |
     if not ka or not kb:
         return _no_test("not paired: no per-row outcomes (re-run sft eval)")
     fa, fb = rate_flags(a, metric), rate_flags(b, metric)
+    if len(fa) != len(ka) or len(fb) != len(kb):
+        return _no_test("not paired: no per-row outcomes for this figure (re-run sft eval)")
     pairs = [(fa[i], fb[j]) for i, j in _align(ka, kb) if fa[i] is not None and fb[j] is not None]
     if not pairs:
         return _no_test("not paired: no rows in common")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,15 @@ def _better(a: float, b: float, direction: str) -> bool:
     return a > b if direction == "higher" else a < b
 
 
-def choose(trials: list[dict[str, Any]], objective: str, max_forgetting: float | None) -> tuple[str | None, dict[str, str]]:
+def choose(trials: list[dict[str, Any]], objective: str, max_forgetting: float | None,
+           paired_p: Callable[[str, str], float | None] | None = None) -> tuple[str | None, dict[str, str]]:
     """The winning trial's name and, for every trial, a one-line verdict.
 
     A trial needs ``status == "finished"``, a measured objective, and (with a budget) a
     ``forgetting`` (relative rise of reference perplexity) at most ``max_forgetting``.
+    ``paired_p(a, b)``: the p-value of a paired test of the objective between trials a and b on
+    the same rows (``sft compare``'s); trials not detectably different from the best one
+    (p >= 0.05) are ties, and of the tied trials the one that forgets least is chosen.
 
     >>> ts = [{"name": "a", "status": "finished", "task_accuracy": 0.9, "forgetting": 0.30},
     ...       {"name": "b", "status": "finished", "task_accuracy": 0.7, "forgetting": 0.05},
@@ -134,10 +139,30 @@ def choose(trials: list[dict[str, Any]], objective: str, max_forgetting: float |
             t[objective] == best[objective] and (t.get("forgetting") or 0.0) < (best.get("forgetting") or 0.0)
         ):
             best = t
+    top = best
+    p_top: dict[str, float] = {}
+    if paired_p is not None:  # not detectably worse than the top trial: a tie, broken by less forgetting
+        for t in ok:
+            p = paired_p(top["name"], t["name"]) if t is not top else None
+            if p is not None and p >= 0.05:
+                p_top[t["name"]] = p
+                if (t.get("forgetting") or 0.0) < (best.get("forgetting") or 0.0):
+                    best = t
     for t in ok:
-        if t is best:
+        if t is best and best is not top:
+            why[t["name"]] = (f"chosen: {objective} {best[objective]:.4g} is not detectably different from the "
+                              f"top {top[objective]:.4g} ({top['name']}, p={p_top[t['name']]:.2f}) and it forgets less")
+        elif t is best:
             why[t["name"]] = f"chosen: best {objective} ({best[objective]:.4g})" + (
                 f" within the forgetting budget ({max_forgetting:+.1%})" if max_forgetting is not None else "")
+        elif t["name"] in p_top or (t is top and paired_p is not None):
+            why[t["name"]] = (f"tied on {objective} with {best['name']} (no detectable difference at 95%), "
+                              "which forgets less")
+        elif paired_p is not None and t[objective] != best[objective]:
+            word = "lower" if direction == "higher" else "higher"
+            p = paired_p(top["name"], t["name"])
+            why[t["name"]] = (f"{word} {objective}: {t[objective]:.4g} vs {top[objective]:.4g} ({top['name']})"
+                              + (f", p={p:.3f}" if p is not None else ""))
         elif t[objective] == best[objective]:
             why[t["name"]] = (f"tied on {objective} ({t[objective]:.4g}) with {best['name']}, "
                               "which forgets less or comes first in the grid")
@@ -233,9 +258,25 @@ def selection_note(sets: list[str], n_trials: int) -> str:
             "(sft eval CONFIG --model TRIAL/final --eval.data=test.jsonl) for an unbiased figure.")
 
 
+def dev_note(sets: list[str], chosen: str | None, test: dict[str, Any] | None) -> str:
+    """Says what the choice saw (dev) and what the test figures are.
+
+    >>> dev_note(["eval.dev_split 0.05 of the training rows"], "lr=1e-05", None)
+    'Chosen on the dev set (eval.dev_split 0.05 of the training rows); no trial saw the test rows. No test figures: set eval.data or eval.split.'
+    """
+    where = " + ".join(sets) or "the dev set"
+    text = f"Chosen on the dev set ({where}); no trial saw the test rows."
+    if test is None:
+        return text + (" No test figures: set eval.data or eval.split." if chosen else "")
+    return text + f" The test figures of {chosen} below were computed once, after the choice (test.json)."
+
+
 def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | None, why: dict[str, str],
-                       settings: dict[str, Any], before: dict[str, Any] | None) -> list[Path]:
-    """Write ``sweep.json``, ``sweep.md`` and ``sweep.html`` into ``out``; returns their paths."""
+                       settings: dict[str, Any], before: dict[str, Any] | None,
+                       test: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``sweep.json``, ``sweep.md`` and ``sweep.html`` into ``out``; returns their paths.
+    ``test``: the chosen trial's test figures (``sft.tuning.sweep.figures_on_test``) when chosen on dev."""
+    from sft.reporting.report import BA_HEADER, before_after_rows
     out.mkdir(parents=True, exist_ok=True)
     budget = settings.get("max_forgetting")
     verdict = (f"Chosen: {chosen} ({why.get(chosen, '')})" if chosen else
@@ -255,14 +296,29 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     rules = (f"Objective: {settings.get('objective')} ({'lower' if settings.get('objective') == 'eval_loss' else 'higher'}"
              f" is better); forgetting budget: {fmt(budget, 'signed_pct') if budget is not None else 'none'}; "
              f"pruning: {'on' if settings.get('prune') else 'off'}.")
-    rules += " " + selection_note(settings.get("selected_on") or [], len(trials))
-    data = {"settings": settings, "chosen": chosen, "verdicts": why, "before": before and {
-        k: before.get(k) for k in ("eval_loss", "task_accuracy", "stop_rate", "forgetting")}, "trials": trials}
+    sets = settings.get("selected_on_sets") or []
+    if settings.get("selected_on") == "dev":
+        rules += " " + dev_note(sets, chosen, test)
+    else:
+        rules += " " + selection_note(sets, len(trials))
+    data = {"settings": settings, "selected_on": settings.get("selected_on"), "chosen": chosen, "verdicts": why,
+            "before": before and {k: before.get(k) for k in ("eval_loss", "task_accuracy", "stop_rate", "forgetting")},
+            "trials": trials}
+    test_rows: list[list[str]] = []
+    if test is not None:
+        keep = ("eval_loss", "task_accuracy", "stop_rate", "refusal_rate", "over_refusal_rate", "forgetting",
+                "intervals", "n", "n_examples", "split")
+        data["test"] = {"trial": test.get("trial"), "comparison": test.get("comparison"),
+                        **{side: {k: (test.get(side) or {}).get(k) for k in keep} for side in ("before", "after")}}
+        test_rows = before_after_rows(test.get("before"), test.get("after"), test.get("comparison"))
     paths = [out / "sweep.json", out / "sweep.md", out / "sweep.html"]
     paths[0].write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
     md = ["# sft sweep", "", verdict, "", rules, ""] + ([start, ""] if start else []) + [
         md_table(rows, HEADER), "", "Forgetting is the relative rise of reference perplexity vs the starting model.",
         "Loss curves and the accuracy/forgetting plot are in sweep.html.", ""]
+    if test_rows:
+        md += [f"## Test figures of {chosen} (computed once, after the choice on dev)", "",
+               md_table(test_rows, BA_HEADER), ""]
     paths[1].write_text("\n".join(md), encoding="utf-8")
     esc = html.escape
     body = ["<h1>sft sweep</h1>", f"<p><b>{esc(verdict)}</b></p>", f"<p>{esc(rules)}</p>"]
@@ -270,6 +326,9 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
         body.append(f"<p>{esc(start)}</p>")
     body += [html_table(rows, HEADER), f'<div class="plots">{loss_svg}{scatter}</div>',
              "<p>Forgetting is the relative rise of reference perplexity vs the starting model.</p>"]
+    if test_rows:
+        body += [f"<h2>Test figures of {esc(chosen or '')} (computed once, after the choice on dev)</h2>",
+                 html_table(test_rows, BA_HEADER)]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sft sweep</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
     paths[2].write_text(page, encoding="utf-8")

@@ -140,7 +140,7 @@ def trial_config(base: Config, values: dict[str, Any], out: Path) -> Config:
     cfg: Config = from_dict(Config, data)
     cfg.base_dir = base.base_dir
     validate(cfg)
-    for src in cfg.data.train + cfg.eval.data:
+    for src in cfg.data.train + cfg.eval.data + cfg.eval.dev:
         src.path = _absolute(cfg, src.path)
     cfg.model = _absolute(cfg, cfg.model)
     if cfg.data.template.endswith(".jinja"):
@@ -149,8 +149,10 @@ def trial_config(base: Config, values: dict[str, Any], out: Path) -> Config:
         cfg.eval.reference = _absolute(cfg, cfg.eval.reference)
     if cfg.data.cache_dir:
         cfg.data.cache_dir = _absolute(cfg, cfg.data.cache_dir)
-    if has_eval(cfg):
+    if has_eval(cfg) or has_dev(cfg):
         cfg.eval.before_after = True
+    if has_dev(cfg):  # trials are scored on dev only; the test rows are evaluated once, for the chosen one
+        cfg.eval.before_after_split = "dev"
     return cfg
 
 
@@ -158,14 +160,23 @@ def has_eval(cfg: Config) -> bool:
     return bool(cfg.eval.data) or cfg.eval.split > 0
 
 
+def has_dev(cfg: Config) -> bool:
+    return bool(cfg.eval.dev) or cfg.eval.dev_split > 0
+
+
 def selected_on(cfg: Config) -> list[str]:
-    """The eval set the trials are compared on, in words. It is also the set each trial reports,
-    so the chosen trial's figures are the best of the grid on that very set (optimistic).
+    """The set the trials are compared on, in words: the dev set when there is one, else the eval
+    set (which each trial then also reports, so the chosen trial's figures are optimistic).
 
     >>> from sft.config import Config, EvalConfig, SourceConfig
     >>> selected_on(Config(eval=EvalConfig(data=[SourceConfig("eval.jsonl")], split=0.1)))
     ['eval.jsonl', 'eval.split 0.1 of the training rows']
+    >>> selected_on(Config(eval=EvalConfig(data=[SourceConfig("eval.jsonl")], dev_split=0.05)))
+    ['eval.dev_split 0.05 of the training rows']
     """
+    if has_dev(cfg):
+        return [Path(s.path).name for s in cfg.eval.dev] + (
+            [f"eval.dev_split {cfg.eval.dev_split:g} of the training rows"] if cfg.eval.dev_split > 0 else [])
     return [Path(s.path).name for s in cfg.eval.data] + (
         [f"eval.split {cfg.eval.split:g} of the training rows"] if cfg.eval.split > 0 else [])
 
@@ -277,7 +288,7 @@ def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, 
                        "or a sweep.grid: section in the config")
     if base.sweep.objective not in OBJECTIVES:
         raise SftError(f"sweep.objective: {base.sweep.objective!r} is not supported; use one of {', '.join(OBJECTIVES)}")
-    if not has_eval(base):
+    if not has_eval(base) and not has_dev(base):
         raise SftError(f"sweep.objective: {base.sweep.objective} needs eval data to compare trials; "
                        "set eval.data (conversations whose last assistant turn is the answer) or eval.split")
     root = Path(base.output_dir) / "trials"
@@ -294,11 +305,52 @@ def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, 
     return base, trials
 
 
+def paired_p_of(trials: dict[str, Path], objective: str) -> Callable[[str, str], float | None]:
+    """``paired_p(a, b)``: the p-value of ``sft compare``'s paired test of ``objective`` between
+    the after.json of trials a and b (the same dev rows), None when either lacks per-row data."""
+    from sft.evaluation.compare import compare_two
+
+    def paired_p(a: str, b: str) -> float | None:
+        ra, rb = read_json(trials[a] / "after.json"), read_json(trials[b] / "after.json")
+        if ra is None or rb is None:
+            return None
+        row = next((r for r in compare_two(ra, rb) if r["metric"] == objective), None)
+        return None if row is None else row["p"]
+
+    return paired_p
+
+
+EvalFn = Callable[..., int]  # run_eval(cfg, model=, out=) -> status; writes the eval JSON
+
+
+def figures_on_test(root: Path, name: str, cfg: Config, eval_fn: EvalFn) -> dict[str, Any]:
+    """The chosen trial and its starting model on the test rows (eval.data / eval.split), computed
+    once, after the choice on dev; kept in ``root/test.json`` (re-used while the choice stands)."""
+    from sft.evaluation.compare import compare_two
+
+    path = root / "test.json"
+    done = read_json(path)
+    if isinstance(done, dict) and done.get("trial") == name:
+        return done
+    test_cfg = from_dict(Config, to_dict(cfg))
+    test_cfg.base_dir = cfg.base_dir
+    test_cfg.eval.before_after_split = "eval"
+    print(f"sweep: test figures of {name} (the starting model, then the chosen trial), once ...", flush=True)
+    eval_fn(test_cfg, model=None, out=str(root / "test_before.json"))
+    eval_fn(test_cfg, model=str(Path(cfg.output_dir) / "final"), out=str(root / "test_after.json"))
+    before, after = read_json(root / "test_before.json"), read_json(root / "test_after.json")
+    out = {"trial": name, "before": before, "after": after, "comparison": compare_two(before, after)}
+    path.write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
+    return out
+
+
 def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn | None = None,
-              progress: bool = True) -> int:
+              progress: bool = True, eval_fn: EvalFn | None = None) -> int:
     """Run (or continue) every trial, then choose and write ``sweep.{json,md,html}``.
 
-    Finished and pruned trials are skipped; interrupted ones resume from their checkpoint.
+    Finished and pruned trials are skipped; interrupted ones resume from their checkpoint. With a
+    dev set the trials are compared on dev (ties: not detectably different, broken by less
+    forgetting), and the chosen one is then evaluated once on the test rows (``test.json``).
     """
     base, trials = plan_trials(config_path, overrides)
     if train_fn is None:
@@ -363,13 +415,23 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
             break
 
     summaries = [summarize_trial(Path(cfg.output_dir), name, values) for name, values, cfg in trials]
-    best, why = choose(summaries, base.sweep.objective, base.sweep.max_forgetting)
+    dev = has_dev(base)
+    paired = paired_p_of({name: Path(cfg.output_dir) for name, _, cfg in trials}, base.sweep.objective) if dev else None
+    best, why = choose(summaries, base.sweep.objective, base.sweep.max_forgetting, paired)
     axes = {k: list(dict.fromkeys(v[k] for _, v, _ in trials)) for k in trials[0][1]}
     settings = {"grid": axes, "objective": base.sweep.objective,
                 "max_forgetting": base.sweep.max_forgetting, "prune": base.sweep.prune,
-                "selected_on": selected_on(base)}
+                "selected_on": "dev" if dev else "eval", "selected_on_sets": selected_on(base)}
+    test = None
+    if dev and best is not None and has_eval(base):
+        if eval_fn is None:
+            from sft.evaluation.evaluate import run_eval
+
+            eval_fn = run_eval
+        test = figures_on_test(root, best, next(cfg for name, _, cfg in trials if name == best), eval_fn)
     befores = sorted(root.glob("before-*.json"))
-    paths = write_sweep_report(root, summaries, best, why, settings, read_json(befores[0]) if befores else None)
+    paths = write_sweep_report(root, summaries, best, why, settings, read_json(befores[0]) if befores else None,
+                               test)
     for t in summaries:
         print(f"  {t['name']}: {why.get(t['name'], t['status'])}")
     print(f"Best: {best} -> {Path(base.output_dir) / 'trials' / best}" if best else "No trial qualifies.")

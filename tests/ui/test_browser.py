@@ -113,7 +113,7 @@ def test_ui_in_a_real_browser(tmp_path, tiny_dir, data_file, browser):
         browser.get(base + "/run?id=tiny")
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '.chart[data-key="loss"] polyline'), what="loss curve")
         assert browser.find_element(By.CSS_SELECTOR, '.chart[data-key="loss"]').get_attribute("data-points") == "6"
-        assert browser.find_element(By.CSS_SELECTOR, '.chart[data-key="eval_loss"]').get_attribute("data-points") == "3"  # steps 2, 4 and the end
+        assert browser.find_element(By.CSS_SELECTOR, '.chart[data-key="eval_loss|dev_loss"]').get_attribute("data-points") == "3"  # steps 2, 4 and the end
         replies = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#samples pre.reply")]
         assert EVIL in replies
         assert browser.execute_script("return window.__pwned") is None

@@ -53,11 +53,12 @@ def test_runs_page_lists_every_run_with_its_status(tmp_path):
     write_run(root / "live", finished=False)
     write_run(root / "stopped", finished=False, checkpoint=3, age_s=600)
     write_run(root / "crashed", finished=False, checkpoint=2, age_s=600)
-    write_run(root / "sw" / "trials" / "lr-0.1", lr=0.1)
+    write_run(root / "sw" / "trials" / "lr-0.1", lr=0.1, extra_rows='{"step": 3, "dev_loss": 1.75}\n')
     c = client(root)
     got = {r["id"]: r for r in c.get("/api/runs").json()}
     assert {k: v["status"] for k, v in got.items()} == {
         "crashed": "failed", "done": "finished", "live": "running", "stopped": "interrupted", "sw/trials/lr-0.1": "finished"}
+    assert got["sw/trials/lr-0.1"]["eval_loss"] == 1.75 and got["done"]["eval_loss"] is None  # dev_loss counts too
     assert got["done"]["loss"] == 1.5 and got["done"]["step"] == 3 and got["done"]["tokens_per_s"] == 200.0
     assert got["done"]["before"]["task_accuracy"] == 0.25 and got["done"]["after"]["eval_loss"] == 1.5
     assert got["sw/trials/lr-0.1"]["sweep"] == "sw" and got["done"]["sweep"] is None

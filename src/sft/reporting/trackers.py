@@ -1,7 +1,7 @@
 """``train.report_to``: the experiment trackers people already use, behind one option.
 
 Each tracker gets the same things: every step's metrics (``train/loss``, ``train/lr``,
-``train/grad_norm``, ``train/tokens_per_s``, ``eval/loss``), the resolved config, the data report
+``train/grad_norm``, ``train/tokens``, ``eval/loss`` or ``dev/loss``), the resolved config, the data report
 (its numbers, ``data/...``) and the final before/after figures (``before/...``, ``after/...``).
 Only the writing process (rank 0) opens them. Where each one writes is its own setting, as its
 users expect: ``WANDB_MODE`` / ``WANDB_DIR`` / ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI`` /
@@ -75,12 +75,13 @@ def step_metrics(row: dict[str, Any]) -> dict[str, float]:
 
     >>> step_metrics({"step": 2, "loss": 1.5, "lr": 1e-05, "grad_norm": 0.5, "tokens": 300, "elapsed_s": 1.0})
     {'train/loss': 1.5, 'train/lr': 1e-05, 'train/grad_norm': 0.5, 'train/tokens': 300.0}
-    >>> step_metrics({"step": 2, "eval_loss": 1.25})
-    {'eval/loss': 1.25}
+    >>> step_metrics({"step": 2, "eval_loss": 1.25}), step_metrics({"step": 2, "dev_loss": 1.5})
+    ({'eval/loss': 1.25}, {'dev/loss': 1.5})
     """
     out = {f"train/{k}": float(row[k]) for k in ("loss", "lr", "grad_norm", "tokens") if k in row}
-    if "eval_loss" in row:
-        out["eval/loss"] = float(row["eval_loss"])
+    for key, name in (("eval_loss", "eval/loss"), ("dev_loss", "dev/loss")):  # dev_loss: eval.dev / eval.dev_split
+        if key in row:
+            out[name] = float(row[key])
     return out
 
 

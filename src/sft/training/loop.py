@@ -330,7 +330,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
     if final_eval is not None:
         append_row(out / "metrics.jsonl", {"step": last_step, run.held_key: round(final_eval, 6)})
         if run.trackers is not None:
-            run.trackers.log_row({"step": last_step, "eval_loss": final_eval})
+            run.trackers.log_row({"step": last_step, run.held_key: final_eval})
     final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(device())
     atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))

@@ -176,7 +176,7 @@ def summary(root: Path, run: Path, now: float | None = None) -> dict[str, Any]:
     state = read_json(run / "run_state.json") or {}
     before, after = read_json(run / "before.json"), read_json(run / "after.json")
     losses = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
+    evals = [r for r in rows if "eval_loss" in r or "dev_loss" in r]
     trial = read_json(run / "trial.json")
     return {
         "id": run_id(root, run),
@@ -186,7 +186,7 @@ def summary(root: Path, run: Path, now: float | None = None) -> dict[str, Any]:
         "step": losses[-1]["step"] if losses else 0,
         "total": state.get("steps") if isinstance(state, dict) else None,
         "loss": _num(losses[-1].get("loss")) if losses else None,
-        "eval_loss": _num(evals[-1].get("eval_loss")) if evals else None,
+        "eval_loss": _num(evals[-1].get("eval_loss", evals[-1].get("dev_loss"))) if evals else None,
         "tokens_per_s": tokens_per_s(rows),
         "before": {k: _num((before or {}).get(k)) for k in HEADLINE if isinstance(before, dict)},
         "after": {k: _num((after or {}).get(k)) for k in HEADLINE if isinstance(after, dict)},

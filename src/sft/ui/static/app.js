@@ -79,7 +79,14 @@ class Feed {
       }
       return out;
     }
-    return this.rows.filter(r => typeof r[key] === "number" && isFinite(r[key])).map(r => [r.step, r[key]]);
+    // "a|b": whichever of the keys a row has (eval_loss, or dev_loss when the run has a dev set)
+    const keys = key.split("|");
+    const out = [];
+    for (const r of this.rows) {
+      const k = keys.find(k => typeof r[k] === "number" && isFinite(r[k]));
+      if (k !== undefined) out.push([r.step, r[k]]);
+    }
+    return out;
   }
 }
 

@@ -11,6 +11,7 @@ network: every asset ships in this package.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -202,14 +203,27 @@ def data_preview(run: Path, q: str, limit: int = 20) -> tuple[list[dict[str, Any
     tok = _tokenizer(cfg)
     template = resolve_template(cfg.data.template, tok, base_dir=cfg.base_dir)
     convs, _ = collect_conversations(cfg, "train")
-    if q:
-        hits = [c for c in convs if q in c.location() or q.lower() in str(c).lower()]
-    else:
-        hits = convs
+    hits = [c for c in convs if matches(c.location(), str(c), q)]
     note = f"{len(hits)} of {len(convs)} conversations match" + (f" {q!r}" if q else "")
     if len(hits) > limit:
         note += f"; the first {limit} shown"
     return preview_items(cfg, tok, template, hits[:limit]), note
+
+
+def matches(where: str, text: str, q: str) -> bool:
+    """The data page's search: ``file:line`` (or ``path/file:line``) names one row exactly; any
+    other query is a case-insensitive substring of the location or the conversation.
+
+    >>> [matches(w, "", "train.jsonl:5") for w in ("/d/train.jsonl:5", "/d/train.jsonl:52", "/d/xtrain.jsonl:5")]
+    [True, False, False]
+    >>> matches("/d/train.jsonl:52", "Hello there", "hello"), matches("/d/a.json:1", "x", "")
+    (True, True)
+    """
+    if not q:
+        return True
+    if re.fullmatch(r".+:\d+", q):
+        return where == q or where.endswith("/" + q)
+    return q.lower() in where.lower() or q.lower() in text.lower()
 
 
 def serve(root: Path, host: str = "127.0.0.1", port: int = 7860) -> int:

@@ -23,7 +23,7 @@ from sft.errors import SftError
 
 Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 TrainOn = Literal["assistant", "last_assistant", "all"]
-Metric = Literal["exact", "contains", "regex", "json", "constraints"]
+Metric = Literal["exact", "contains", "regex", "json", "constraints", "tool_call"]
 Category = Literal["harmful", "benign"]
 QualityKind = Literal[
     "near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate", "length_outliers"

@@ -5,6 +5,8 @@
 - ``task_accuracy``: the last assistant turn of each eval conversation is the reference; the model
   answers everything before it (greedy) and the reply is scored with ``eval.metric`` (or the
   source's own ``metric``).
+- ``tool_call_accuracy``, ``tool_name_accuracy``, ``tool_call_unparseable``: rows scored with
+  ``eval.metric: tool_call`` (``sft.evaluation.tool_calls``); their ``task_accuracy`` is the call accuracy.
 - ``stop_rate``: share of replies that ended with the template's end-of-turn token (Gemma's
   ``<end_of_turn>``, ChatML's ``<|im_end|>``; named in ``stop_token``) before ``max_new_tokens``.
   Generation also stops on the tokenizer's EOS, but a reply ended by EOS alone does not count as
@@ -31,7 +33,7 @@ from sft.data.types import Conversation, Message
 from sft.errors import SftError
 from sft.evaluation.result import EvalResult, Forgetting, Losses, Rows, Sample
 
-METRICS = ("exact", "contains", "regex", "json", "constraints")
+METRICS = ("exact", "contains", "regex", "json", "constraints", "tool_call")
 REFERENCE_TOKENS = 16384  # eval.reference_tokens' default: forgetting ratio stable to 1% (bench/RESULTS.md)
 REFERENCE_WINDOW = 128  # tokens per forward pass (Gemma's 262k vocab: 128 MiB of fp32 logits)
 
@@ -72,6 +74,9 @@ def score(reply: str, reference: str, metric: str) -> bool:
     if metric == "constraints":
         raise SftError("eval: the constraints metric needs the row's constraints list; score it with "
                        "sft.evaluation.constraints.check")
+    if metric == "tool_call":
+        raise SftError("eval.metric tool_call: needs the chat template's call format; score with "
+                       "sft.evaluation.tool_calls (evaluate() does)")
     if metric == "json":
         want = _json_object(reference)
         if want is None:
@@ -202,6 +207,7 @@ def evaluate(
     eval.dev_split, what choices are made on)."""
     from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
+    from sft.evaluation import tool_calls as tc
     from sft.evaluation.constraints import check
     from sft.evaluation.generate import generate_batch
     from sft.evaluation.heldout import heldout_losses
@@ -227,7 +233,7 @@ def evaluate(
         convs, _ = load_conversations(cfg, split)
         items = []
         for conv in convs:
-            parts = split_reference(conv)
+            parts = tc.call_reference(conv) if (conv.metric or cfg.eval.metric) == "tool_call" else split_reference(conv)
             if parts is not None and parts[0]:
                 items.append((conv, parts[0], parts[1]))
         if cfg.eval.max_examples is not None:
@@ -243,7 +249,11 @@ def evaluate(
             model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress
         )
         met = [check(g.text, conv.constraints) if conv.constraints else None for g, (conv, _, _) in zip(gens, items)]
-        correct = [all(m or []) if checks[i] else score(g.text, ref, conv.metric or cfg.eval.metric)
+        tool_rows = [i for i, (conv, _, _) in enumerate(items) if (conv.metric or cfg.eval.metric) == "tool_call"]
+        call_fmt = tc.call_format(tokenizer, template) if tool_rows else tc.HERMES  # the template's own format
+        calls = {i: tc.score_calls(tc.parse_calls(gens[i].text, call_fmt), tc.expected_calls(items[i][2]))
+                 for i in tool_rows}
+        correct = [calls[i].call_ok if i in calls else all(m or []) if checks[i] else score(g.text, ref, conv.metric or cfg.eval.metric)
                    for i, (m, g, (conv, _, ref)) in enumerate(zip(met, gens, items))]
         ended = [g.stop_id in end_ids for g in gens]
         refused = {c: [refusal(g.text) for g, (conv, _, _) in zip(gens, items) if conv.category == c]
@@ -272,6 +282,11 @@ def evaluate(
             rows["constraint_rows_met"] = bits([all(m) if m is not None else None for m in met])
             rows["constraints_met"] = [sum(m) if m else 0 for m in met]
             rows["constraints_total"] = [len(m) if m else 0 for m in met]
+        if calls:  # rows scored with eval.metric tool_call: "-" for the others
+            for key, flag in (("tool_call_accuracy", "call_ok"), ("tool_name_accuracy", "name_ok"),
+                              ("tool_call_unparseable", "unparseable")):
+                rows[key] = bits([getattr(calls[i], flag) if i in calls else None  # type: ignore[literal-required]
+                                  for i in range(len(items))])
         losses: Losses = {"key": [row_key(e.source, e.line) for e in dataset.examples],
                           "nll": [round(v, 4) for v, _ in per_example], "tokens": [n for _, n in per_example]}
     finally:
@@ -296,6 +311,11 @@ def evaluate(
         "rows": rows,
         "losses": losses,
     }
+    if calls:
+        rates = tc.tool_call_rates(list(calls.values()))
+        result["tool_call_accuracy"] = rates["tool_call_accuracy"]
+        result["tool_name_accuracy"] = rates["tool_name_accuracy"]
+        result["tool_call_unparseable"] = rates["tool_call_unparseable"]
     if "constraints_total" in rows:
         listed = [m for m in met if m is not None]
         result["constraint_rows_met"] = _mean([float(all(m)) for m in listed])
@@ -333,6 +353,10 @@ def summary(result: EvalResult) -> str:
     ]
     if f.get("kl_to_base") is not None:
         lines.append(f"KL to base       {show('forgetting.kl_to_base', 'num4')} nats/token")
+    if result.get("tool_call_accuracy") is not None:
+        lines.append(f"tool calls       {show('tool_call_accuracy', 'pct')} right call, "
+                     f"{show('tool_name_accuracy', 'pct')} right function, "
+                     f"{show('tool_call_unparseable', 'pct')} unparseable{count('tool_call_accuracy', 'rows')}")
     if result.get("refusal_rate") is not None:
         lines.append(f"refusal rate     {show('refusal_rate', 'pct')}  (harmful requests declined"
                      f"{count('refusal_rate', 'rows')})")

@@ -21,7 +21,8 @@ from typing import Any
 from sft.evaluation.result import EvalResult
 from sft.evaluation.stats import bootstrap, mean_of, ratio, wilson
 
-RATES = ("task_accuracy", "stop_rate", "refusal_rate", "over_refusal_rate", "constraint_rows_met")
+RATES = ("task_accuracy", "stop_rate", "refusal_rate", "over_refusal_rate", "constraint_rows_met",
+         "tool_call_accuracy", "tool_name_accuracy", "tool_call_unparseable")
 
 
 def row_key(source: str, line: int) -> str:
@@ -75,8 +76,8 @@ def rate_flags(result: dict[str, Any], metric: str) -> list[bool | None]:
         name = metric.split(".", 1)[1]
         keys = rows.get("key") or []
         return [ok if k.rsplit(":", 1)[0] == name else None for k, ok in zip(keys, unbits(rows.get("correct", "")))]
-    if metric == "constraint_rows_met":  # rows without constraints are "-" (sft.evaluation.constraints)
-        return unbits(rows.get("constraint_rows_met", ""))
+    if metric in ("constraint_rows_met", "tool_call_accuracy", "tool_name_accuracy", "tool_call_unparseable"):
+        return unbits(rows.get(metric, ""))  # rows without constraints / of other metrics are "-"
     raise KeyError(metric)
 
 

@@ -31,6 +31,9 @@ class Rows(TypedDict, total=False):
     constraint_rows_met: str  # eval.metric constraints: "1" all of the row's constraints met, "-" none given
     constraints_met: list[int]  # ... and how many of its constraints were met
     constraints_total: list[int]  # ... of how many
+    tool_call_accuracy: str  # eval.metric tool_call: "1" right function and arguments, "-" rows of other metrics
+    tool_name_accuracy: str  # ... "1" right function names
+    tool_call_unparseable: str  # ... "1" the reply opened a call that could not be read
 
 
 class Losses(TypedDict):
@@ -74,3 +77,6 @@ class EvalResult(TypedDict, total=False):
     n: dict[str, Any]  # the count behind each figure (rows, examples or windows), same shape
     rows: Rows
     losses: Losses
+    tool_call_accuracy: float | None  # sft.evaluation.tool_calls: rows scored with eval.metric tool_call
+    tool_name_accuracy: float | None
+    tool_call_unparseable: float | None

@@ -21,6 +21,9 @@ NOTE = ("Intervals are 95%: Wilson for rates, bootstrap over examples (or refere
 # (key in the eval dict, label, how to show it, higher is better?)
 ROWS: list[tuple[str, str, str, bool | None]] = [
     ("task_accuracy", "task accuracy", "pct", True),
+    ("tool_call_accuracy", "tool call accuracy (function and arguments)", "pct", True),
+    ("tool_name_accuracy", "tool name accuracy (function)", "pct", True),
+    ("tool_call_unparseable", "unparseable tool calls", "pct", False),
     ("stop_rate", "stop rate", "pct", True),
     ("refusal_rate", "refusal rate (harmful requests declined)", "pct", True),
     ("over_refusal_rate", "over-refusal rate (benign requests declined)", "pct", False),

@@ -94,7 +94,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from sft.evaluation.generate import chat
 
-    return chat(args.model, max_new_tokens=args.max_new_tokens, template=args.template)
+    return chat(args.model, max_new_tokens=args.max_new_tokens, template=args.template,
+                hide_reasoning=args.hide_reasoning)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="chat with a model in the terminal")
     ch.add_argument("model", help="a model directory (e.g. runs/x/final) or packaged alias")
     ch.add_argument("--max-new-tokens", type=positive_int, default=512)
+    ch.add_argument("--hide-reasoning", action="store_true",
+                    help="show only the answer of a reasoning model (its <think> block is noted, not printed)")
     ch.set_defaults(fn=cmd_chat, takes_overrides=False)
 
     g = sub.add_parser("generate", help="answer a JSONL file of conversations")

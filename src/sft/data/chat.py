@@ -18,7 +18,6 @@ earlier turns in its history do not, as chat clients send history), ``keep_all``
 from __future__ import annotations
 
 import difflib
-import itertools
 import json
 from collections.abc import Sequence
 from functools import lru_cache
@@ -31,16 +30,14 @@ from sft.data.masks import (
     content_spans,
     end_of_turn,
     fast_regions,
-    kept_reasoning,
     labels_for,
-    open_reasoning,
-    reasoning_field,
     render,
     special_ids,
-    template_messages,
     tokenize,
+    tokenize_apart,
     turn_texts,
 )
+from sft.data.reasoning import kept_reasoning, open_reasoning, reasoning_field, template_messages
 from sft.data.types import IGNORE, Conversation, Example, Message
 from sft.errors import SftError
 
@@ -215,18 +212,6 @@ def encode_all(
     return out
 
 
-def tokenize_apart(tokenizer: Any, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and char offsets of ``text`` tokenized piece by piece between ``cuts``."""
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    bounds = [0, *sorted(cuts), len(text)]
-    for a, b in itertools.pairwise(bounds):
-        piece_ids, piece_offsets = tokenize(tokenizer, text[a:b])
-        ids += piece_ids
-        offsets += [(a + x, a + y) for x, y in piece_offsets]
-    return ids, offsets
-
-
 _REGULAR_PROBES = [
     _PROBE,
     [Message("system", "Be brief."), Message("user", " Hi "), Message("assistant", " Hello! "),
@@ -324,6 +309,15 @@ def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
         out = [*out, int(tokenizer.eos_token_id)]
     return list(dict.fromkeys(out))
 
+
+
+def stop_strings(tokenizer: Any, template: str) -> list[str]:
+    """The end-of-turn marker as text when it is not one special token (generation then stops on
+    the decoded text, :func:`sft.evaluation.reasoning.cut_at_text`); else []."""
+    marker, ids = end_of_turn_tokens(tokenizer, template)
+    if marker is None or (len(ids) == 1 and ids[0] in special_ids(tokenizer)):
+        return []
+    return [marker]
 
 
 def lint(tokenizer: Any, template: str, examples: Sequence[Example] | None = None) -> list[str]:

@@ -22,11 +22,20 @@ if it overlaps one. Masks never depend on token ids (SmolLM2's pad == eos).
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import re
 from functools import lru_cache
 from typing import Any
 
+from sft.data.reasoning import (
+    kept_reasoning,
+    open_reasoning,
+    reasoning_field,
+    renders_block,
+    template_messages,
+    thought_after_open,
+)
 from sft.data.types import Message
 from sft.errors import SftError
 
@@ -80,6 +89,18 @@ def tokenize(tokenizer: Any, text: str) -> tuple[list[int], list[Span]]:
         raise SftError("model: exact loss masks need a fast (Rust) tokenizer with offset mappings")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+
+
+def tokenize_apart(tokenizer: Any, text: str, cuts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and char offsets of ``text`` tokenized piece by piece between ``cuts``."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    bounds = [0, *sorted(cuts), len(text)]
+    for a, b in itertools.pairwise(bounds):
+        piece_ids, piece_offsets = tokenize(tokenizer, text[a:b])
+        ids += piece_ids
+        offsets += [(a + x, a + y) for x, y in piece_offsets]
+    return ids, offsets
 
 
 @lru_cache(maxsize=8)
@@ -201,65 +222,6 @@ def turn_region(full: str, start: int, marker: str | None) -> int:
     return max(start, len(full.rstrip()))
 
 
-# ---------------------------------------------------------------------------------------------
-# the messages a template sees, and each trained turn's text
-
-
-REASONING = ("keep_last", "keep_all", "drop")
-THINK = "<think>\n{}\n</think>\n\n"  # how reasoning is written into content for templates that ignore the field
-
-
-def reasoning_field(source: str) -> str | None:
-    """The message field a template renders reasoning from: ``reasoning_content`` (Qwen3, DeepSeek
-    V3.1), ``chunks`` (Magistral: a ``{"type": "thinking"}`` block in a content list), ``thinking``
-    (gpt-oss), or None (sft then writes it into the content as <think> text).
-
-    >>> reasoning_field("{{ message.reasoning_content }}"), reasoning_field("{{ message.thinking }}")
-    ('reasoning_content', 'thinking')
-    >>> reasoning_field("{% if block['type'] == 'thinking' %}{{ block['thinking'] }}{% endif %}")
-    'chunks'
-    >>> reasoning_field("{{ message.content }}") is None
-    True
-    """
-    if "reasoning_content" in source:
-        return "reasoning_content"
-    if re.search(r"""\[['"]type['"]\]\s*==\s*['"]thinking['"]""", source):
-        return "chunks"
-    return "thinking" if re.search(r"""\.thinking\b|\[['"]thinking['"]\]""", source) else None
-
-
-def template_messages(messages: list[Message], keep: set[int], field: str | None) -> list[dict[str, Any]]:
-    """The dicts handed to the template; only messages in ``keep`` carry their reasoning, in
-    ``field`` or (None) in the content: as the row wrote it, else as ``<think>`` text before it.
-
-    >>> template_messages([Message("assistant", "4", reasoning="2+2=4")], {0}, None)
-    [{'role': 'assistant', 'content': '<think>\\n2+2=4\\n</think>\\n\\n4'}]
-    >>> template_messages([Message("assistant", "4", reasoning="2+2=4", written="<think>2+2=4</think>4")], {0}, None)
-    [{'role': 'assistant', 'content': '<think>2+2=4</think>4'}]
-    """
-    out = []
-    for i, m in enumerate(messages):
-        d = m.to_template(reasoning=False)
-        if m.reasoning is not None and i in keep:
-            if field is None:
-                d["content"] = m.written if m.written is not None else THINK.format(m.reasoning) + m.content
-            elif field == "chunks":
-                d["content"] = [{"type": "thinking", "thinking": m.reasoning}, {"type": "text", "text": m.content}]
-            else:
-                d[field] = m.reasoning
-        out.append(d)
-    return out
-
-
-def kept_reasoning(messages: list[Message], reasoning: str, upto: int) -> set[int]:
-    """Indexes whose reasoning is shown in a view of ``messages[:upto + 1]``."""
-    if reasoning not in REASONING:
-        raise SftError(f"data.reasoning: {reasoning!r} is not allowed; use one of {', '.join(REASONING)}")
-    if reasoning == "keep_all":
-        return set(range(upto + 1))
-    return {upto} if reasoning == "keep_last" else set()
-
-
 Turn = tuple[int, str, int, int]  # (message index, rendered text ending with it, start, end)
 
 
@@ -293,7 +255,7 @@ def turn_texts(
         opened = open_reasoning(prompt) if m.role == "assistant" else None
         if opened is not None:
             shown = m.reasoning if i in kept_reasoning(messages, reasoning, i) else None
-            if not text.startswith(prompt) or not _renders(text[start:end], shown, opened[2]):
+            if not text.startswith(prompt) or not renders_block(text[start:end], shown, opened[2]):
                 # the generation prompt opens a reasoning block that the template does not render in
                 # the turn (DeepSeek-R1 cuts everything up to </think>): the model writes the
                 # reasoning and the closing tag, then the turn as the template renders it without
@@ -307,54 +269,6 @@ def turn_texts(
                 start, end = len(prompt), len(text)
         out.append((i, text, start, end))
     return out
-
-
-_OPENERS = {"<think>": "</think>", "[THINK]": "[/THINK]", "<thinking>": "</thinking>", "<seed:think>": "</seed:think>"}
-
-
-def open_reasoning(prompt: str) -> tuple[str, str, str] | None:
-    """(opening tag, whitespace after it, closing tag) when a generation prompt ends inside an
-    open reasoning block, else None.
-
-    >>> open_reasoning("<｜Assistant｜><think>\\n")
-    ('<think>', '\\n', '</think>')
-    >>> open_reasoning("<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n") is None
-    True
-    """
-    body = prompt.rstrip(" \t\n")
-    for tag, close in _OPENERS.items():
-        if body.endswith(tag):
-            return tag, prompt[len(body):], close
-    return None
-
-
-def _renders(turn: str, reasoning: str | None, close: str) -> bool:
-    """Whether a rendered turn already holds the reasoning block's end (and the reasoning)."""
-    if reasoning is not None and reasoning.strip():
-        return reasoning.strip() in turn and close in turn
-    return close in turn
-
-
-def thought_after_open(m: Message, reasoning: str | None, opened: tuple[str, str, str]) -> str:
-    """What the model writes after a prompt that opened a reasoning block, before the answer: the
-    reasoning and closing tag as the row wrote them (less the opening the prompt already has), else
-    ``reasoning + ws + close + ws * 2`` in the whitespace of the prompt's opening.
-
-    >>> thought_after_open(Message("assistant", "Yes."), "17 is odd", ("<think>", "\\n", "</think>"))
-    '17 is odd\\n</think>\\n\\n'
-    >>> thought_after_open(Message("assistant", "Yes."), None, ("<think>", "", "</think>"))
-    '</think>'
-    >>> m = Message("assistant", "Yes.", reasoning="17 is odd", written="<think>17 is odd</think>\\n\\nYes.")
-    >>> thought_after_open(m, "17 is odd", ("<think>", "\\n", "</think>"))
-    '17 is odd</think>\\n\\n'
-    """
-    tag, ws, close = opened
-    w = m.written.lstrip() if reasoning is not None and m.written is not None else ""
-    if w.startswith(tag) and close in w:
-        body, _, after = w[len(tag):].partition(close)
-        body = body[len(ws):] if ws and body.startswith(ws) else body
-        return body + close + after[: len(after) - len(after.lstrip("\n"))]  # the answer keeps the rest
-    return (reasoning or "") + ws + close + ws * 2
 
 
 def labels_for(ids: list[int], offsets: list[Span], regions: list[Span], ignore: int) -> list[int]:

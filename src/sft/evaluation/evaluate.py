@@ -205,13 +205,15 @@ def evaluate(
     """All eval metrics of ``model`` as one JSON-able dict (see the module docstring), on the test
     rows (``split="eval"``: eval.data and eval.split) or the dev rows (``"dev"``: eval.dev and
     eval.dev_split, what choices are made on)."""
-    from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_token_ids
+    from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_strings, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
+    from sft.data.reasoning import open_reasoning
     from sft.evaluation import tool_calls as tc
     from sft.evaluation.constraints import check
     from sft.evaluation.generate import generate_batch
     from sft.evaluation.heldout import heldout_losses
     from sft.evaluation.intervals import add_intervals, bits, row_key
+    from sft.evaluation.reasoning import split_answer, strip_special
     from sft.evaluation.reference import load_reference
     from sft.evaluation.safety import make_detector, rate
     from sft.models.save import pick_pad_id
@@ -245,18 +247,26 @@ def evaluate(
             )
         checks = constraint_checks(items, cfg.eval.metric)  # before minutes of generation
         prompts = [prompt_ids(msgs, tokenizer, template, tools=conv.tools) for conv, msgs, _ in items]
+        texts = stop_strings(tokenizer, template)  # a marker of several text tokens: stop on its text
         gens = generate_batch(
-            model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress
+            model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress,
+            **({"stop_strings": texts} if texts else {}),
         )
-        met = [check(g.text, conv.constraints) if conv.constraints else None for g, (conv, _, _) in zip(gens, items)]
+        # reasoning models: accuracy, refusal and constraints are scored on the answer after the reasoning
+        split_replies = [split_answer(g.raw or g.text, open_reasoning(tokenizer.decode(p)) is not None)
+                         for g, p in zip(gens, prompts)]
+        answers = [strip_special(tokenizer, a) for _, a in split_replies]
+        thought = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) if r else 0 for r, _ in split_replies]
+        met = [check(a, conv.constraints) if conv.constraints else None for a, (conv, _, _) in zip(answers, items)]
         tool_rows = [i for i, (conv, _, _) in enumerate(items) if (conv.metric or cfg.eval.metric) == "tool_call"]
         call_fmt = tc.call_format(tokenizer, template) if tool_rows else tc.HERMES  # the template's own format
-        calls = {i: tc.score_calls(tc.parse_calls(gens[i].text, call_fmt), tc.expected_calls(items[i][2]))
+        calls = {i: tc.score_calls(tc.parse_calls(answers[i], call_fmt), tc.expected_calls(items[i][2]))
                  for i in tool_rows}
-        correct = [calls[i].call_ok if i in calls else all(m or []) if checks[i] else score(g.text, ref, conv.metric or cfg.eval.metric)
-                   for i, (m, g, (conv, _, ref)) in enumerate(zip(met, gens, items))]
-        ended = [g.stop_id in end_ids for g in gens]
-        refused = {c: [refusal(g.text) for g, (conv, _, _) in zip(gens, items) if conv.category == c]
+        correct = [calls[i].call_ok if i in calls else all(m or []) if checks[i] else score(a, ref, conv.metric or cfg.eval.metric)
+                   for i, (m, a, (conv, _, ref)) in enumerate(zip(met, answers, items))]
+        # a plain-text marker ends a reply with stopped set and no stop id (also across ranks)
+        ended = [g.stop_id in end_ids or (bool(texts) and g.stopped and g.stop_id is None) for g in gens]
+        refused = {c: [refusal(a) for a, (conv, _, _) in zip(answers, items) if conv.category == c]
                    for c in ("harmful", "benign")}  # rows tagged "category" (per row or per eval source)
 
         by_source: dict[str, list[bool]] = {}
@@ -274,8 +284,8 @@ def evaluate(
             "correct": bits(correct),
             "stopped": bits(ended),
             "category": "".join({"harmful": "h", "benign": "b"}.get(conv.category or "", "-") for conv, _, _ in items),
-            "refused": bits([refusal(g.text) if conv.category in ("harmful", "benign") else None
-                             for g, (conv, _, _) in zip(gens, items)]),
+            "refused": bits([refusal(a) if conv.category in ("harmful", "benign") else None
+                             for a, (conv, _, _) in zip(answers, items)]),
             "tokens": [len(g.token_ids) for g in gens],
         }
         if any(m is not None for m in met):  # rows with a `constraints` list, whatever their metric
@@ -301,6 +311,7 @@ def evaluate(
         "refusal_rate": rate(refused["harmful"]),
         "over_refusal_rate": rate(refused["benign"]),
         "mean_response_tokens": _mean([float(len(g.token_ids)) for g in gens]),
+        "mean_reasoning_tokens": _mean([float(n) for n in thought]),  # 0 for replies without reasoning
         "accuracy_by_source": {k: sum(v) / len(v) for k, v in sorted(by_source.items())},
         "forgetting": forgot,
         "samples": samples,

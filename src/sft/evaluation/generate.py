@@ -13,6 +13,7 @@ from typing import Any
 
 from sft.data.types import Message
 from sft.errors import SftError
+from sft.evaluation.reasoning import ChatView, cut_at_text, split_answer, strip_special
 
 
 @dataclass
@@ -21,6 +22,8 @@ class Generation:
     token_ids: list[int]  # the generated ids, without the stop token
     stopped: bool  # ended with a stop token before max_new_tokens
     stop_id: int | None = None  # the stop token that ended it (end-of-turn or EOS); None if it ran out
+    stop_text: str | None = None  # the plain-text end-of-turn marker that ended it (then stop_id is None)
+    raw: str = ""  # decoded WITH special tokens (a reasoning model's [THINK] or channel tags); "": as text
 
 
 def split_at_stop(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
@@ -56,22 +59,26 @@ def generate_batch(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: bool = False,
+    stop_strings: list[str] | None = None,
 ) -> list[Generation]:
-    """Greedy replies to ``prompts`` (token ids), in input order. Under torchrun rank r answers
+    """Greedy replies to ``prompts`` (token ids), in input order, cut at a stop id or at one of
+    ``stop_strings`` (a plain-text end-of-turn marker, chat.stop_strings). Under torchrun rank r answers
     prompts r, r + world, ... and every rank gets all the replies (greedy decoding of a prompt
     does not depend on the others, so the result equals one process's)."""
     from sft.training.distributed import rank_and_world
 
     rank, world = rank_and_world()
     if world == 1:
-        return _generate_local(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, progress)
+        return _generate_local(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, progress,
+                               stop_strings)
     mine = _generate_local(model, tokenizer, prompts[rank::world], stop_ids, max_new_tokens, batch_size,
-                           progress and rank == 0)
+                           progress and rank == 0, stop_strings)
     out: list[Generation | None] = [None] * len(prompts)
     for r, gens in enumerate(_gather_generations(mine, world, next(model.parameters()).device)):
         for k, (ids, stopped, stop_id) in enumerate(gens):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            out[r + k * world] = Generation(text, ids, stopped, stop_id)
+            raw = tokenizer.decode(ids, skip_special_tokens=False)
+            out[r + k * world] = Generation(text, ids, stopped, stop_id, raw=raw)
     return [g for g in out if g is not None]
 
 
@@ -114,6 +121,7 @@ def _generate_local(
     max_new_tokens: int,
     batch_size: int = 8,
     progress: bool = False,
+    stop_strings: list[str] | None = None,
 ) -> list[Generation]:
     """Greedy replies to ``prompts`` (token ids) on this process, in input order.
 
@@ -136,6 +144,7 @@ def _generate_local(
         eos_token_id=list(stop_ids),
         pad_token_id=pad,
         use_cache=True,
+        stop_strings=stop_strings or None,  # several text tokens: stopped on the decoded text
     )
     device = next(model.parameters()).device
     batches = length_batches([len(p) for p in prompts], max(1, batch_size))
@@ -156,14 +165,16 @@ def _generate_local(
             input_ids = torch.tensor(ids, dtype=torch.long, device=device)
             attention_mask = torch.tensor(mask, dtype=torch.long, device=device)
             with torch.no_grad():
-                seqs = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg
-                )
+                seqs = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_cfg,
+                                      tokenizer=tokenizer if stop_strings else None)
             for row, i in enumerate(idx):
                 new = seqs[row, width:].tolist()
                 kept, stopped = split_at_stop(new, stop_ids)
+                kept, marker = cut_at_text(tokenizer, kept, stop_strings or [])
                 text = tokenizer.decode(kept, skip_special_tokens=True)
-                out[i] = Generation(text, kept, stopped, new[len(kept)] if stopped else None)
+                stop_id = new[len(kept)] if stopped and marker is None else None
+                raw = tokenizer.decode(kept, skip_special_tokens=False)
+                out[i] = Generation(text, kept, stopped or marker is not None, stop_id, marker, raw)
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -255,9 +266,12 @@ def generate_file(
     if problems:
         more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise SftError(f"{len(problems)} unusable prompt row(s):\n" + "\n".join(problems[:20]) + more)
+    from sft.data.chat import stop_strings
+
     model, tokenizer, template, stop_ids = _load(model_path, template)
     ids = [prompt_ids(msgs, tokenizer, template, tools=tools) for msgs, tools in convs]
-    gens = generate_batch(model, tokenizer, ids, stop_ids, max_new_tokens, batch_size, progress=True)
+    gens = generate_batch(model, tokenizer, ids, stop_ids, max_new_tokens, batch_size, progress=True,
+                          stop_strings=stop_strings(tokenizer, template))
     with atomic_open(dst) as f:
         for row, g in zip(rows, gens):
             f.write(json.dumps({**row, "response": g.text, "stopped": g.stopped}, ensure_ascii=False) + "\n")
@@ -269,17 +283,23 @@ def generate_file(
 CHAT_HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /quit (or Ctrl-D)"
 
 
-def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None) -> int:
-    """`sft chat MODEL`: a multi-turn terminal chat that streams the reply as it is generated."""
+def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None, hide_reasoning: bool = False) -> int:
+    """`sft chat MODEL`: a multi-turn terminal chat that streams the reply as it is generated, the
+    reasoning of a reasoning model dimmed apart from the answer (``hide_reasoning``: not shown)."""
     import torch
     from transformers import TextStreamer
 
-    from sft.data.chat import prompt_ids
-    from sft.data.formats import split_reasoning
+    from sft.data.chat import prompt_ids, stop_strings
+    from sft.data.reasoning import open_reasoning
     from sft.models.save import pick_pad_id
 
     model, tokenizer, template, stop_ids = _load(model_path, template)
     pad = pick_pad_id(tokenizer, stop_ids)
+    texts = stop_strings(tokenizer, template)
+
+    class Stream(TextStreamer):  # decoded pieces -> the chat view (reasoning apart, stop markers cut)
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            view.feed(text)
     system: str | None = None
     history: list[Message] = []
     print(f"chatting with {model_path}; {CHAT_HELP}")
@@ -309,7 +329,9 @@ def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None
         history.append(Message(role="user", content=line))
         msgs = ([Message(role="system", content=system)] if system else []) + history
         ids = prompt_ids(msgs, tokenizer, template)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        opened = open_reasoning(tokenizer.decode(ids)) is not None
+        view = ChatView([*texts, *(tokenizer.decode([i]) for i in stop_ids)], opened, hide_reasoning)
+        streamer = Stream(tokenizer, skip_prompt=True, skip_special_tokens=False)
         print("bot> ", end="", flush=True)
         dev = next(model.parameters()).device
         with torch.no_grad():
@@ -321,8 +343,13 @@ def chat(model_path: str, max_new_tokens: int = 512, template: str | None = None
                 eos_token_id=stop_ids,
                 pad_token_id=pad,
                 streamer=streamer,
+                stop_strings=texts or None,
+                tokenizer=tokenizer if texts else None,
             )
+        view.close()
         kept, _ = split_at_stop(seq[0, len(ids) :].tolist(), stop_ids)
-        reasoning, reply = split_reasoning(tokenizer.decode(kept, skip_special_tokens=True))
+        kept, _ = cut_at_text(tokenizer, kept, texts)
+        reasoning, reply = split_answer(tokenizer.decode(kept, skip_special_tokens=False), opened)
+        reply = strip_special(tokenizer, reply)
         # the next prompt shows this turn without its reasoning, as training's history did (data.reasoning)
         history.append(Message(role="assistant", content=reply, reasoning=reasoning))

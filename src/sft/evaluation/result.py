@@ -60,6 +60,7 @@ class EvalResult(TypedDict, total=False):
     stop_rate: float | None  # share of replies that ended with ``stop_token`` before max_new_tokens
     stop_token: str | None  # the template's end-of-turn marker that stop_rate counts
     mean_response_tokens: float | None
+    mean_reasoning_tokens: float | None  # reasoning models: mean tokens of the reasoning before the answer
     accuracy_by_source: dict[str, float]
     forgetting: Forgetting
     samples: list[Sample]

@@ -80,6 +80,12 @@ def is_main() -> bool:
     return rank_and_world()[0] == 0
 
 
+def is_node_main() -> bool:
+    """True on the first process of each machine (``LOCAL_RANK`` 0): it fills that machine's data
+    cache while the machine's other processes wait (one tokenization per node, not per process)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def device() -> torch.device:
     """This process's device: its local GPU under torchrun, the only GPU, or the CPU."""
     if torch.cuda.is_available():

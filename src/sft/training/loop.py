@@ -148,14 +148,14 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
             print(f"processes: {world} | global batch {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} = "
                   f"{cfg.train.batch_size * cfg.train.grad_accum * world} "
                   f"{'packed rows' if cfg.data.packing else 'sequences'} per step", flush=True)
-    if not is_main():
-        distributed.barrier()  # rank 0 tokenizes and fills the data cache first; the others read it
+    if not distributed.is_node_main():
+        distributed.barrier()  # each node's first process tokenizes and fills its cache; the others read it
     prepared = prepare_data(cfg, cfg.train.max_steps)  # data: validated before any weights load
     has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
     held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
     eval_examples = build_dataset(cfg, prepared.tokenizer, held).examples if has_eval or held == "dev" else []
     ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
-    if is_main():
+    if distributed.is_node_main():
         distributed.barrier()
     model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
     previous.set_aside()  # --overwrite: only now, with the data valid and the model loaded

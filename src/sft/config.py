@@ -179,6 +179,7 @@ class SweepConfig:
     objective: str = "task_accuracy"
     max_forgetting: float | None = None  # max relative rise of reference perplexity, e.g. 0.10
     prune: bool = True
+    seeds: int = 1  # repeat each setting with train.seed, +1, ...; choose on the mean, report the spread
 
 
 @dataclass

@@ -390,3 +390,32 @@ def test_lr_find_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, capsys: A
     found = json.loads((tmp_path / "out" / "lr_find.json").read_text())
     assert len(found["losses"]) == len(found["smoothed"]) <= 12 and len(found["proposed_grid"]) >= 3
     assert "sft sweep CONFIG --train.lr=" in capsys.readouterr().out
+
+
+def test_sweep_seeds_repeat_each_setting_and_choose_on_the_mean(tmp_path: Path) -> None:
+    path = _write_config(tmp_path, "sweep:\n  seeds: 2\n")
+
+    class SeededTrain(FakeTrain):
+        """task accuracy: lr=1e-4 is 0.5 / 0.9 over its seeds (mean 0.7), lr=3e-4 0.75 / 0.75."""
+
+        def __call__(self, cfg: Config, resume: bool = False, progress: bool = True, stop_check: Any = None) -> RunResult:
+            result = super().__call__(cfg, resume, progress, stop_check)
+            after = json.loads((Path(cfg.output_dir) / "after.json").read_text())
+            acc = {(1e-4, 42): 0.5, (1e-4, 43): 0.9}.get((cfg.train.lr, cfg.train.seed), 0.75)
+            after["task_accuracy"] = acc
+            (Path(cfg.output_dir) / "after.json").write_text(json.dumps(after))
+            return result
+
+    fake = SeededTrain()
+    assert run_sweep(str(path), ["--train.lr=1e-4,3e-4"], train_fn=fake, progress=False) == 0
+    assert [name for name, _ in fake.calls] == ["lr=1e-04,seed=42", "lr=1e-04,seed=43", "lr=3e-04,seed=42",
+                                                "lr=3e-04,seed=43"]
+    report = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    # the single best trial is lr=1e-4 seed 43 (0.9); on the mean lr=3e-4 (0.75) beats lr=1e-4 (0.7)
+    assert report["chosen"] == "lr=3e-04,seed=42"
+    s = {x["name"]: x for x in report["settings"]["by_setting"]}
+    assert s["lr=1e-04"]["task_accuracy"] == pytest.approx(0.7) and s["lr=1e-04"]["task_accuracy_sd"] == pytest.approx(0.282843, abs=1e-6)
+    assert report["verdicts"]["lr=1e-04,seed=43"].startswith("setting lr=1e-04: lower task_accuracy: 0.7 vs 0.75")
+    assert "| lr=3e-04 | 2 | 0.75 ± 0 |" in (tmp_path / "out" / "sweep.md").read_text()
+    with pytest.raises(SftError, match=r"sweep.seeds: train.seed is already a grid axis"):
+        plan_trials(str(path), ["--train.seed=1,2"])

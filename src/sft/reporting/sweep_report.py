@@ -316,6 +316,14 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     md = ["# sft sweep", "", verdict, "", rules, ""] + ([start, ""] if start else []) + [
         md_table(rows, HEADER), "", "Forgetting is the relative rise of reference perplexity vs the starting model.",
         "Loss curves and the accuracy/forgetting plot are in sweep.html.", ""]
+    by_setting = settings.get("by_setting") or []
+    objective = str(settings.get("objective"))
+    seed_rows = [[s["name"], str(s["seeds"]), f"{fmt(s.get(objective))} ± {fmt(s.get(objective + '_sd'))}",
+                  f"{fmt(s.get('forgetting'), 'signed_pct')} ± {fmt(s.get('forgetting_sd'), 'signed_pct')}"]
+                 for s in by_setting]
+    seed_header = ["setting", "seeds", f"{objective} mean ± sd", "forgetting mean ± sd"]
+    if seed_rows:
+        md += [f"## Settings over {settings.get('seeds')} seeds (chosen on the mean)", "", md_table(seed_rows, seed_header), ""]
     if test_rows:
         md += [f"## Test figures of {chosen} (computed once, after the choice on dev)", "",
                md_table(test_rows, BA_HEADER), ""]
@@ -326,6 +334,9 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
         body.append(f"<p>{esc(start)}</p>")
     body += [html_table(rows, HEADER), f'<div class="plots">{loss_svg}{scatter}</div>',
              "<p>Forgetting is the relative rise of reference perplexity vs the starting model.</p>"]
+    if seed_rows:
+        body += [f"<h2>Settings over {settings.get('seeds')} seeds (chosen on the mean)</h2>",
+                 html_table(seed_rows, seed_header)]
     if test_rows:
         body += [f"<h2>Test figures of {esc(chosen or '')} (computed once, after the choice on dev)</h2>",
                  html_table(test_rows, BA_HEADER)]

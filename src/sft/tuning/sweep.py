@@ -283,6 +283,12 @@ def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, 
     cli_grid, plain = split_overrides(overrides)
     base = load_config(config_path, plain)
     grid = {**base.sweep.grid, **cli_grid}  # the command line wins on a shared key
+    if base.sweep.seeds < 1:
+        raise SftError(f"sweep.seeds: {base.sweep.seeds} must be at least 1")
+    if base.sweep.seeds > 1:
+        if "train.seed" in grid:
+            raise SftError("sweep.seeds: train.seed is already a grid axis; use one or the other")
+        grid["train.seed"] = [base.train.seed + i for i in range(base.sweep.seeds)]
     if not grid:
         raise SftError("sweep: no grid to search; give a list on the command line (e.g. --train.lr=1e-5,3e-5,1e-4) "
                        "or a sweep.grid: section in the config")
@@ -303,6 +309,40 @@ def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, 
         cfg.output_dir = str((root / name).resolve())
         trials.append((name, coerced, cfg))
     return base, trials
+
+
+def by_setting(summaries: list[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
+    """Trials that differ only in train.seed, grouped: the mean and spread (sample standard
+    deviation) of the objective and of forgetting; a setting is finished when all its seeds are.
+    Each trial summary gets its ``setting`` name.
+
+    >>> ts = [{"name": "lr=1e-05,seed=1", "params": {"train.lr": 1e-5, "train.seed": 1}, "status": "finished",
+    ...        "task_accuracy": 0.5, "forgetting": 0.1},
+    ...       {"name": "lr=1e-05,seed=2", "params": {"train.lr": 1e-5, "train.seed": 2}, "status": "finished",
+    ...        "task_accuracy": 0.7, "forgetting": 0.3}]
+    >>> s = by_setting(ts, "task_accuracy")[0]
+    >>> s["name"], round(s["task_accuracy"], 6), round(s["task_accuracy_sd"], 6), round(s["forgetting"], 6), s["trials"]
+    ('lr=1e-05', 0.6, 0.141421, 0.2, ['lr=1e-05,seed=1', 'lr=1e-05,seed=2'])
+    """
+    import statistics
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for t in summaries:
+        rest = {k: v for k, v in t["params"].items() if k != "train.seed"}
+        t["setting"] = trial_name(rest)
+        groups.setdefault(t["setting"], []).append(t)
+    out = []
+    for name, ts in groups.items():
+        done = all(t["status"] == "finished" for t in ts)
+        vals = [t[objective] for t in ts if isinstance(t.get(objective), (int, float))]
+        forg = [t["forgetting"] for t in ts if isinstance(t.get("forgetting"), (int, float))]
+        out.append({"name": name, "trials": [t["name"] for t in ts], "seeds": len(ts),
+                    "status": "finished" if done and len(vals) == len(ts) else "not all seeds finished",
+                    objective: statistics.fmean(vals) if vals else None,
+                    f"{objective}_sd": statistics.stdev(vals) if len(vals) > 1 else None,
+                    "forgetting": statistics.fmean(forg) if len(forg) == len(ts) and forg else None,
+                    "forgetting_sd": statistics.stdev(forg) if len(forg) > 1 else None})
+    return out
 
 
 def paired_p_of(trials: dict[str, Path], objective: str) -> Callable[[str, str], float | None]:
@@ -417,11 +457,21 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
     summaries = [summarize_trial(Path(cfg.output_dir), name, values) for name, values, cfg in trials]
     dev = has_dev(base)
     paired = paired_p_of({name: Path(cfg.output_dir) for name, _, cfg in trials}, base.sweep.objective) if dev else None
-    best, why = choose(summaries, base.sweep.objective, base.sweep.max_forgetting, paired)
+    seeds = None
+    if base.sweep.seeds > 1:  # choose a setting on its mean over seeds; its first seed's trial stands for it
+        seeds = by_setting(summaries, base.sweep.objective)
+        setting, why = choose(seeds, base.sweep.objective, base.sweep.max_forgetting)
+        best = next((s["trials"][0] for s in seeds if s["name"] == setting), None)
+        why = {t["name"]: f"setting {t['setting']}: {why[t['setting']]}" for t in summaries}
+    else:
+        best, why = choose(summaries, base.sweep.objective, base.sweep.max_forgetting, paired)
     axes = {k: list(dict.fromkeys(v[k] for _, v, _ in trials)) for k in trials[0][1]}
-    settings = {"grid": axes, "objective": base.sweep.objective,
+    settings: dict[str, Any] = {"grid": axes, "objective": base.sweep.objective,
                 "max_forgetting": base.sweep.max_forgetting, "prune": base.sweep.prune,
-                "selected_on": "dev" if dev else "eval", "selected_on_sets": selected_on(base)}
+                "selected_on": "dev" if dev else "eval", "selected_on_sets": selected_on(base),
+                "seeds": base.sweep.seeds}
+    if seeds is not None:
+        settings["by_setting"] = seeds
     test = None
     if dev and best is not None and has_eval(base):
         if eval_fn is None:

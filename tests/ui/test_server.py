@@ -158,7 +158,9 @@ def test_compare_two_runs_and_a_sweep(tmp_path):
     assert '<tr class="same"><td>train.seed</td><td>1</td><td>1</td></tr>' in html
     assert "<td>task_accuracy</td><td>0.5" in html and "<td>0.75" in html
     assert 'data-runs="[&#34;a&#34;, &#34;b&#34;]"' in html
+    (root / "sw" / "sweep.json").write_text(json.dumps({"chosen": "t1", "verdicts": {"t1": "chosen: best <eval_loss>"}}))
     sweep = c.get("/compare", params={"sweep": "sw"}).text
+    assert '<td class="verdict">chosen: best &lt;eval_loss&gt;</td>' in sweep
     assert 'data-runs="[&#34;sw/trials/t1&#34;, &#34;sw/trials/t2&#34;]"' in sweep
     assert "<td>train.lr</td><td>0.1</td><td>0.2</td>" in sweep
 

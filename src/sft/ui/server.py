@@ -93,6 +93,12 @@ def make_app(root: Path) -> Any:
         rows = [R.summary(root, r) for r in found]
         diff = R.config_diff([R.load_config(r) for r in found])
         metrics = side_by_side([(R.read_json(r / "before.json"), R.read_json(r / "after.json")) for r in found])
+        # a sweep's own verdicts (sweep.json: why each trial was chosen or not), by trial folder name
+        report = R.read_json(root / sweep / "sweep.json") if sweep is not None and found else None
+        verdicts = report.get("verdicts") if isinstance(report, dict) else None
+        verdicts = verdicts if isinstance(verdicts, dict) else {}
+        for r in rows:
+            r["verdict"] = verdicts.get(r["id"].rsplit("/", 1)[-1])
         return page("compare.html", runs=rows, diff=diff, metrics=metrics, sweep=sweep)
 
     async def data_page(request: Request) -> HTMLResponse:

@@ -21,7 +21,8 @@ function fmt(v) {
 
 // series: [{name, points: [[x, y], ...]}]; redraws the chart in `box` from scratch
 function draw(box, title, series) {
-  const W = 440, H = 220, L = 56, R = 10, T = 24, B = 30;
+  const legend = series.length > 1 ? series.length : 0;  // one line per run above the plot
+  const W = 440, H = 220 + 12 * legend, L = 56, R = 10, T = 24 + 12 * legend, B = 30;
   const pts = series.flatMap(s => s.points);
   box.textContent = "";
   const svg = el("svg", {viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img"});
@@ -53,7 +54,7 @@ function draw(box, title, series) {
     line.appendChild(el("title", {}, s.name));
     svg.appendChild(line);
     if (s.points.length < 30) s.points.forEach(p => svg.appendChild(el("circle", {cx: sx(p[0]), cy: sy(p[1]), r: 2.2, fill: color})));
-    if (series.length > 1) svg.appendChild(el("text", {x: W - R, y: T + 12 * i, class: "legend", fill: color, "text-anchor": "end"}, s.name));
+    if (series.length > 1) svg.appendChild(el("text", {x: W - R, y: 28 + 12 * i, class: "legend", fill: color, "text-anchor": "end"}, s.name));
   });
 }
 

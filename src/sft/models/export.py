@@ -97,7 +97,7 @@ def _merged(src: Source) -> Any:
     import torch
     from peft import PeftModel
 
-    from sft.models.load import load_model
+    from sft.models.load import load_model, quiet_peft
 
     errors = []
     for base in dict.fromkeys(b for b in src.bases if b):
@@ -110,7 +110,8 @@ def _merged(src: Source) -> Any:
         raise SftError(f"{src.adapter_dir}: cannot load the adapter's base model ({'; '.join(errors) or 'none named'}); "
                        "export from the directory the run was trained in, or export its final/ instead")
     print(f"  merging {src.adapter_dir} into {base} ...", file=sys.stderr, flush=True)
-    return PeftModel.from_pretrained(model, str(src.adapter_dir)).merge_and_unload().eval()
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(src.adapter_dir)).merge_and_unload().eval()
 
 
 def _tokenizer(src: Source) -> tuple[Any, str, list[int], int]:

@@ -20,6 +20,9 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,3 +325,13 @@ def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, re
     except (OSError, ValueError, SafetensorError) as e:  # a broken config.json or weights file
         raise SftError(f"model: could not load the model in {path} ({_first_line(e)}); its config.json or "
                        ".safetensors files are damaged or incomplete: re-download or re-save them") from None
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Around peft calls that wrap or load an adapter: peft (0.21) reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` there, which prints a FutureWarning in the middle of our output.
+    Exactly that warning is hidden (our own code uses ``is_activation_checkpointing``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -97,8 +97,8 @@ def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path
         atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(str(d), safe_serialization=True),
                                                      tok.save_pretrained(str(d))))
         model = model.merge_and_unload()
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if getattr(model, "is_activation_checkpointing", False):  # transformers 5.x's names (the old ones warn)
+        model.activation_checkpointing_disable()
     attach_generation_config(model, tok, stops, pad)
     model = model.to(save_dtype(cfg)).eval()
 

@@ -73,18 +73,21 @@ def prepare_model(cfg: Config, model: Any) -> Any:
     if cfg.train.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, accepts float
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
+        with models.quiet_peft():  # one known FutureWarning from inside peft
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora.r,
+                    lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # PEFT annotates int, accepts float
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=cfg.lora.target_modules,
+                    task_type="CAUSAL_LM",
+                ),
+            )
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed it activation_checkpointing_enable; the old name warns
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
         if cfg.train.method == "lora":
             model.enable_input_require_grads()
     return model

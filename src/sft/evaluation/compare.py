@@ -235,5 +235,5 @@ def run_compare(paths: list[str], as_json: bool = False) -> int:
         print(f"{tag} = {c['against']}")
         rows += table_rows(tag, c["metrics"])
     print()
-    print_table(["metric", "", "A [95% CI]", "B [95% CI]", "B - A [95% CI]", "p", "verdict"], rows)
+    print_table(["metric", "vs", "A [95% CI]", "B [95% CI]", "B - A [95% CI]", "p", "verdict"], rows)
     return 0

@@ -134,7 +134,7 @@ def measure(run_dir: Path, quants: list[str], prompts: list[list[dict[str, str]]
 
     from sft.data.chat import prompt_ids
     from sft.data.types import Message
-    from sft.models.export import export
+    from sft.export.run import export
 
     final = run_dir / "final"
     tok = AutoTokenizer.from_pretrained(str(final))

@@ -132,7 +132,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sft.models.export import run_export
+    from sft.export.run import run_export
 
     return run_export(args.source, args.to, quant=args.quant, dtype=args.dtype, out=args.out)
 

@@ -1,8 +1,8 @@
 """``sft export RUN_DIR_OR_MODEL --to gguf|ollama|hf|adapter``: the tuned model where people run it.
 
 - ``gguf``: one file for llama.cpp / LM Studio (f16, bf16, q8_0 or q4_k_m) made by llama.cpp's own
-  converter and quantizer (``export_gguf``), carrying the training chat template, EOS = end of turn;
-- ``ollama``: that GGUF plus a ``Modelfile`` (``export_ollama``) and the ``ollama create`` command;
+  converter and quantizer (``sft.export.gguf``), carrying the training chat template, EOS = end of turn;
+- ``ollama``: that GGUF plus a ``Modelfile`` (``sft.export.ollama``) and the ``ollama create`` command;
 - ``hf``: a merged, sharded safetensors directory with tokenizer, template and generation config;
 - ``adapter``: the PEFT adapter of a LoRA run, alone.
 
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from sft.errors import SftError
-from sft.models.export_gguf import QUANTS, check_architecture, write_gguf
+from sft.export.gguf import QUANTS, check_architecture, write_gguf
 
 TARGETS = ("gguf", "ollama", "hf", "adapter")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -252,7 +252,7 @@ def export(arg: str, to: str, quant: str | None = None, dtype: str | None = None
 
 
 def _ollama(src: Source, target: Path, quant: str, work: Path) -> ExportResult:
-    from sft.models.export_ollama import modelfile
+    from sft.export.ollama import modelfile
 
     tok, template, stops, _ = _tokenizer(src)
     gguf_name = f"{src.name}-{quant}.gguf"

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from sft.errors import SftError
-from sft.models import export as ex
-from sft.models.export_gguf import check_architecture, stage
-from sft.models.export_ollama import GO_TEMPLATES, Family, identify, modelfile
+from sft.export import run as ex
+from sft.export.gguf import check_architecture, stage
+from sft.export.ollama import GO_TEMPLATES, Family, identify, modelfile
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -171,7 +171,7 @@ def test_refuses_unsupported_architectures(tmp_path):
 
 
 def test_missing_converter_says_how_to_install(tiny_dir, tmp_path, monkeypatch):
-    from sft.models.export_gguf import converter_dir
+    from sft.export.gguf import converter_dir
 
     monkeypatch.setenv("SFT_LLAMA_CPP", str(tmp_path))
     with pytest.raises(SftError, match="make install-export"):
@@ -394,7 +394,7 @@ def test_smollm2_gguf_metadata_and_transformers_reader(smol_run, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.models.export_gguf import read_metadata
+    from sft.export.gguf import read_metadata
 
     path = ex.export(str(smol_run), "gguf", "f16", out=str(tmp_path / "smol-f16.gguf")).path
     tok = AutoTokenizer.from_pretrained(str(smol_run / "final"))

@@ -193,7 +193,7 @@ def varlen_check() -> list[dict[str, Any]]:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT / "src"))
-    from sft.training import attention
+    from sft.lm import attention
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)

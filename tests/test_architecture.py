@@ -6,15 +6,21 @@
 - ``sft.reporting`` imports nothing from ``sft.training``, ``sft.evaluation``, ``sft.tuning`` or
   ``sft.models``: it draws what it is given;
 - ``sft.training`` imports nothing from ``sft.tuning``;
-- within ``sft.training`` only ``sft.training.loop`` (the recipe) imports ``sft.evaluation``.
+- within ``sft.training`` only ``sft.training.loop`` (the recipe) imports ``sft.evaluation``;
+- ``sft.evaluation``, ``sft.models``, ``sft.export`` and ``sft.lm`` never import ``sft.training``
+  (process state comes from the leaf ``sft.runtime``, the loss from ``sft.lm``);
+- ``sft.runtime`` and ``sft.atomic`` are leaves: they import nothing of sft but ``config`` and ``errors``;
+- no import cycle between modules, lazy imports included (a cycle is what lazy imports hide).
 
-The control feeds the checker synthetic sources with planted bad imports (top level, lazy,
-relative, ``from sft import x``) and shows each one is caught.
+The controls feed the checkers synthetic sources with planted bad imports (top level, lazy,
+relative, ``from sft import x``, a planted cycle) and show each one is caught.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,13 +93,56 @@ def violations(found: list[Import]) -> list[str]:
                 why = "training does not import tuning"
             elif under(t, "sft.evaluation") and m != "sft.training.loop":
                 why = "only the recipe (sft.training.loop) imports evaluation"
+        elif any(under(m, p) for p in ("sft.evaluation", "sft.models", "sft.export", "sft.lm")):
+            if under(t, "sft.training") or under(t, "sft.tuning"):
+                why = "evaluation, models, export and lm never import training or tuning"
+        elif m in LEAVES:
+            if under(t, "sft") and not any(under(t, p) for p in ("sft.config", "sft.errors")):
+                why = "runtime and atomic are leaves: only sft.config and sft.errors"
         if why:
             bad.append(f"{m}:{imp.line} imports {t} ({why})")
     return bad
 
 
+LEAVES = ("sft.runtime", "sft.atomic")
+
 # Known breaks of the arrows, pinned so that no new one slips in and a fix shows up here too.
 KNOWN: set[str] = set()
+
+
+def module_names(root: Path = SRC) -> set[str]:
+    out = set()
+    for path in (root / "sft").rglob("*.py"):
+        rel = path.relative_to(root).with_suffix("")
+        out.add(".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts))
+    return out
+
+
+def cycles(found: list[Import], modules: set[str]) -> list[list[str]]:
+    """Import cycles between modules (each as a closed path), lazy imports included.
+
+    ``from a import b`` counts as importing module ``a.b`` when that is a module, else ``a``.
+    """
+    graph: dict[str, set[str]] = {}
+    for imp in found:
+        t = imp.target if imp.target in modules else imp.target.rpartition(".")[0]
+        if t in modules and t != imp.module:
+            graph.setdefault(imp.module, set()).add(t)
+    out, state = [], {}  # state: 1 on the current path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == 1:
+                out.append(path[path.index(t):] + [m, t] if t in path else [m, t])
+            elif t not in state:
+                visit(t, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+    return out
 
 
 def test_the_package_keeps_its_dependency_arrows():
@@ -126,6 +175,16 @@ def test_data_uses_models_only_lazily_through_load():
          "sft.evaluation.evaluate"),
         ("sft.training.step", "from sft.tuning.bench import run_bench\n", False, "sft.tuning.bench.run_bench"),
         ("sft.training.step", "from sft.evaluation.heldout import heldout_loss\n", False, "sft.evaluation.heldout.heldout_loss"),
+        ("sft.evaluation.heldout", "from sft.training.distributed import wrap\n", False, "sft.training.distributed.wrap"),
+        ("sft.evaluation.generate", "def f():\n    from sft.training import distributed\n", False,
+         "sft.training.distributed"),
+        ("sft.models.save", "from sft.training.checkpoint import atomic_write_dir\n", False,
+         "sft.training.checkpoint.atomic_write_dir"),
+        ("sft.export.run", "from sft.training.prepare import prepare_model\n", False, "sft.training.prepare.prepare_model"),
+        ("sft.lm.loss", "from sft.training.step import to_batch\n", False, "sft.training.step.to_batch"),
+        ("sft.runtime", "from sft.training.precision import train_dtype\n", False, "sft.training.precision.train_dtype"),
+        ("sft.atomic", "def f():\n    from sft.data.pipeline import build_dataset\n", False,
+         "sft.data.pipeline.build_dataset"),
     ],
 )
 def test_control_planted_bad_imports_are_caught(module, source, is_package, caught):
@@ -140,7 +199,39 @@ def test_control_planted_bad_imports_are_caught(module, source, is_package, caug
         ("sft.training.loop", "from sft.evaluation.evaluate import evaluate\n"),  # the recipe
         ("sft.tuning.sweep", "from sft.training.loop import train\n"),  # tuning -> training is the right way
         ("sft.evaluation.evaluate", "from sft.data.pipeline import build_dataset\n"),
+        ("sft.evaluation.heldout", "from sft.runtime import Runtime\n"),  # the leaf, not training
+        ("sft.runtime", "from sft.config import Config\n"),
     ],
 )
 def test_control_allowed_imports_pass(module, source):
     assert violations(imports_of(source, module)) == []
+
+
+def test_no_import_cycle():
+    found = package_imports()
+    assert cycles(found, module_names()) == []
+
+
+def test_control_a_planted_cycle_is_caught():
+    """The checker sees a cycle made of a lazy import (the way the old distributed <-> precision
+    cycle was hidden) and one closed over three modules."""
+    found = package_imports()
+    modules = module_names()
+    planted = imports_of("def f():\n    from sft.training.loop import train\n", "sft.training.step")
+    assert any(c[0] == "sft.training.step" or "sft.training.step" in c for c in cycles(found + planted, modules))
+    three = [Import("sft.a", "sft.b", 1, False), Import("sft.b", "sft.c.f", 1, True), Import("sft.c", "sft.a", 1, False)]
+    assert cycles(three, {"sft.a", "sft.b", "sft.c"}) == [["sft.a", "sft.b", "sft.c", "sft.a"]]
+
+
+def test_every_module_imports_alone_in_a_fresh_interpreter():
+    """``python -c "import sft.X"`` works for every module, first thing in a process (no module
+    relies on another having been imported first)."""
+    names = sorted(module_names())
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    for k in [k for k in sys.modules if k == 'sft' or k.startswith('sft.')]: del sys.modules[k]\n"
+            "    importlib.import_module(name)\n")
+    r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rev = subprocess.run([sys.executable, "-c", code, *reversed(names)], capture_output=True, text=True, timeout=300)
+    assert rev.returncode == 0, rev.stderr[-2000:]

@@ -364,7 +364,7 @@ def test_sigkill_during_a_directory_save_leaves_old_or_new(tmp_path):
         "        if i == 25: print('half', flush=True); time.sleep(60)\n"
         "target, how = Path(sys.argv[1]), sys.argv[2]\n"
         "if how == 'in-place': write(target)\n"
-        "from sft.training.checkpoint import atomic_write_dir\n"
+        "from sft.atomic import atomic_write_dir\n"
         "if how == 'atomic': atomic_write_dir(target, write)\n"
     )
 
@@ -408,11 +408,12 @@ def test_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_last_one(tmp_
     assert [p.name for p in found] == ["step-2"]
     from sft.config import load_config
     from sft.models.load import load_model
+    from sft.runtime import Runtime
     from sft.training.optim import make_optimizer
 
     c = load_config(cfg)
     model = load_model(c.model, torch.float32)
-    state = checkpoint.load_checkpoint(found[-1], model, make_optimizer(model, c.train))
+    state = checkpoint.load_checkpoint(found[-1], model, make_optimizer(model, c.train), Runtime())
     assert state["step"] == 2
 
 

@@ -3,18 +3,19 @@
 Every output sft writes whole (reports, ``before.json``/``after.json``, ``--out`` files, the
 rewritten ``metrics.jsonl``) goes to a temporary file in the same folder and is renamed over the
 target only once it is complete: readers see the old file or the new one, never a mixture.
-Folders (``final/``, ``adapter/``, checkpoints) use ``sft.training.checkpoint.atomic_write_dir``.
+Folders (``final/``, ``adapter/``, checkpoints) are written the same way by ``atomic_write_dir``.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from sft.errors import SftError
 
@@ -72,3 +73,63 @@ def check_writable(path: Path | str, what: str) -> None:
     except OSError as e:
         raise SftError(f"{path}: {what} cannot be written ({e.strerror} in {existing}); "
                        "choose a folder you can write, e.g. under your home or the project") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk (before the rename that publishes the folder)."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def rename_into_place(tmp: Path, target: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``target``; an old ``target`` is moved aside first and
+    deleted after the swap (``recover_swap`` undoes a kill between the two renames)."""
+    old = None
+    if target.exists():  # replace: move the old one aside first, delete after the swap
+        old = target.parent / f".old-{target.name}"
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+    tmp.rename(target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swap(target: Path) -> None:
+    """A process killed between the two renames of a replace leaves ``.old-NAME`` and no ``NAME``:
+    put the old one back, so ``target`` is always either the old or the new complete folder."""
+    old = target.parent / f".old-{target.name}"
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+
+
+def atomic_write_dir(target: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` into a sibling temporary folder, then rename it to ``target``. A failure while
+    writing (a full disk) removes the partial folder and leaves the previous ``target`` as it was."""
+    recover_swap(target)
+    tmp = target.parent / f".tmp-{target.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    rename_into_place(tmp, target)

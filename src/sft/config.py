@@ -126,7 +126,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
     save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # final/'s dtype; auto: the model's own (bf16 for the packaged models)
     gradient_checkpointing: bool = False
-    # packed rows on a GPU: varlen (padding-free, cu_seqlens; sft.training.attention) or sdpa (a
+    # packed rows on a GPU: varlen (padding-free, cu_seqlens; sft.lm.attention) or sdpa (a
     # dense block-diagonal mask); auto: varlen on CUDA with packing, sdpa elsewhere
     attention: Literal["auto", "sdpa", "varlen"] = "auto"
     neftune_alpha: float | None = None

@@ -247,7 +247,7 @@ def test_evaluate_scores_replies_with_source_metric(tmp_path, smol_tok, monkeypa
     replies = {"2 + 3 = 5.": "Sure! 2 + 3 = 5.", "My name is Quill.": "I am Bob.", "You live in Oslo.": "You live in Oslo."}
     seen_prompts = []
 
-    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False):
+    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False, rt=None):
         seen_prompts.extend(prompts)
         out = []
         for p in prompts:
@@ -282,7 +282,7 @@ def test_stop_rate_counts_the_end_of_turn_token_not_eos(tmp_path, gemma_tok, mon
     assert marker == "<end_of_turn>" and eot != eos and set(stop_token_ids(gemma_tok, "gemma")) == {eot, eos}
     ends = iter([eot, eos, None])
 
-    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False):
+    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False, rt=None):
         return [Generation("x", [5], (e := next(ends)) is not None, e) for _ in prompts]
 
     monkeypatch.setattr("sft.evaluation.generate.generate_batch", fake_generate)

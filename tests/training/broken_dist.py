@@ -31,7 +31,8 @@ def main() -> int:
             batches, _, tokens, weights = real_batches(*a, **k)
             local = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b, w in zip(batches, weights) if w)
             # forward_backward multiplies by world / n: n = local * world makes it 1 / local
-            return batches, max(1, local) * distributed.rank_and_world()[1], tokens, weights
+            world = a[4].world  # step_batches(step, examples, cfg, pad_id, rt)
+            return batches, max(1, local) * world, tokens, weights
 
         step.step_batches = per_rank  # type: ignore[assignment]
     else:

@@ -230,13 +230,14 @@ def test_heldout_split_without_all_reduce_differs(tiny_llama_model: Any, smol_to
     """Control for the distributed held-out loss: rank 0's share alone (no all-reduce) is another number."""
     import sft.evaluation.heldout as heldout
     from sft.data.pipeline import build_dataset
+    from sft.runtime import Runtime
 
     cfg = load_config(None, [f"--data.train={data_file}", "--eval.batch_size=2", "--train.precision=fp32",
                              f"--data.cache_dir={tmp_path}"])
     examples = build_dataset(cfg, smol_tok).examples
-    full, n_full = heldout.heldout_loss(tiny_llama_model, examples, 0, cfg)
-    monkeypatch.setattr(heldout, "rank_and_world", lambda: (0, 2))
-    half, n_half = heldout.heldout_loss(tiny_llama_model, examples, 0, cfg)  # all_sum is a no-op here
+    full, n_full = heldout.heldout_loss(tiny_llama_model, examples, 0, cfg, Runtime())
+    monkeypatch.setattr(Runtime, "all_sum", lambda self, values: values)  # rank 0 of 2, the sums not reduced
+    half, n_half = heldout.heldout_loss(tiny_llama_model, examples, 0, cfg, Runtime(rank=0, world=2))
     assert full is not None and half is not None
     assert 0 < n_half < n_full and abs(full - half) > 1e-4
 
@@ -246,12 +247,14 @@ def test_heldout_split_without_all_reduce_differs(tiny_llama_model: Any, smol_to
 
 
 def test_world_size_without_process_group_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sft.training import distributed
+    from sft import runtime
 
-    assert distributed.rank_and_world() == (0, 1)
+    cfg = load_config(None, ["--train.precision=fp32"])
+    rt = runtime.local(cfg)
+    assert (rt.rank, rt.world, rt.main, rt.precision) == (0, 1, True, "fp32")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SftError, match="WORLD_SIZE=2 but no process group"):
-        distributed.rank_and_world()
+    with pytest.raises(SftError, match="WORLD_SIZE=2: this command runs on one process"):
+        runtime.local(cfg)
 
 
 def test_resume_refuses_changed_settings_naming_the_key(tiny_dir: Path, data_file: Path, tmp_path: Path) -> None:
@@ -269,15 +272,16 @@ def test_resume_refuses_changed_settings_naming_the_key(tiny_dir: Path, data_fil
 
 
 def test_load_checkpoint_requires_every_trainable_parameter(tiny_llama_model: Any, tmp_path: Path) -> None:
+    from sft.runtime import Runtime
     from sft.training import checkpoint
     from sft.training.optim import make_optimizer
 
     cfg = load_config(None, [])
     opt = make_optimizer(tiny_llama_model, cfg.train)
-    path = checkpoint.save_checkpoint(tmp_path / "ck", 1, tiny_llama_model, opt, {}, keep=2)
-    checkpoint.load_checkpoint(path, tiny_llama_model, opt)  # control: a whole checkpoint loads
+    path = checkpoint.save_checkpoint(tmp_path / "ck", 1, tiny_llama_model, opt, {}, keep=2, rt=Runtime())
+    checkpoint.load_checkpoint(path, tiny_llama_model, opt, Runtime())  # control: a whole checkpoint loads
     weights = load_file(str(path / "model.safetensors"))
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, str(path / "model.safetensors"))
     with pytest.raises(SftError, match=re.escape("trainable parameter model.layers.1.mlp.up_proj.weight is not in")):
-        checkpoint.load_checkpoint(path, tiny_llama_model, opt)
+        checkpoint.load_checkpoint(path, tiny_llama_model, opt, Runtime())

@@ -53,8 +53,8 @@ def test_grad_accum_equivalence(tiny_dir, data_file, tmp_path):
 def test_per_microbatch_mean_would_differ(tiny_dir, data_file, tmp_path):
     """Control: the 2024 bug (mean per micro-batch, then mean over micro-batches) gives another loss."""
     from sft.data.pipeline import build_dataset
+    from sft.lm.loss import token_loss_sum
     from sft.models.load import load_model, load_tokenizer
-    from sft.training.loss import token_loss_sum
     from sft.training.step import to_batch
 
     cfg = make_cfg(tiny_dir, data_file, tmp_path / "c", "--data.packing=false")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sft import runtime
 from sft.config import load_config
 from sft.training import precision
 from sft.training.optim import MasterAdamW, make_optimizer
@@ -20,12 +21,14 @@ def bf16_grads(shape, steps, seed=0):
 def test_auto_picks_bf16_only_where_native(monkeypatch):
     cfg = load_config(None, ["--model=x", "--data.train=x.jsonl"])
     assert cfg.train.precision == "auto"
-    monkeypatch.setattr(precision, "bf16_supported", lambda: True)
-    assert precision.resolve_precision(cfg) == "bf16" and precision.train_dtype(cfg) == torch.bfloat16
-    monkeypatch.setattr(precision, "bf16_supported", lambda: False)
-    assert precision.resolve_precision(cfg) == "fp32" and precision.train_dtype(cfg) == torch.float32
+    monkeypatch.setattr(runtime, "bf16_supported", lambda: True)
+    assert runtime.resolve_precision(cfg) == "bf16" and precision.train_dtype(cfg) == torch.bfloat16
+    assert runtime.local(cfg).precision == "bf16"
+    monkeypatch.setattr(runtime, "bf16_supported", lambda: False)
+    assert runtime.resolve_precision(cfg) == "fp32" and precision.train_dtype(cfg) == torch.float32
+    assert runtime.local(cfg).precision == "fp32"
     cfg.train.precision = "bf16"
-    assert precision.resolve_precision(cfg) == "bf16"  # an explicit choice is kept
+    assert runtime.resolve_precision(cfg) == "bf16"  # an explicit choice is kept
 
 
 def test_master_adamw_follows_fp32_adamw_exactly():

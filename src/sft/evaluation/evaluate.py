@@ -32,6 +32,7 @@ from sft.config import Config
 from sft.data.types import Conversation, Message
 from sft.errors import SftError
 from sft.evaluation.result import EvalResult, Forgetting, Losses, Rows, Sample
+from sft.runtime import Runtime, local, start
 
 METRICS = ("exact", "contains", "regex", "json", "constraints", "tool_call")
 REFERENCE_TOKENS = 16384  # eval.reference_tokens' default: forgetting ratio stable to 1% (bench/RESULTS.md)
@@ -201,10 +202,15 @@ def forgetting(
 def evaluate(
     cfg: Config, model: Any, tokenizer: Any, template: str, base_model: Any = None, progress: bool = True,
     split: str = "eval",
+    rt: Runtime | None = None,
 ) -> EvalResult:
     """All eval metrics of ``model`` as one JSON-able dict (see the module docstring), on the test
     rows (``split="eval"``: eval.data and eval.split) or the dev rows (``"dev"``: eval.dev and
-    eval.dev_split, what choices are made on)."""
+    eval.dev_split, what choices are made on).
+
+    ``rt``: the process group to split the work over (``sft eval`` under torchrun); None is this
+    one process (``sft.runtime.local(cfg)``).
+    """
     from sft.data.chat import end_of_turn_tokens, prompt_ids, stop_strings, stop_token_ids
     from sft.data.pipeline import build_dataset, load_conversations
     from sft.data.reasoning import open_reasoning
@@ -218,6 +224,7 @@ def evaluate(
     from sft.evaluation.safety import make_detector, rate
     from sft.models.save import pick_pad_id
 
+    rt = rt if rt is not None else local(cfg)
     t0 = time.perf_counter()
     refusal = make_detector(cfg.eval.refusal.phrases, cfg.eval.refusal.regex, cfg.eval.refusal.builtin)
     was_training = model.training
@@ -228,7 +235,7 @@ def evaluate(
         end_ids = set(eot) if len(eot) == 1 else set(stop_ids)  # what stop_rate counts (module docstring)
         pad_id = pick_pad_id(tokenizer, stop_ids)
         dataset = build_dataset(cfg, tokenizer, split)
-        per_example = heldout_losses(model, dataset.examples, pad_id, cfg)
+        per_example = heldout_losses(model, dataset.examples, pad_id, cfg, rt)
         loss_tokens = sum(n for _, n in per_example)
         loss = sum(v for v, _ in per_example) / loss_tokens if loss_tokens else None
 
@@ -249,7 +256,7 @@ def evaluate(
         prompts = [prompt_ids(msgs, tokenizer, template, tools=conv.tools) for conv, msgs, _ in items]
         texts = stop_strings(tokenizer, template)  # a marker of several text tokens: stop on its text
         gens = generate_batch(
-            model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress,
+            model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress, rt=rt,
             **({"stop_strings": texts} if texts else {}),
         )
         # reasoning models: accuracy, refusal and constraints are scored on the answer after the reasoning
@@ -391,31 +398,30 @@ def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> i
     from sft.atomic import atomic_write_text, check_writable
     from sft.data.chat import resolve_template
     from sft.models.load import load_model, load_tokenizer, resolve
-    from sft.training import distributed
 
     if not cfg.eval.data and cfg.eval.split <= 0:
         raise SftError("eval.data: nothing to evaluate; set eval.data: path/to/eval.jsonl "
                        "(or eval.split: 0.05 to hold out training rows)")
     dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
     check_writable(dst.parent, "--out" if out else "output_dir")  # before minutes of evaluation
-    distributed.init()  # under torchrun: loss and generation split over the ranks, rank 0 writes
+    rt = start(cfg)  # under torchrun: loss and generation split over the ranks, rank 0 writes
     name = model or cfg.model
     revision = cfg.revision if name == cfg.model else None  # `revision:` belongs to `model:`
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code, revision=revision)
     template = resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
-    lm = load_model(name, trust_remote_code=cfg.trust_remote_code, revision=revision).to(distributed.device())
+    lm = load_model(name, trust_remote_code=cfg.trust_remote_code, revision=revision).to(rt.device)
     base = None
     if model is not None and model != cfg.model and resolve(model).kind == "hf":
         # a tuned directory evaluated against the config's base model: measure drift from it
         base = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-        base = base.to(distributed.device())
-    result = evaluate(cfg, lm, tokenizer, template, base_model=base, progress=distributed.is_main())
+        base = base.to(rt.device)
+    result = evaluate(cfg, lm, tokenizer, template, base_model=base, progress=rt.main, rt=rt)
     result["model"] = name
-    if not distributed.is_main():
-        distributed.shutdown()
+    if not rt.main:
+        rt.shutdown()
         return 0
     print(summary(result))
     atomic_write_text(dst, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {dst}")
-    distributed.shutdown()
+    rt.shutdown()
     return 0

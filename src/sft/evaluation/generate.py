@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sft.data.types import Message
 from sft.errors import SftError
 from sft.evaluation.reasoning import ChatView, cut_at_text, split_answer, strip_special
+
+if TYPE_CHECKING:
+    from sft.runtime import Runtime
 
 
 @dataclass
@@ -60,14 +63,14 @@ def generate_batch(
     batch_size: int = 8,
     progress: bool = False,
     stop_strings: list[str] | None = None,
+    rt: Runtime | None = None,
 ) -> list[Generation]:
     """Greedy replies to ``prompts`` (token ids), in input order, cut at a stop id or at one of
-    ``stop_strings`` (a plain-text end-of-turn marker, chat.stop_strings). Under torchrun rank r answers
-    prompts r, r + world, ... and every rank gets all the replies (greedy decoding of a prompt
-    does not depend on the others, so the result equals one process's)."""
-    from sft.training.distributed import rank_and_world
-
-    rank, world = rank_and_world()
+    ``stop_strings`` (a plain-text end-of-turn marker, chat.stop_strings). Under torchrun (``rt`` of
+    several ranks) rank r answers prompts r, r + world, ... and every rank gets all the replies
+    (greedy decoding of a prompt does not depend on the others, so the result equals one
+    process's); without ``rt`` this process answers them all."""
+    rank, world = (rt.rank, rt.world) if rt is not None else (0, 1)
     if world == 1:
         return _generate_local(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size, progress,
                                stop_strings)
@@ -193,12 +196,12 @@ def _load(model_path: str, template_arg: str | None = None) -> tuple[Any, Any, s
     ``template_arg`` (--template) overrides the saved template, e.g. for a base model."""
     from sft.data.chat import resolve_template, stop_token_ids
     from sft.models.load import load_model, load_tokenizer
-    from sft.training.distributed import device
+    from sft.runtime import this_device
 
     tokenizer = load_tokenizer(model_path)
     template, base_dir = (template_arg, ".") if template_arg else _saved_template(model_path, tokenizer)
     template = resolve_template(template, tokenizer, base_dir=base_dir)
-    model = load_model(model_path).to(device()).eval()  # the GPU when there is one
+    model = load_model(model_path).to(this_device()).eval()  # the GPU when there is one
     return model, tokenizer, template, stop_token_ids(tokenizer, template)
 
 

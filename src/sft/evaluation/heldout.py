@@ -8,7 +8,6 @@ one-process result (up to the order of a float64 sum).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,11 +16,13 @@ import torch
 from sft.config import Config
 from sft.data.collate import collate_padded
 from sft.data.types import Example
-from sft.training.distributed import all_sum, forward_loss, rank_and_world
-from sft.training.precision import autocast
+from sft.lm.loss import forward_loss
+from sft.runtime import Runtime
 
 
-def heldout_loss(model: Any, examples: Sequence[Example], pad_id: int, cfg: Config) -> tuple[float | None, int]:
+def heldout_loss(
+    model: Any, examples: Sequence[Example], pad_id: int, cfg: Config, rt: Runtime
+) -> tuple[float | None, int]:
     """(mean CE over the trained tokens of ``examples``, their count); None when nothing is trained.
 
     Examples are batched by similar length (``eval.batch_size`` at a time) and padded; rank r
@@ -31,50 +32,47 @@ def heldout_loss(model: Any, examples: Sequence[Example], pad_id: int, cfg: Conf
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))  # similar lengths together
     bs = max(1, cfg.eval.batch_size)
     batches = [order[k : k + bs] for k in range(0, len(order), bs)]
-    rank, world = rank_and_world()
-    mine = batches[rank::world]
     # FSDP2 all-gathers weights in every forward: each rank runs the same number of them
-    weights = [1.0] * len(mine) + [0.0] * (math.ceil(len(batches) / world) - len(mine))
-    mine += [batches[0]] * (len(weights) - len(mine))
+    mine = rt.share(len(batches))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad(), autocast(cfg):
-            for idx, w in zip(mine, weights):
-                batch = collate_padded([examples[i] for i in idx], pad_id)
+        with torch.no_grad(), rt.autocast():
+            for k, w in mine:
+                batch = collate_padded([examples[i] for i in batches[k]], pad_id)
                 loss_sum, n = forward_loss(model, {key: v.to(device) for key, v in batch.items()})
                 if w:
                     total += float(loss_sum)
                     count += n
     finally:
         model.train(was_training)
-    total, n_all = all_sum([total, float(count)], device)
+    total, n_all = rt.all_sum([total, float(count)])
     count = int(n_all)
     return (total / count if count else None), count
 
 
-def heldout_losses(model: Any, examples: Sequence[Example], pad_id: int, cfg: Config) -> list[tuple[float, int]]:
+def heldout_losses(
+    model: Any, examples: Sequence[Example], pad_id: int, cfg: Config, rt: Runtime
+) -> list[tuple[float, int]]:
     """(CE sum, trained tokens) of each example, in the order of ``examples``: what the intervals
     and paired tests of ``eval_loss`` resample (``sft.evaluation.stats``). Their totals give the
     same mean as ``heldout_loss``. One example per forward pass (no padding); rank r scores
     examples r, r + world, ... and the per-example sums are all-reduced."""
     device = next(model.parameters()).device
-    rank, world = rank_and_world()
     sums, counts = [0.0] * len(examples), [0.0] * len(examples)
-    mine = list(range(rank, len(examples), world))
     # FSDP2 all-gathers weights in every forward: each rank runs the same number of them
-    mine += [-1] * (math.ceil(len(examples) / world) - len(mine))
+    mine = rt.share(len(examples))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast(cfg):
-            for i in mine:
-                batch = collate_padded([examples[max(i, 0)]], pad_id)
+        with torch.no_grad(), rt.autocast():
+            for i, w in mine:
+                batch = collate_padded([examples[i]], pad_id)
                 loss_sum, n = forward_loss(model, {key: v.to(device) for key, v in batch.items()})
-                if i >= 0:
+                if w:
                     sums[i], counts[i] = float(loss_sum), float(n)
     finally:
         model.train(was_training)
-    both = all_sum(sums + counts, device)
+    both = rt.all_sum(sums + counts)
     return [(both[i], int(both[len(examples) + i])) for i in range(len(examples))]

@@ -33,6 +33,7 @@ import torch
 from sft.config import Config
 from sft.data.types import IGNORE, Example
 from sft.errors import SftError
+from sft.runtime import Runtime, start
 
 BATCH_TOKENS = 8192  # padded tokens per forward pass (fp32 activations of a 135M model: ~1 GB)
 LOGIT_ROWS = 1024  # scored positions per vocabulary projection ([1024, 49152] fp32: 200 MB)
@@ -93,7 +94,7 @@ class Job:
 def token_logprobs(model: Any, jobs: list[Job], dev: torch.device, batch_tokens: int = BATCH_TOKENS,
                    progress: Any = None) -> None:
     """Fill each job's ``out`` with the log-probabilities at its positions (fp32)."""
-    from sft.training.loss import unwrap
+    from sft.lm.loss import unwrap
 
     lm = unwrap(model)
     weight = lm.get_output_embeddings().weight  # [V, H]
@@ -197,14 +198,14 @@ def _distinct(examples: Sequence[Example]) -> list[Example]:
 
 
 def compute_scores(cfg: Config, scorer: str | None = None, use_cache: bool = True,
-                   batch_tokens: int = BATCH_TOKENS) -> tuple[Path, list[dict[str, Any]]]:
+                   batch_tokens: int = BATCH_TOKENS, rt: Runtime | None = None) -> tuple[Path, list[dict[str, Any]]]:
     """The reply scores of ``cfg``'s training data by ``scorer`` (default ``model``): read from the
-    cache, or computed (every rank its share under torchrun) and cached. Every rank returns them."""
+    cache, or computed (every rank its share under torchrun) and cached. Every rank returns them.
+    ``rt``: the process group (None: join torchrun's, if any, with ``sft.runtime.start``)."""
     from sft.data.chat import end_of_turn_tokens, resolve_template
     from sft.data.pipeline import build_dataset
     from sft.data.select import read_scores, scores_path
     from sft.models.load import load_model, load_tokenizer
-    from sft.training import distributed
 
     if cfg.data.train_on == "all":
         raise SftError("data.train_on: all trains the prompts too, so a reply has no prompt to score it with; "
@@ -224,9 +225,8 @@ def compute_scores(cfg: Config, scorer: str | None = None, use_cache: bool = Tru
         raise SftError("data.template: it writes no end-of-turn marker after a reply, so there is no end-of-turn "
                        "probability to score; use a chat template (chatml, gemma, llama3)")
     header = reply_header(tok, template)
-    distributed.init()
-    rank, world = distributed.rank_and_world()
-    dev = distributed.device()
+    rt = rt if rt is not None else start(cfg)
+    rank, world, dev = rt.rank, rt.world, rt.device
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = load_model(name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=revision).to(dev).eval()
     rows = {k: i for i, k in enumerate(dict.fromkeys((ex.source, ex.line) for ex in examples))}
@@ -244,21 +244,21 @@ def compute_scores(cfg: Config, scorer: str | None = None, use_cache: bool = Tru
         from sft.atomic import atomic_write_text
 
         atomic_write_text(path, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in scores))
-    distributed.barrier()
+    rt.barrier()
     return path, scores
 
 
 def run_score(cfg: Config, scorer: str | None = None, out: str | None = None) -> int:
     """``sft data score``: compute (or read the cached) scores, write ``--out``, print a summary."""
     from sft.data.select import format_summary, score_summary
-    from sft.training import distributed
 
     if out:
         from sft.atomic import check_writable
 
         check_writable(Path(out).parent, "--out")
-    path, scores = compute_scores(cfg, scorer)
-    if not distributed.is_main():
+    rt = start(cfg)
+    path, scores = compute_scores(cfg, scorer, rt=rt)
+    if not rt.main:
         return 0
     if out:
         from sft.atomic import atomic_write_text

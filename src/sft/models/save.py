@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from sft.atomic import atomic_write_dir
 from sft.config import Config
 from sft.errors import SftError
-from sft.training.checkpoint import atomic_write_dir
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _HF_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}

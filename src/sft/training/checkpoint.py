@@ -14,7 +14,6 @@ rank holds the same values). FSDP2: every rank writes its own shards with
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
@@ -24,65 +23,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sft.atomic import atomic_write_dir, fsync_tree, rename_into_place
 from sft.config import Config, to_dict
 from sft.errors import SftError
-from sft.training import distributed
+from sft.runtime import Runtime
+from sft.training.distributed import is_sharded
 from sft.training.state import RunState
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for f in root.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def _rename_into_place(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():  # replace: move the old one aside first, delete after the swap
-        old = target.parent / f".old-{target.name}"
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-    tmp.rename(target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_swap(target: Path) -> None:
-    """A process killed between the two renames of a replace leaves ``.old-NAME`` and no ``NAME``:
-    put the old one back, so ``target`` is always either the old or the new complete folder."""
-    old = target.parent / f".old-{target.name}"
-    if old.is_dir() and not target.exists():
-        old.rename(target)
-
-
-def atomic_write_dir(target: Path, write: Any) -> None:
-    """``write(tmp)`` into a sibling temporary folder, then rename it to ``target``. A failure while
-    writing (a full disk) removes the partial folder and leaves the previous ``target`` as it was."""
-    recover_swap(target)
-    tmp = target.parent / f".tmp-{target.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _rename_into_place(tmp, target)
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
@@ -152,10 +100,10 @@ def read_state(path: Path) -> dict[str, Any]:
         raise SftError(f"{path}: checkpoint is unreadable ({e}); delete it to resume from an older one") from None
 
 
-def check_resume(path: Path, saved: dict[str, Any], cfg: Config) -> None:
+def check_resume(path: Path, saved: dict[str, Any], cfg: Config, rt: Runtime) -> None:
     """Refuse to resume from ``path`` (its ``state.json`` is ``saved``) under another world size
     or with data, model or training settings that differ, naming the first differing key."""
-    world = distributed.rank_and_world()[1]
+    world = rt.world
     if saved.get("world_size", 1) != world:
         raise SftError(f"{path}: the checkpoint was made by {saved.get('world_size', 1)} processes, this run has "
                        f"{world}; resume with the same number (--nproc / --nproc_per_node x --nnodes)")
@@ -173,14 +121,14 @@ def check_resume(path: Path, saved: dict[str, Any], cfg: Config) -> None:
 # save
 
 
-def _rng_states(dev: torch.device) -> dict[str, torch.Tensor]:
+def _rng_states(rt: Runtime) -> dict[str, torch.Tensor]:
     """Every rank's torch (and CUDA) RNG state, gathered on all ranks: rank 0's as ``torch``/``cudaN``,
     rank r's as ``torch.rankR``/``cudaN.rankR``, so each rank resumes its own random stream."""
     mine = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, st in enumerate(torch.cuda.get_rng_state_all()):
             mine[f"cuda{i}"] = st
-    world = distributed.rank_and_world()[1]
+    world, dev = rt.world, rt.device
     if world == 1:
         return mine
     import torch.distributed as dist
@@ -195,7 +143,8 @@ def _rng_states(dev: torch.device) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: RunState, keep: int
+    ckpt_root: Path, step: int, model: Any, optimizer: torch.optim.Optimizer, state: RunState, keep: int,
+    rt: Runtime,
 ) -> Path:
     """Write ``ckpt_root/step-{step}`` atomically and keep only the newest ``keep``.
 
@@ -203,8 +152,8 @@ def save_checkpoint(
     their owners); rank 0 alone writes the rest and renames the folder into place.
     """
     target = ckpt_root / f"step-{step}"
-    rank, world = distributed.rank_and_world()
-    rng = _rng_states(distributed.device())
+    rank, world = rt.rank, rt.world
+    rng = _rng_states(rt)
     py_state = random.getstate()
     full = {**state, "step": step, "world_size": world, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
 
@@ -212,7 +161,7 @@ def save_checkpoint(
         save_file(rng, str(d / "rng.safetensors"))
         (d / "state.json").write_text(json.dumps(full, indent=1))
 
-    if not distributed.is_sharded(model):
+    if not is_sharded(model):
         if rank == 0:
             def write(d: Path) -> None:
                 save_file(trainable_state(model), str(d / "model.safetensors"))
@@ -229,17 +178,17 @@ def save_checkpoint(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-        distributed.barrier()
-        _save_sharded(tmp, model, optimizer)
-        distributed.barrier()
+        rt.barrier()
+        _save_sharded(tmp, model, optimizer, rt)
+        rt.barrier()
         if rank == 0:
             write_common(tmp)
-            _fsync_tree(tmp)
-            _rename_into_place(tmp, target)
+            fsync_tree(tmp)
+            rename_into_place(tmp, target)
     if rank == 0 and keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier()
+    rt.barrier()
     return target
 
 
@@ -253,7 +202,7 @@ def _sharded_state(model: Any, optimizer: torch.optim.Optimizer) -> tuple[dict[s
     return {k: v for k, v in model_sd.items() if k in names}, optim_sd
 
 
-def _save_sharded(d: Path, model: Any, optimizer: torch.optim.Optimizer) -> None:
+def _save_sharded(d: Path, model: Any, optimizer: torch.optim.Optimizer, rt: Runtime) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -261,7 +210,7 @@ def _save_sharded(d: Path, model: Any, optimizer: torch.optim.Optimizer) -> None
     tensors = {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
     dcp.save(model_sd, storage_writer=HuggingFaceStorageWriter(str(d / "model"), save_distributed=True))
     dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(d / "optimizer"), save_distributed=True))
-    if distributed.is_main():  # the hyperparameters (lr, betas, ...): the same on every rank
+    if rt.main:  # the hyperparameters (lr, betas, ...): the same on every rank
         rest = {k: v for k, v in optim_sd.items() if not isinstance(v, torch.Tensor)}
         (d / "optimizer.json").write_text(json.dumps(rest))
 
@@ -282,7 +231,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 # load
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, rt: Runtime) -> dict[str, Any]:
     """Restore weights, optimizer and RNG states; return the saved ``state.json``.
 
     Every trainable parameter of ``model`` must be in the checkpoint and every saved weight must
@@ -290,7 +239,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer) ->
     """
     try:
         state: dict[str, Any] = json.loads((path / "state.json").read_text())
-        if distributed.is_sharded(model):
+        if is_sharded(model):
             _load_sharded(path, model, optimizer)
         else:
             weights = load_file(str(path / "model.safetensors"))
@@ -305,7 +254,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer) ->
         rng = load_file(str(path / "rng.safetensors"))
     except (OSError, ValueError, KeyError) as e:
         raise SftError(f"{path}: checkpoint is unreadable ({e}); delete it to resume from an older one") from None
-    rank = distributed.rank_and_world()[0]
+    rank = rt.rank
     suffix = "" if rank == 0 else f".rank{rank}"
     torch.set_rng_state(rng.get(f"torch{suffix}", rng["torch"]))
     if torch.cuda.is_available():
@@ -345,10 +294,10 @@ def _load_sharded(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> N
                    options=StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True, strict=False))
 
 
-def full_state_dict(model: Any) -> dict[str, torch.Tensor]:
+def full_state_dict(model: Any, rt: Runtime) -> dict[str, torch.Tensor]:
     """FSDP2: the whole model's weights gathered on rank 0 (on the CPU); every rank must call it.
     Other ranks get an empty dict."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if distributed.is_main() else {}  # type: ignore[return-value]
+    return sd if rt.main else {}  # type: ignore[return-value]

@@ -30,10 +30,10 @@ from sft.models import load as models
 from sft.models.save import save_final
 from sft.reporting.run_log import RunLog, truncate_metrics, write_data_report, write_run_report
 from sft.reporting.trackers import Trackers, check_installed, open_trackers
+from sft.runtime import Runtime, start
 from sft.training import checkpoint, distributed
-from sft.training.distributed import device, is_main
 from sft.training.optim import lr_at
-from sft.training.precision import resolve_precision, train_dtype
+from sft.training.precision import train_dtype
 from sft.training.prepare import prepare_data, ready_for_training
 from sft.training.run_dir import Interrupt, PreviousRun, check_output_dir
 from sft.training.state import RunState
@@ -67,7 +67,7 @@ class Run:
     plan: list[Step]
     model: Any
     optimizer: torch.optim.Optimizer
-    device: torch.device
+    rt: Runtime  # rank, world, device, precision of this process
     pad_id: int
     start: int = 0
     best_eval: float = math.inf
@@ -105,12 +105,12 @@ def train(
     ``stop_check(step, loss)`` (used by ``sft sweep`` to prune) may return a reason to stop: the
     run then saves a checkpoint and ends without writing ``final/``.
     """
-    distributed.init()  # under torchrun: join the process group (one process: nothing)
+    rt = start(cfg)  # under torchrun: join the process group (one process: rank 0 of 1)
     # --overwrite: the old run waits in .previous-run until this one saves, and comes back if it fails first
-    with PreviousRun(Path(cfg.output_dir), overwrite, active=is_main()) as previous:
-        run = setup(cfg, resume, overwrite, progress, previous)
+    with PreviousRun(Path(cfg.output_dir), overwrite, active=rt.main) as previous:
+        run = setup(cfg, rt, resume, overwrite, progress, previous)
         if run is None:
-            distributed.shutdown()
+            rt.shutdown()
             return RunResult(Path(cfg.output_dir), 0)
         try:
             result = loop(run, progress, stop_check)
@@ -119,7 +119,7 @@ def train(
         finally:
             if run.trackers is not None:
                 run.trackers.close()
-    distributed.shutdown()  # ranks wait here while rank 0 writes final/ and the report
+    rt.shutdown()  # ranks wait here while rank 0 writes final/ and the report
     return result
 
 
@@ -127,7 +127,7 @@ def train(
 # setup
 
 
-def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: PreviousRun) -> Run | None:
+def setup(cfg: Config, rt: Runtime, resume: bool, overwrite: bool, progress: bool, previous: PreviousRun) -> Run | None:
     """Data, model, optimizer and resumed state; None when ``--resume`` finds a finished run."""
     from sft.data.pipeline import build_dataset
 
@@ -141,43 +141,42 @@ def setup(cfg: Config, resume: bool, overwrite: bool, progress: bool, previous: 
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    world = distributed.rank_and_world()[1]
-    if is_main():
-        print(f"precision: {resolve_precision(cfg)}", flush=True)
+    world = rt.world
+    if rt.main:
+        print(f"precision: {rt.precision}", flush=True)
         if world > 1:
             print(f"processes: {world} | global batch {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} = "
                   f"{cfg.train.batch_size * cfg.train.grad_accum * world} "
                   f"{'packed rows' if cfg.data.packing else 'sequences'} per step", flush=True)
-    if not distributed.is_node_main():
-        distributed.barrier()  # each node's first process tokenizes and fills its cache; the others read it
-    prepared = prepare_data(cfg, cfg.train.max_steps)  # data: validated before any weights load
-    has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
-    held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
-    eval_examples = build_dataset(cfg, prepared.tokenizer, held).examples if has_eval or held == "dev" else []
-    ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
-    if distributed.is_node_main():
-        distributed.barrier()
+    # each node's first process (LOCAL_RANK 0) tokenizes and fills its cache; the others read it
+    with rt.rank_zero_first(per_node=True):
+        prepared = prepare_data(cfg, cfg.train.max_steps, rt)  # data: validated before any weights load
+        has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
+        held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
+        eval_examples = build_dataset(cfg, prepared.tokenizer, held).examples if has_eval or held == "dev" else []
+        ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
     model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
     previous.set_aside()  # --overwrite: only now, with the data valid and the model loaded
     out.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+    rt.barrier()
 
     before = None
-    if cfg.eval.before_after and (has_eval or ba_split == "dev") and is_main() and not resume:
+    if cfg.eval.before_after and (has_eval or ba_split == "dev") and rt.main and not resume:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the starting model ...", flush=True)
-        before = evaluate(cfg, model.to(device()), prepared.tokenizer, prepared.data.template, base_model=None,
-                          progress=progress, split=ba_split)
+        # rank 0 alone: the other ranks wait in the barrier below, not in the evaluation's collectives
+        before = evaluate(cfg, model.to(rt.device), prepared.tokenizer, prepared.data.template, base_model=None,
+                          progress=progress, split=ba_split, rt=rt.alone())
         atomic_write_text(out / "before.json", json.dumps(before, indent=1))
-    distributed.barrier()  # the other ranks wait for rank 0's "before" evaluation
-    model, optimizer = ready_for_training(cfg, model, device())
-    module, optimizer = distributed.wrap(cfg, model, optimizer)  # one process: (model, optimizer)
+    rt.barrier()  # the other ranks wait for rank 0's "before" evaluation
+    model, optimizer = ready_for_training(cfg, model, rt)
+    module, optimizer = distributed.wrap(cfg, rt, model, optimizer)  # one process: (model, optimizer)
     run = Run(cfg, out, prepared.tokenizer, prepared.data, eval_examples, prepared.plan, model, optimizer,
-              device(), prepared.pad_id, before=before, module=module)
+              rt, prepared.pad_id, before=before, module=module)
     if resume:
         restore(run)
-    if is_main():
+    if rt.main:
         save_config(cfg, out / "config.yaml")
         truncate_metrics(out / "metrics.jsonl", run.start)
         write_data_report(out, prepared.data.report.to_dict(), prepared.data.quality)  # for sft ui
@@ -192,15 +191,15 @@ def restore(run: Run) -> None:
     if not found:
         print(f"{root}: no complete checkpoint; starting from the beginning", flush=True)
         return
-    checkpoint.check_resume(found[-1], checkpoint.read_state(found[-1]), run.cfg)  # before any weight loads
-    state = checkpoint.load_checkpoint(found[-1], run.model, run.optimizer)
+    checkpoint.check_resume(found[-1], checkpoint.read_state(found[-1]), run.cfg, run.rt)  # before any weight loads
+    state = checkpoint.load_checkpoint(found[-1], run.model, run.optimizer, run.rt)
     if state.get("total_steps") != len(run.plan):
         raise SftError(f"{found[-1]}: the checkpoint was made for {state.get('total_steps')} steps but the "
                        f"config now gives {len(run.plan)}; resume with the same data and train settings")
     run.start = state["step"]
     run.best_eval, run.bad_evals = state.get("best_eval", math.inf), state.get("bad_evals", 0)
     run.skipped = state.get("skipped_steps", 0)
-    if is_main():
+    if run.rt.main:
         print(f"Resuming from {found[-1]} (step {run.start}/{len(run.plan)})", flush=True)
 
 
@@ -211,7 +210,7 @@ def restore(run: Run) -> None:
 def loop(run: Run, progress: bool, stop_check: Callable[[int, float], str | None] | None) -> RunResult:
     cfg, total = run.cfg, len(run.plan)
     result = RunResult(run.out, total)
-    log = RunLog(cfg, run.out, total, run.start, show=progress and is_main(), write=is_main(),
+    log = RunLog(cfg, run.out, total, run.start, show=progress and run.rt.main, write=run.rt.main,
                  trackers=run.trackers)
     with Interrupt() as interrupt:
         for step in range(run.start, total):
@@ -231,7 +230,7 @@ def loop(run: Run, progress: bool, stop_check: Callable[[int, float], str | None
             reason = stop_check(done, r.loss) if stop_check is not None else None
             periodic = bool(cfg.train.save_every and done % cfg.train.save_every == 0 and done < total)
             # every rank must agree to stop (and save) at the same step, whichever one saw the signal
-            signalled = distributed.any_rank(interrupt.signal is not None, run.device)
+            signalled = run.rt.any_rank(interrupt.signal is not None)
             if periodic or signalled or reason is not None:
                 save_checkpoint(run, done)
             if reason is not None:
@@ -253,7 +252,7 @@ def guarded_step(run: Run, step: int, lr: float) -> StepResult:
     cfg = run.cfg
     try:
         return train_step(run.module, run.optimizer, run.plan[step], run.data.examples, cfg, run.pad_id,
-                          run.device, lr)
+                          run.rt, lr)
     except torch.OutOfMemoryError:
         raise SftError(
             f"step {step + 1}: out of memory; lower train.batch_size (now {cfg.train.batch_size}) or "
@@ -284,7 +283,7 @@ def evaluate_during(run: Run, log: RunLog, done: int) -> bool:
     """Held-out loss every ``eval.every`` steps; True when early stopping says stop."""
     from sft.evaluation.heldout import heldout_loss
 
-    ev, _ = heldout_loss(run.module, run.eval_examples, run.pad_id, run.cfg)  # split over ranks
+    ev, _ = heldout_loss(run.module, run.eval_examples, run.pad_id, run.cfg, run.rt)  # split over ranks
     if ev is None:
         return False
     log.eval(done, ev, run.held_key)
@@ -302,7 +301,7 @@ def evaluate_during(run: Run, log: RunLog, done: int) -> bool:
 def save_checkpoint(run: Run, done: int) -> None:
     """Every rank calls it: DDP and one process write from rank 0, FSDP2 from every rank."""
     checkpoint.save_checkpoint(run.out / "checkpoints", done, run.model, run.optimizer, run.state(),
-                               run.cfg.train.keep_checkpoints)
+                               run.cfg.train.keep_checkpoints, run.rt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,24 +313,24 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
     from sft.evaluation.heldout import heldout_loss
     from sft.reporting.run_log import append_row
 
-    cfg, out = run.cfg, run.out
+    cfg, out, rt = run.cfg, run.out, run.rt
     last_step = result.last_step if result.stopped_early else len(run.plan)
-    final_eval = heldout_loss(run.module, run.eval_examples, run.pad_id, cfg)[0] if run.eval_examples else None
+    final_eval = heldout_loss(run.module, run.eval_examples, run.pad_id, cfg, rt)[0] if run.eval_examples else None
     model = run.model
     if distributed.is_sharded(run.model):  # FSDP2: gather the whole model on rank 0 to save final/
         from sft.training.prepare import prepare_model
 
-        full = checkpoint.full_state_dict(run.model)
-        if is_main():
+        full = checkpoint.full_state_dict(run.model, rt)
+        if rt.main:
             model = prepare_model(cfg, models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision))
             model.load_state_dict(full)
-    if not is_main():
+    if not rt.main:
         return
     if final_eval is not None:
         append_row(out / "metrics.jsonl", {"step": last_step, run.held_key: round(final_eval, 6)})
         if run.trackers is not None:
             run.trackers.log_row({"step": last_step, run.held_key: final_eval})
-    final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(device())
+    final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(rt.device)
     atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
     after = None
@@ -339,9 +338,10 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the tuned model ...", flush=True)
-        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision).to(device())
+        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision).to(rt.device)
+        # rank 0 alone: the other ranks have left for the final barrier (in rt.shutdown)
         after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress,
-                         split=cfg.eval.before_after_split)
+                         split=cfg.eval.before_after_split, rt=rt.alone())
         atomic_write_text(out / "after.json", json.dumps(after, indent=1))
         if run.trackers is not None:
             run.trackers.before_after(run.before, after)

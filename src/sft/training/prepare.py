@@ -14,10 +14,10 @@ import torch
 from sft.config import Config
 from sft.data.batching import Step, plan_steps
 from sft.errors import SftError
+from sft.lm.attention import use_padding_free, use_varlen
+from sft.lm.loss import unwrap
 from sft.models import load as models
-from sft.training.attention import use_padding_free, use_varlen
-from sft.training.distributed import rank_and_world
-from sft.training.loss import unwrap
+from sft.runtime import Runtime
 from sft.training.optim import make_optimizer
 from sft.training.precision import to_train_dtype
 
@@ -30,7 +30,7 @@ class TrainData:
     pad_id: int  # fills padding positions (masked, never trained; never an end-of-turn token)
 
 
-def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
+def prepare_data(cfg: Config, max_steps: int | None, rt: Runtime) -> TrainData:
     """Validate, tokenize and mask the training data (before any weights load) and plan the steps."""
     from sft.data.chat import lint, stop_token_ids
     from sft.data.pipeline import build_dataset
@@ -43,19 +43,19 @@ def prepare_data(cfg: Config, max_steps: int | None) -> TrainData:
         raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
     for warning in lint(tokenizer, data.template, data.examples):
         print(f"warning: {warning}", file=sys.stderr)
-    world = rank_and_world()[1]  # a step holds grad_accum micro-batches per process (global batch x world)
+    # a step holds grad_accum micro-batches per process (global batch x world)
     plan = plan_steps(
-        example_lengths(data.examples), cfg.train.batch_size, cfg.train.grad_accum * world, cfg.data.packing,
+        example_lengths(data.examples), cfg.train.batch_size, cfg.train.grad_accum * rt.world, cfg.data.packing,
         cfg.data.max_length, cfg.train.epochs, max_steps, cfg.train.seed,
     )
     return TrainData(tokenizer, data, plan, pick_pad_id(tokenizer, stop_token_ids(tokenizer, data.template)))
 
 
-def ready_for_training(cfg: Config, model: Any, device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
+def ready_for_training(cfg: Config, model: Any, rt: Runtime) -> tuple[Any, torch.optim.Optimizer]:
     """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW."""
-    model = prepare_model(cfg, to_train_dtype(model, cfg)).to(device)  # bf16: LoRA adapters stay fp32
+    model = prepare_model(cfg, to_train_dtype(model, cfg)).to(rt.device)  # bf16: LoRA adapters stay fp32
     model.train()
-    if use_padding_free(cfg, device):
+    if use_padding_free(cfg, rt.device):
         use_varlen(unwrap(model))
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)

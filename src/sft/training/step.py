@@ -8,7 +8,8 @@ Under torchrun rank r takes micro-batches r, r + world, ... of the step. DDP and
 gradients over ranks, so each rank multiplies its loss by ``world``: the average of
 ``world * sum_r_loss / n`` over ranks is ``sum_all_loss / n``, the one-process gradient. Every rank
 runs the same number of forward/backward passes (their collectives must pair up): a rank short of
-micro-batches (fewer micro-batches than ranks, a short last step) repeats one with weight 0.
+micro-batches (fewer micro-batches than ranks, a short last step) repeats one with weight 0
+(``sft.runtime.share``).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from sft.config import Config
 from sft.data.batching import Step
 from sft.data.collate import collate_packed_rows, collate_padded
 from sft.data.types import IGNORE, Example
-from sft.training.distributed import forward_loss, grad_sync, rank_and_world
-from sft.training.precision import autocast
+from sft.lm.loss import forward_loss
+from sft.runtime import Runtime
+from sft.training.distributed import grad_sync
 
 
 @dataclass
@@ -49,63 +50,58 @@ def to_batch(rows: list[list[Example]], packing: bool, pad_id: int, device: torc
 
 
 def step_batches(
-    step: Step, examples: Sequence[Example], cfg: Config, pad_id: int, device: torch.device
+    step: Step, examples: Sequence[Example], cfg: Config, pad_id: int, rt: Runtime
 ) -> tuple[list[dict[str, torch.Tensor]], int, int, list[float]]:
     """This rank's micro-batches of one optimizer step, the step's trained and real token counts
     summed over all ranks (the loss divides by the global trained count), and each batch's weight:
     1, or 0 for a repeat that only keeps this rank's collectives in step with the others."""
-    rank, world = rank_and_world()
-    micro = [m for i, m in enumerate(step) if i % world == rank]
-    batches = [to_batch([[examples[i] for i in row] for row in m], cfg.data.packing, pad_id, device)
-               for m in micro]
+    mine = rt.share(len(step))
+    built: dict[int, dict[str, torch.Tensor]] = {}
+    for i, _ in mine:
+        if i not in built:
+            built[i] = to_batch([[examples[j] for j in row] for row in step[i]], cfg.data.packing, pad_id, rt.device)
+    batches = [built[i] for i, _ in mine]
+    weights = [w for _, w in mine]
+    own = [i for i, w in mine if w]
     counts = torch.tensor(
-        [sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches),
-         sum(len(examples[i]) for m in micro for row in m for i in row)], device=device,
+        [sum(int((built[i]["labels"][:, 1:] != IGNORE).sum()) for i in own),
+         sum(len(examples[j]) for i in own for row in step[i] for j in row)], device=rt.device,
     )
-    if world > 1:
-        dist.all_reduce(counts)
-    weights = [1.0] * len(batches)
-    per_rank = math.ceil(len(step) / world)
-    if len(batches) < per_rank:  # e.g. 3 micro-batches on 2 ranks, or 1 on 2: repeat one, weight 0
-        filler = batches[-1] if batches else to_batch(
-            [[examples[i] for i in row] for row in step[0]], cfg.data.packing, pad_id, device)
-        batches += [filler] * (per_rank - len(batches))
-        weights += [0.0] * (per_rank - len(weights))
+    rt.all_reduce(counts)
     return batches, int(counts[0]), int(counts[1]), weights
 
 
 def forward_backward(
-    model: Any, batches: list[dict[str, torch.Tensor]], n_trained: int, cfg: Config,
+    model: Any, batches: list[dict[str, torch.Tensor]], n_trained: int, rt: Runtime,
     weights: list[float] | None = None,
 ) -> float:
     """Accumulate the gradients of one optimizer step; return its loss (token-mean over all ranks).
 
     ``model`` is the plain model (one process) or the DDP / FSDP2 module (``distributed.wrap``).
     """
-    world = rank_and_world()[1]
+    world = rt.world
     weights = weights or [1.0] * len(batches)
     step_loss = torch.zeros((), device=batches[0]["input_ids"].device)
     for k, (b, w) in enumerate(zip(batches, weights)):
         with grad_sync(model, sync=k == len(batches) - 1):  # DDP: one all-reduce per step
-            with autocast(cfg):
+            with rt.autocast():
                 loss_sum, _ = forward_loss(model, b)
             (loss_sum * (w * world / max(1, n_trained))).backward()
         step_loss += loss_sum.detach() * w
-    if world > 1:
-        dist.all_reduce(step_loss)
+    rt.all_reduce(step_loss)
     return float(step_loss) / max(1, n_trained)
 
 
 def train_step(
     model: Any, optimizer: torch.optim.Optimizer, step: Step, examples: Sequence[Example], cfg: Config,
-    pad_id: int, device: torch.device, lr: float,
+    pad_id: int, rt: Runtime, lr: float,
 ) -> StepResult:
     """One optimizer step at learning rate ``lr``: forward/backward over the step's micro-batches,
     clip, update. A non-finite loss or gradient norm drops the gradients and leaves the weights as they were."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    batches, n_trained, n_tokens, weights = step_batches(step, examples, cfg, pad_id, device)
-    loss = forward_backward(model, batches, n_trained, cfg, weights)
+    batches, n_trained, n_tokens, weights = step_batches(step, examples, cfg, pad_id, rt)
+    loss = forward_backward(model, batches, n_trained, rt, weights)
     tensor_tokens = sum(b["input_ids"].numel() for b, w in zip(batches, weights) if w)
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)

@@ -38,11 +38,11 @@ import torch
 
 from sft.config import Config
 from sft.errors import SftError
+from sft.lm.loss import unwrap
 from sft.models import load as models
-from sft.training.distributed import device as training_device
-from sft.training.loss import unwrap
+from sft.runtime import local, this_device
 from sft.training.optim import lr_at
-from sft.training.precision import resolve_precision, train_dtype
+from sft.training.precision import train_dtype
 from sft.training.prepare import prepare_data, ready_for_training
 from sft.training.step import train_step
 
@@ -218,7 +218,7 @@ def _cpu_flags() -> list[str]:
 
 
 def machine_info() -> Machine:
-    device = training_device()
+    device = this_device()
     return {
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
@@ -256,20 +256,21 @@ def bench(cfg: Config, steps: int) -> BenchResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    device = training_device()
+    rt = local(cfg)
+    device = rt.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    precision = resolve_precision(cfg)
+    precision = rt.precision
     total_steps = steps + 1
-    prepared = prepare_data(cfg, total_steps)
+    prepared = prepare_data(cfg, total_steps, rt)
     model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)
-    model, optimizer = ready_for_training(cfg, model, device)
+    model, optimizer = ready_for_training(cfg, model, rt)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # The same step as train()'s loop (sft.training.step.train_step), minus logging and checkpoints.
     def one_step(step: int) -> tuple[float, int, int, int]:
-        r = train_step(model, optimizer, prepared.plan[step], prepared.data.examples, cfg, prepared.pad_id, device,
+        r = train_step(model, optimizer, prepared.plan[step], prepared.data.examples, cfg, prepared.pad_id, rt,
                        lr_at(step, total_steps, cfg.train))
         return r.loss, r.tokens, r.tensor_tokens, r.trained_tokens
 

@@ -71,20 +71,21 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
     import torch
 
     from sft.models import load as models
-    from sft.training.distributed import device
+    from sft.runtime import local
     from sft.training.prepare import prepare_data, ready_for_training
     from sft.training.step import train_step
 
     torch.manual_seed(cfg.train.seed)
-    prepared = prepare_data(cfg, steps)
+    rt = local(cfg)
+    prepared = prepare_data(cfg, steps, rt)
     model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision)
-    model, optimizer = ready_for_training(cfg, model, device())
+    model, optimizer = ready_for_training(cfg, model, rt)
     lrs = range_lrs(steps, start, end)
     losses: list[float] = []
     smoothed: list[float] = []
     for step, lr in enumerate(lrs):
         r = train_step(model, optimizer, prepared.plan[step], prepared.data.examples, cfg, prepared.pad_id,
-                       device(), lr)
+                       rt, lr)
         losses.append(r.loss)
         smoothed = ema(losses, beta) if math.isfinite(losses[-1]) else [*smoothed, math.inf]
         print(f"lr-find {step + 1}/{steps} | lr {lr:.1e} | loss {losses[-1]:.4f} | smoothed {smoothed[-1]:.4f}",

@@ -1,6 +1,6 @@
 """Padding-free (cu_seqlens) attention: packed rows flattened to one sequence give each document
 the logits it gets alone, for Llama and Gemma 3 (sliding window); a control in which one document
-can see another fails that check. Runs the CPU path of sft.training.attention (per-document SDPA);
+can see another fails that check. Runs the CPU path of sft.lm.attention (per-document SDPA);
 the CUDA kernel call (torch's varlen_attn) is exercised only on a GPU (bench/gpu_side_by_side.py)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from sft.training import attention
-from sft.training.loss import token_loss_sum
+from sft.lm import attention
+from sft.lm.loss import token_loss_sum
 
 DOCS = (37, 5, 20, 2)  # row 1: docs of 37 and 5 (+ 6 padding), row 2: 20 and 2 (+ 26 padding)
 

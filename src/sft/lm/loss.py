@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from sft.data.types import IGNORE
-from sft.training.attention import flatten_packed, is_varlen
+from sft.lm.attention import flatten_packed, is_varlen
 
 # Bytes of fp32 logits allowed per chunk: 256 MiB -> 256 tokens at Gemma's 262k vocabulary.
 CHUNK_BYTES = 256 * 1024 * 1024
@@ -132,3 +133,26 @@ def token_loss_sum(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     weight = lm.get_output_embeddings().weight
     return linear_cross_entropy_sum(hidden, weight, targets[keep], softcap=softcap), count
+
+
+class LossModule(torch.nn.Module):
+    """The causal LM with the training loss as its ``forward(batch) -> (CE sum, trained tokens)``.
+
+    The chunked cross-entropy calls the decoder and the output head directly, so DDP and FSDP2
+    wrap this module: their forward hooks (DDP's gradient-sync bookkeeping, FSDP2's all-gather
+    of the root's embeddings, norm and head) then cover the whole loss computation.
+    """
+
+    def __init__(self, lm: Any) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return token_loss_sum(self.lm, batch)
+
+
+def forward_loss(module: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(CE sum, trained tokens) of ``batch`` through the wrapper when there is one."""
+    if isinstance(module, (LossModule, DistributedDataParallel)):
+        return module(batch)  # type: ignore[no-any-return]
+    return token_loss_sum(module, batch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sft.training.loss import linear_cross_entropy_sum, token_loss_sum
+from sft.lm.loss import linear_cross_entropy_sum, token_loss_sum
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0])

@@ -14,7 +14,7 @@ sft's template code), and report per quant:
 
     python bench/export_agreement.py RUN_DIR [--quants f16,q8_0,q4_k_m] [--prompts eval.jsonl] [--n 10]
 
-The slow tests (tests/models/test_export.py) call ``measure`` and assert on its numbers.
+The slow tests (tests/export/test_export.py) call ``measure`` and assert on its numbers.
 """
 
 from __future__ import annotations

@@ -96,9 +96,8 @@ def violations(found: list[Import]) -> list[str]:
         elif any(under(m, p) for p in ("sft.evaluation", "sft.models", "sft.export", "sft.lm")):
             if under(t, "sft.training") or under(t, "sft.tuning"):
                 why = "evaluation, models, export and lm never import training or tuning"
-        elif m in LEAVES:
-            if under(t, "sft") and not any(under(t, p) for p in ("sft.config", "sft.errors")):
-                why = "runtime and atomic are leaves: only sft.config and sft.errors"
+        elif m in LEAVES and under(t, "sft") and not any(under(t, p) for p in ("sft.config", "sft.errors")):
+            why = "runtime and atomic are leaves: only sft.config and sft.errors"
         if why:
             bad.append(f"{m}:{imp.line} imports {t} ({why})")
     return bad
@@ -134,7 +133,7 @@ def cycles(found: list[Import], modules: set[str]) -> list[list[str]]:
         state[m] = 1
         for t in sorted(graph.get(m, ())):
             if state.get(t) == 1:
-                out.append(path[path.index(t):] + [m, t] if t in path else [m, t])
+                out.append([*path[path.index(t):], m, t] if t in path else [m, t])
             elif t not in state:
                 visit(t, [*path, m])
         state[m] = 2

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sft.config import Config
-from sft.errors import SftError
+from sft.errors import NonFiniteLoss, SftError
 from sft.reporting.sweep_report import choose
 from sft.training.loop import RunResult
 from sft.tuning.lr_find import propose_grid, range_lrs
@@ -182,7 +182,8 @@ class FakeTrain:
         result = RunResult(out, total)
         for step in range(start + 1, total + 1):
             if self.nan_for == lr and step == 3:
-                raise SftError(f"step {step}: loss is nan. Likely causes: learning rate too high")
+                raise NonFiniteLoss(f"step {step}: loss is nan. Likely causes: learning rate too high", step, "loss",
+                                    math.nan)
             loss = 2.0 - 0.1 * step * lr * 1e4 if lr <= 1e-3 else 2.0 * 1.4**step
             with metrics.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": loss, "elapsed_s": step * 0.5}) + "\n")
@@ -333,6 +334,19 @@ def test_nan_error_in_a_trial_is_recorded_as_pruned(tmp_path: Path) -> None:
     assert math.isclose(trial["params"]["train.lr"], 3e-4)
 
 
+def test_an_error_with_divergence_words_but_another_type_is_failed_not_pruned(tmp_path: Path) -> None:
+    """Control: the sweep prunes on the type, not the text; an SftError whose message reads like a
+    NaN report is a failure."""
+    path = _write_config(tmp_path, "sweep:\n  prune: false\n")
+
+    def fake(cfg: Config, **kw: Any) -> RunResult:
+        raise SftError("step 3: loss is nan. Likely causes: learning rate too high")
+
+    assert run_sweep(str(path), ["--train.lr=1e-4,3e-4"], train_fn=fake, progress=False) == 0
+    trial = json.loads((tmp_path / "out" / "trials" / "lr=3e-04" / "trial.json").read_text())
+    assert trial["status"] == "failed"
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end: the real train() on a tiny Llama with SmolLM2's tokenizer
 
@@ -419,3 +433,48 @@ def test_sweep_seeds_repeat_each_setting_and_choose_on_the_mean(tmp_path: Path) 
     assert "| lr=3e-04 | 2 | 0.75 ± 0 |" in (tmp_path / "out" / "sweep.md").read_text()
     with pytest.raises(SftError, match=r"sweep.seeds: train.seed is already a grid axis"):
         plan_trials(str(path), ["--train.seed=1,2"])
+
+
+def test_real_trials_diverging_by_nan_loss_or_infinite_gradient_norm_are_pruned(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real train(): at step 2 trial lr=1e-04 gets an infinite gradient (finite loss) and trial
+    lr=2e-04 a NaN loss; train.on_nan: stop raises NonFiniteLoss and both are recorded as pruned."""
+    import sft.training.step as step_mod
+
+    real = step_mod.forward_backward
+    calls = {"n": 0}
+
+    def poisoned(model: Any, batches: Any, n_trained: int, rt: Any, weights: Any = None) -> float:
+        loss = real(model, batches, n_trained, rt, weights)
+        calls["n"] += 1
+        if calls["n"] % 3 == 2:  # step 2 of each 3-step trial
+            if poisoned.trial == "lr=1e-04":
+                next(p for p in model.parameters() if p.grad is not None).grad.fill_(math.inf)
+                return loss
+            return math.nan
+        return loss
+
+    poisoned.trial = ""  # type: ignore[attr-defined]
+    monkeypatch.setattr(step_mod, "forward_backward", poisoned)
+    from sft.training.loop import train
+
+    def train_fn(cfg: Config, **kw: Any) -> RunResult:
+        poisoned.trial = Path(cfg.output_dir).name  # type: ignore[attr-defined]
+        calls["n"] = 0
+        return train(cfg, **kw)
+
+    rows = [_conv(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        f"model: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\n"
+        f"data:\n  train: train.jsonl\n  cache_dir: {tmp_path / 'cache'}\n  max_length: 64\n"
+        "eval:\n  split: 0.2\n"
+        "sweep:\n  prune: false\n"
+        "train:\n  max_steps: 3\n  batch_size: 2\n  warmup: 0\n  precision: fp32\n  threads: 1\n"
+    )
+    assert run_sweep(str(cfg), ["--train.lr=1e-4,2e-4"], train_fn=train_fn, progress=False) == 0
+    got = {n: json.loads((tmp_path / "out" / "trials" / n / "trial.json").read_text()) for n in ("lr=1e-04", "lr=2e-04")}
+    assert (got["lr=1e-04"]["status"], got["lr=1e-04"]["reason"]) == ("pruned", "diverged: gradient norm is inf at step 2")
+    assert (got["lr=2e-04"]["status"], got["lr=2e-04"]["reason"]) == ("pruned", "diverged: loss is nan at step 2")

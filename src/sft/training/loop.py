@@ -24,7 +24,7 @@ from sft.atomic import atomic_write_text
 from sft.config import Config, save_config, to_dict
 from sft.data.batching import Step
 from sft.data.types import Example
-from sft.errors import SftError
+from sft.errors import NonFiniteLoss, SftError
 from sft.evaluation.result import EvalResult
 from sft.models import load as models
 from sft.models.save import save_final
@@ -262,20 +262,23 @@ def guarded_step(run: Run, step: int, lr: float) -> StepResult:
 
 
 def on_nan(run: Run, step: int, r: StepResult) -> None:
-    """``train.on_nan``: ``skip`` counts the step (its gradients are already dropped); ``stop`` explains."""
+    """``train.on_nan``: ``skip`` counts the step (its gradients are already dropped); ``stop`` raises
+    ``NonFiniteLoss`` (the step, what was non-finite, its value) with the likely causes."""
     cfg = run.cfg
-    what = f"loss is {r.loss}" if not math.isfinite(r.loss) else f"gradient norm is {r.grad_norm} (loss {r.loss:.4f})"
+    bad, value = ("loss", r.loss) if not math.isfinite(r.loss) else ("gradient norm", r.grad_norm)
+    what = f"loss is {r.loss}" if bad == "loss" else f"gradient norm is {r.grad_norm} (loss {r.loss:.4f})"
     if cfg.train.on_nan == "skip":
         run.skipped += 1
         print(f"warning: step {step + 1}: {what}; step skipped ({run.skipped} so far)", file=sys.stderr)
         return
     last = checkpoint.list_checkpoints(run.out / "checkpoints")
-    raise SftError(
+    raise NonFiniteLoss(
         f"step {step + 1}: {what}. Likely causes: learning rate too high (train.lr={cfg.train.lr}), "
         "bf16 overflow (try train.precision: fp32), or broken data (check with `sft data check`). "
         + (f"Last good checkpoint: {last[-1]} (continue with --resume after changing the config). "
            if last else "No checkpoint was saved. ")
-        + "To skip such steps instead, set train.on_nan: skip"
+        + "To skip such steps instead, set train.on_nan: skip",
+        step=step + 1, what=bad, value=value,
     )
 
 

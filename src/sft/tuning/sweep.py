@@ -32,7 +32,7 @@ from sft.config import (
     to_dict,
     validate,
 )
-from sft.errors import SftError
+from sft.errors import NonFiniteLoss, SftError
 from sft.reporting.sweep_report import (
     OBJECTIVES,
     choose,
@@ -269,15 +269,6 @@ def _grace(cfg: Config, known_total: int | None) -> int:
     return max(3, warm)
 
 
-def _nan_reason(message: str) -> str | None:
-    """train() stops with an SftError on a non-finite loss (train.on_nan: stop): that is divergence."""
-    head = message.split(". ", 1)[0]
-    if "loss is nan" in head or "loss is inf" in head:
-        step, _, what = head.partition(": ")
-        return f"diverged: {what} at {step}"
-    return None
-
-
 def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, list[tuple[str, dict[str, Any], Config]]]:
     """The base config and (name, grid values, trial config) for every trial, validated up front."""
     cli_grid, plain = split_overrides(overrides)
@@ -434,9 +425,11 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
         result = None
         try:
             result = train_fn(cfg, resume=resume, progress=progress, stop_check=check if base.sweep.prune else None)
+        except NonFiniteLoss as e:  # train.on_nan: stop: a diverged trial, by type (loss or gradient norm)
+            record.update(status="pruned", reason=e.reason)
+            print(f"[{n}/{len(trials)}] {name}: pruned: {e.reason}", file=sys.stderr)
         except SftError as e:
-            reason = _nan_reason(str(e))
-            record.update(status="pruned" if reason else "failed", reason=reason or str(e))
+            record.update(status="failed", reason=str(e))
             print(f"[{n}/{len(trials)}] {name}: {record['status']}: {record['reason']}", file=sys.stderr)
         record["wall_s"] = round(float(state.get("wall_s", 0.0)) + time.perf_counter() - t0, 1)
         if cfg.eval.before_after and not shared.exists() and (out / "before.json").exists():

@@ -30,10 +30,11 @@ from typing import Any
 
 import torch
 
+from sft import runtime
 from sft.config import Config
 from sft.data.types import IGNORE, Example
 from sft.errors import SftError
-from sft.runtime import Runtime, start
+from sft.runtime import Runtime
 
 BATCH_TOKENS = 8192  # padded tokens per forward pass (fp32 activations of a 135M model: ~1 GB)
 LOGIT_ROWS = 1024  # scored positions per vocabulary projection ([1024, 49152] fp32: 200 MB)
@@ -225,7 +226,7 @@ def compute_scores(cfg: Config, scorer: str | None = None, use_cache: bool = Tru
         raise SftError("data.template: it writes no end-of-turn marker after a reply, so there is no end-of-turn "
                        "probability to score; use a chat template (chatml, gemma, llama3)")
     header = reply_header(tok, template)
-    rt = rt if rt is not None else start(cfg)
+    rt = rt if rt is not None else runtime.start(cfg)
     rank, world, dev = rt.rank, rt.world, rt.device
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = load_model(name, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=revision).to(dev).eval()
@@ -256,7 +257,7 @@ def run_score(cfg: Config, scorer: str | None = None, out: str | None = None) ->
         from sft.atomic import check_writable
 
         check_writable(Path(out).parent, "--out")
-    rt = start(cfg)
+    rt = runtime.start(cfg)
     path, scores = compute_scores(cfg, scorer, rt=rt)
     if not rt.main:
         return 0

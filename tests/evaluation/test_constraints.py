@@ -112,7 +112,7 @@ def _cfg(tmp_path, rows, metric="constraints"):
 
 @pytest.fixture()
 def stub(monkeypatch):
-    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False):
+    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False, rt=None):
         texts = [tokenizer.decode(p) for p in prompts]
         return [Generation(text=next(v for k, v in REPLIES.items() if k in t), token_ids=[1], stopped=True, stop_id=2)
                 for t in texts]

@@ -94,7 +94,7 @@ def test_score_calls_json_values():
 def test_evaluate_scores_stubbed_tool_calls(tmp_path, smol_tok, monkeypatch):
     prompts_seen: list[str] = []
 
-    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False):
+    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False, rt=None):
         out = []
         for p in prompts:
             text = tokenizer.decode(p)

@@ -104,7 +104,7 @@ def test_eval_scores_the_answer_after_the_reasoning(tmp_path, smol_tok, monkeypa
     answers = {"2 + 3": "2 + 3 = 5.", "Name?": "My name is Quill.", "Where do I live": "You live in Paris."}
     reasoning = "<think>\nThe user asks; I recall the fact and answer briefly.\n</think>\n\n"
 
-    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False):
+    def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False, rt=None):
         out = []
         for p in prompts:
             answer = next(a for q, a in answers.items() if q in tokenizer.decode(p))
@@ -128,7 +128,7 @@ def test_eval_counts_a_plain_text_marker_as_a_stop(tmp_path, smol_tok, marked, m
     ends = iter([("x", True, None, marker), ("y", False, None, None), ("z", True, smol_tok.eos_token_id, None)])
 
     def fake_generate(model, tokenizer, prompts, stop_ids, max_new_tokens, batch_size=8, progress=False,
-                      stop_strings=None):
+                      stop_strings=None, rt=None):
         seen["stop_strings"] = stop_strings
         return [Generation(t, [5], s, i, m) for (t, s, i, m), _ in zip(ends, prompts)]
 

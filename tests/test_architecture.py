@@ -5,6 +5,8 @@
   (``sft data check`` needs a tokenizer, the data path itself does not);
 - ``sft.reporting`` imports nothing from ``sft.training``, ``sft.evaluation``, ``sft.tuning`` or
   ``sft.models``: it draws what it is given;
+- ``sft.ui`` imports nothing from ``sft.training``, ``sft.evaluation``, ``sft.tuning`` or
+  ``sft.models``: it reads run folders;
 - ``sft.training`` imports nothing from ``sft.tuning``;
 - within ``sft.training`` only ``sft.training.loop`` (the recipe) imports ``sft.evaluation``;
 - ``sft.evaluation``, ``sft.models``, ``sft.export`` and ``sft.lm`` never import ``sft.training``
@@ -88,6 +90,9 @@ def violations(found: list[Import]) -> list[str]:
         elif under(m, "sft.reporting"):
             if any(under(t, p) for p in ("sft.training", "sft.evaluation", "sft.tuning", "sft.models")):
                 why = "reporting imports nothing that trains, evaluates, tunes or loads models"
+        elif under(m, "sft.ui"):
+            if any(under(t, p) for p in ("sft.training", "sft.evaluation", "sft.tuning", "sft.models")):
+                why = "ui reads run folders: it never trains, evaluates, tunes or loads models"
         elif under(m, "sft.training"):
             if under(t, "sft.tuning"):
                 why = "training does not import tuning"
@@ -169,6 +174,7 @@ def test_data_uses_models_only_lazily_through_load():
         ("sft.data", "from ..reporting.report import fmt\n", True, "sft.reporting.report.fmt"),
         ("sft.data.commands", "from sft.models.load import load_tokenizer\n", False, "sft.models.load.load_tokenizer"),
         ("sft.data.commands", "def f():\n    from sft.models.save import save_final\n", False, "sft.models.save.save_final"),
+        ("sft.ui.server", "def f():\n    from sft.training.loop import train\n", False, "sft.training.loop.train"),
         ("sft.reporting.report", "from sft import models\n", False, "sft.models"),
         ("sft.reporting.report", "class A:\n    def f(self):\n        from sft.evaluation import evaluate\n", False,
          "sft.evaluation.evaluate"),
@@ -200,6 +206,7 @@ def test_control_planted_bad_imports_are_caught(module, source, is_package, caug
         ("sft.evaluation.evaluate", "from sft.data.pipeline import build_dataset\n"),
         ("sft.evaluation.heldout", "from sft.runtime import Runtime\n"),  # the leaf, not training
         ("sft.runtime", "from sft.config import Config\n"),
+        ("sft.ui.server", "def f():\n    from sft.data.commands import preview_items\n"),  # the data page
     ],
 )
 def test_control_allowed_imports_pass(module, source):

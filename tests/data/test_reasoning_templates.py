@@ -19,6 +19,7 @@ trained exactly once, after exactly the inference prompt, and nothing else is tr
 from __future__ import annotations
 
 import copy
+import io
 import json
 from typing import Any
 
@@ -282,3 +283,25 @@ def test_template_kwargs_errors(smol_tok):
         resolve_template("chatml", smol_tok, ".", {"bad-name": True})
     with pytest.raises(SftError, match=r"data.template_kwargs.x: \[1\] is not a string, number, boolean or null"):
         resolve_template("chatml", smol_tok, ".", {"x": [1]})
+
+
+def test_readme_worked_example_preview(tmp_path, monkeypatch, smol_tok):
+    """The README's `sft data preview examples/reasoning/r1.yaml -n 6` lines, and qwen3.yaml's."""
+    from sft.config import load_config
+    from sft.data import commands
+
+    monkeypatch.setattr(commands, "_tokenizer", lambda cfg: smol_tok)  # the model's own, already loaded
+    examples = TEMPLATES.parents[2] / "examples" / "reasoning"
+    shown = {}
+    for name in ("r1", "qwen3"):
+        cfg = load_config(examples / f"{name}.yaml")
+        cfg.data.cache_dir = str(tmp_path / name)
+        out = io.StringIO()
+        assert commands.preview(cfg, n=6, stream=out, color=False) == 0
+        shown[name] = out.getvalue()
+    r1 = "\n".join(line for line in shown["r1"].splitlines() if line)
+    assert ("<|im_start|><｜User｜>What is 17 * 3?<｜Assistant｜>51.<｜end▁of▁sentence｜><｜User｜>And plus 9?"
+            "<｜Assistant｜><think>\n[[51 + 9 = 60.\n</think>\n60.<｜end▁of▁sentence｜>]]") in r1
+    assert "<|im_start|><｜User｜>Say hello.<｜Assistant｜><think>\n[[\n</think>\nHello!<｜end▁of▁sentence｜>]]" in r1
+    assert ("<|im_start|>assistant\n51.<|im_end|>\n<|im_start|>user\nAnd plus 9?<|im_end|>\n<|im_start|>assistant\n"
+            "[[<think>\n51 + 9 = 60.\n</think>\n\n60.<|im_end|>]]") in shown["qwen3"]

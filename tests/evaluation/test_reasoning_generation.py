@@ -116,6 +116,9 @@ def test_eval_scores_the_answer_after_the_reasoning(tmp_path, smol_tok, monkeypa
     assert r["task_accuracy"] == pytest.approx(2 / 3)  # Paris is wrong
     thought = len(smol_tok("The user asks; I recall the fact and answer briefly.", add_special_tokens=False)["input_ids"])
     assert r["mean_reasoning_tokens"] == pytest.approx(thought)
+    from sft.evaluation.evaluate import summary
+
+    assert f"reasoning tokens {thought:.1f} (mean; scores use the answer after it)" in summary(r)
     assert not score(reasoning + "2 + 3 = 5.", "2 + 3 = 5.", "exact")  # control: the whole reply fails
 
 
@@ -158,16 +161,16 @@ def test_cut_at_text(smol_tok):
 
 
 def test_chat_view_shows_reasoning_apart_or_hides_it():
-    pieces = ["<thi", "nk>\nLet me", " think.</th", "ink>\n\nIt is", " 4.MAR", "KER junk"]
+    pieces = ["<thi", "nk>\nLet me", " think.\n</th", "ink>", "\n\nIt is", " 4.MAR", "KER junk"]
     shown = io.StringIO()
     view = ChatView(["MARKER"], opened=False, hide=False, out=shown)
     for p in pieces:
         view.feed(p)
     view.close()
-    assert shown.getvalue() == "\x1b[2m(thinking) \nLet me think.\x1b[0m\nIt is 4.\n"
+    assert shown.getvalue() == "\x1b[2m(thinking) Let me think.\x1b[0m\nIt is 4.\n"
     hidden = io.StringIO()
     view = ChatView(["MARKER"], opened=False, hide=True, out=hidden)
     for p in pieces:
         view.feed(p)
     view.close()
-    assert hidden.getvalue() == "(thinking hidden) \nIt is 4.\n"
+    assert hidden.getvalue() == "(thinking hidden)\nIt is 4.\n"

@@ -369,6 +369,8 @@ def summary(result: EvalResult) -> str:
         f"response tokens  {show('mean_response_tokens', 'num1')} (mean)",
         f"reference ppl    {show('forgetting.reference_perplexity', 'num2')}",
     ]
+    if result.get("mean_reasoning_tokens"):  # a reasoning model: its answers were scored after the reasoning
+        lines.insert(4, f"reasoning tokens {result['mean_reasoning_tokens']:.1f} (mean; scores use the answer after it)")
     if f.get("kl_to_base") is not None:
         lines.append(f"KL to base       {show('forgetting.kl_to_base', 'num4')} nats/token")
     if result.get("tool_call_accuracy") is not None:

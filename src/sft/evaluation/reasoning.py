@@ -88,13 +88,12 @@ class ChatView:
         self.stops, self.hide, self.out = stops, hide, out or sys.stdout
         self.buf, self.done = "", False
         self.thinking = opened  # the prompt opened the block: the reply starts inside it
-        self.noted = False
+        self.trim = True  # drop whitespace at the start of the reasoning and of the answer
         if opened:
             self._note()
 
     def _note(self) -> None:
-        self.out.write("(thinking hidden) " if self.hide else "\x1b[2m(thinking) ")
-        self.noted = True
+        self.out.write("(thinking hidden)" if self.hide else "\x1b[2m(thinking) ")
 
     def feed(self, piece: str) -> None:
         if self.done:
@@ -107,15 +106,16 @@ class ChatView:
         for open_tag, close_tag in VIEW_BLOCKS:  # hold back what may be the start of a tag
             keep = max(keep, 0 if self.done else len(close_tag) - 1)
             if not self.thinking and self.buf.lstrip().startswith(open_tag):
-                self.buf, self.thinking = self.buf.lstrip()[len(open_tag):], True
+                self.buf, self.thinking, self.trim = self.buf.lstrip()[len(open_tag):], True, True
                 self._note()
             if self.thinking and close_tag in self.buf:
                 thought, _, self.buf = self.buf.partition(close_tag)
-                self._write(thought)
-                self.out.write("" if self.hide else "\x1b[0m")
-                self.out.write("\n" if self.noted else "")
-                self.thinking = False
-                self.buf = self.buf.lstrip()
+                self._write(thought.lstrip() if self.trim else thought.rstrip())
+                self.out.write("\n" if self.hide else "\x1b[0m\n")
+                self.thinking, self.trim = False, True
+        if self.trim:
+            self.buf = self.buf.lstrip()
+            self.trim = not self.buf
         cut = len(self.buf) - keep if keep else len(self.buf)
         if cut > 0:
             self._write(self.buf[:cut])

@@ -305,3 +305,25 @@ def test_readme_worked_example_preview(tmp_path, monkeypatch, smol_tok):
     assert "<|im_start|><｜User｜>Say hello.<｜Assistant｜><think>\n[[\n</think>\nHello!<｜end▁of▁sentence｜>]]" in r1
     assert ("<|im_start|>assistant\n51.<|im_end|>\n<|im_start|>user\nAnd plus 9?<|im_end|>\n<|im_start|>assistant\n"
             "[[<think>\n51 + 9 = 60.\n</think>\n\n60.<|im_end|>]]") in shown["qwen3"]
+
+
+@pytest.mark.parametrize(("family", "template_kwargs"), [("qwen3", {"enable_thinking": False}),
+                                                         ("smollm3", {"enable_thinking": False}),
+                                                         ("deepseek-v3.1", {"thinking": False})])
+def test_reasoning_rows_when_thinking_is_off_are_an_error(toks, family, template_kwargs):
+    """With thinking off the prompt closes an empty block: a reply with reasoning cannot be trained
+    as inference generates it. Control: data.reasoning: drop trains the answer."""
+    from sft.data.chat import encode_all, resolve_template
+    from sft.data.formats import parse_row
+    from sft.errors import SftError
+
+    file, tok_name = FAMILIES[family][0], FAMILIES[family][1]
+    source = resolve_template(str(TEMPLATES / file), toks[tok_name], ".", template_kwargs)
+    conv, _ = parse_row({"messages": CONVS["single"]}, "messages")
+    assert conv is not None
+    conv.source, conv.line = "t.jsonl", 4
+    with pytest.raises(SftError, match=r"t.jsonl:4: messages\[1\] has reasoning, but the template's generation "
+                                       r"prompt closes an empty reasoning block"):
+        encode_all(conv, toks[tok_name], source, "assistant")
+    (ex,) = encode_all(conv, toks[tok_name], source, "assistant", reasoning="drop")
+    assert toks[tok_name].decode([t for t in ex.labels if t != IGNORE]).startswith("Yes, 17 is prime.")

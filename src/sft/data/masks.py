@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Any
 
 from sft.data.reasoning import (
+    closes_empty_block,
     kept_reasoning,
     open_reasoning,
     reasoning_field,
@@ -253,6 +254,12 @@ def turn_texts(
         end = turn_region(text, start, marker)
         m = messages[i]
         opened = open_reasoning(prompt) if m.role == "assistant" else None
+        if m.role == "assistant" and m.reasoning and i in kept_reasoning(messages, reasoning, i) \
+                and closes_empty_block(prompt):
+            raise SftError(
+                f"{where}: messages[{i}] has reasoning, but the template's generation prompt closes an empty "
+                f"reasoning block ({prompt[-24:]!r}: thinking is off), so inference never asks for it; enable "
+                "thinking in data.template_kwargs, or drop the reasoning (data.reasoning: drop)")
         if opened is not None:
             shown = m.reasoning if i in kept_reasoning(messages, reasoning, i) else None
             if not text.startswith(prompt) or not renders_block(text[start:end], shown, opened[2]):

@@ -85,6 +85,16 @@ def open_reasoning(prompt: str) -> tuple[str, str, str] | None:
     return None
 
 
+def closes_empty_block(prompt: str) -> bool:
+    """Whether a generation prompt ends with an empty, closed reasoning block (Qwen3 and SmolLM3
+    with ``enable_thinking: false``, DeepSeek-V3.1 without ``thinking``): no reasoning is asked for.
+
+    >>> closes_empty_block("<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n"), closes_empty_block("<think>\\n")
+    (True, False)
+    """
+    return any(re.search(re.escape(o) + r"\s*" + re.escape(c) + r"\s*$", prompt) for o, c in _OPENERS.items())
+
+
 def renders_block(turn: str, reasoning: str | None, close: str) -> bool:
     """Whether a rendered turn already holds the reasoning block's end (and the reasoning)."""
     if reasoning is not None and reasoning.strip():

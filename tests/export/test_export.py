@@ -23,7 +23,7 @@ import torch
 from sft.errors import SftError
 from sft.export import run as ex
 from sft.export.gguf import check_architecture, stage
-from sft.export.ollama import GO_TEMPLATES, Family, identify, modelfile
+from sft.export.ollama import GO_TEMPLATES, GO_TOOL_TEMPLATES, Family, identify, modelfile
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -52,32 +52,31 @@ def _template(name: str, tok) -> str:
 
 def test_modelfile_chatml_exact(smol_tok):
     text, fam = modelfile("m-q8_0.gguf", _template("chatml", smol_tok), smol_tok, ["<|im_end|>"])
-    assert fam == Family("chatml", None)
-    body = text.split("\n", 2)[2]  # after the two comment lines
-    assert body == (
-        'FROM ./m-q8_0.gguf\n'
-        'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-        '{{ end }}<|im_start|>assistant\n"""\n'
-        'PARAMETER stop "<|im_end|>"\n'
-    )
+    assert fam == Family("chatml", None, tools=True)
+    comments, body = text.split("\n", 2)[1], text.split("\n", 2)[2]  # after the two comment lines
+    assert body == f'FROM ./m-q8_0.gguf\nTEMPLATE """{GO_TOOL_TEMPLATES["chatml"]}"""\nPARAMETER stop "<|im_end|>"\n'
+    assert "with tools, tool calls and results" in comments
+    assert ".Tools" in body and ".ToolCalls" in body
     with_system, _ = modelfile("m.gguf", _template("chatml", smol_tok), smol_tok, ["<|im_end|>"], system="Be brief.")
     assert 'SYSTEM """Be brief."""\n' in with_system
 
 
 def test_smollm2_template_is_chatml_with_its_default_system(smol_tok):
-    assert identify(smol_tok.chat_template, smol_tok) == Family("chatml", SMOL_SYSTEM)
+    # SmolLM2's own template has no tool calls: the plain translation, and the Modelfile says so
+    assert identify(smol_tok.chat_template, smol_tok) == Family("chatml", SMOL_SYSTEM, tools=False)
     text, _ = modelfile("m.gguf", smol_tok.chat_template, smol_tok, ["<|im_end|>"])
     assert f'SYSTEM """{SMOL_SYSTEM}"""' in text
+    assert "not translated: tools/tool calls" in text and f'TEMPLATE """{GO_TEMPLATES["chatml"]}"""' in text
     text, _ = modelfile("m.gguf", smol_tok.chat_template, smol_tok, ["<|im_end|>"], system="Answer in French.")
     assert 'SYSTEM """Answer in French."""' in text and SMOL_SYSTEM not in text  # data.system wins
 
 
 def test_gemma_and_llama3_are_translated(gemma_tok, smol_tok):
     text, fam = modelfile("g.gguf", _template("gemma", gemma_tok), gemma_tok, ["<end_of_turn>", "<eos>"])
-    assert fam == Family("gemma", None)
+    assert fam == Family("gemma", None, tools=False)  # sft's gemma writes calls as bare JSON: not translated
     assert 'PARAMETER stop "<end_of_turn>"\nPARAMETER stop "<eos>"\n' in text
     assert "<start_of_turn>model" in text and "<bos>" not in text  # llama.cpp adds BOS (add_bos_token)
-    assert identify(_template("llama3", smol_tok), smol_tok) == Family("llama3", None)
+    assert identify(_template("llama3", smol_tok), smol_tok) == Family("llama3", None, tools=True)
 
 
 def test_other_templates_fail_clearly(smol_tok):
@@ -156,6 +155,166 @@ def test_go_templates_render_like_the_jinja_ones(family, smol_tok, gemma_tok, tm
     assert json.loads(r.stdout) == want
     # Control: the same harness notices a one-character difference.
     assert json.loads(r.stdout)[0].replace("\n", " ", 1) != want[0]
+
+
+_GO_TOOLS_RENDER = r"""
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+// Ollama's template values: messages with tool calls, and tools; both print as JSON (Go's encoder).
+type JSON map[string]any
+
+func (j JSON) String() string { b, _ := json.Marshal(map[string]any(j)); return string(b) }
+
+type Function struct {
+	Name      string
+	Arguments JSON
+}
+type ToolCall struct{ Function Function }
+type Message struct {
+	Role, Content string
+	ToolCalls     []ToolCall
+}
+type Case struct {
+	Messages []Message
+	Tools    []JSON
+}
+
+func main() {
+	var in struct {
+		Template string
+		Cases    []Case
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("m").Parse(in.Template))
+	var out []string
+	for _, c := range in.Cases {
+		var b []byte
+		w := &buf{&b}
+		if err := t.Execute(w, map[string]any{"Messages": c.Messages, "Tools": c.Tools}); err != nil {
+			panic(err)
+		}
+		out = append(out, string(b))
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+
+type buf struct{ b *[]byte }
+
+func (w *buf) Write(p []byte) (int, error) { *w.b = append(*w.b, p...); return len(p), nil }
+"""
+
+
+def _json_canonical(text: str) -> str:
+    """``text`` with each JSON object in it written one way (compact, keys sorted): Ollama prints
+    tools and arguments with Go's encoder, the Jinja templates with ``tojson``; the values must agree.
+
+    >>> _json_canonical('a {"b": 2, "a": [1, 2]} c {not json}')
+    'a {"a":[1,2],"b":2} c {not json}'
+    """
+    out, i, decoder = [], 0, json.JSONDecoder()
+    while i < len(text):
+        if text[i] == "{":
+            try:
+                value, end = decoder.raw_decode(text, i)
+            except ValueError:
+                pass
+            else:
+                out.append(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+                i = end
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def _go_run(program: str, payload: str, tmp_path: Path) -> list[str]:
+    (tmp_path / "main.go").write_text(program)
+    env = {**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOFLAGS": "-mod=mod", "GO111MODULE": "off"}
+    r = subprocess.run(["go", "run", str(tmp_path / "main.go")], input=payload, capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city (<= 7 days) & more",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}
+_TIME = {"type": "function", "function": {"name": "get_time", "description": "Local time",
+                                          "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}}}}
+
+
+def _call(name: str, **args) -> dict:
+    return {"type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _tool_cases(family: str) -> list[tuple[list[dict], list[dict] | None]]:
+    """(messages, tools): multi-turn tool conversations, as prompts for the next reply."""
+    sys_, u1 = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo for 2 days?"}
+    call = {"role": "assistant", "content": "", "tool_calls": [_call("get_weather", days=2, city="Oslo")]}
+    result = {"role": "tool", "name": "get_weather", "content": '{"sky": "clear", "temp_c": 4}'}
+    answer = {"role": "assistant", "content": "Clear and 4 C."}
+    u2 = {"role": "user", "content": "And the time in Lima?"}
+    call2 = {"role": "assistant", "content": "", "tool_calls": [_call("get_time", tz="America/Lima")]}
+    result2 = {"role": "tool", "name": "get_time", "content": "09:30"}
+    tools = [_WEATHER, _TIME]
+    cases = [
+        ([u1], tools), ([sys_, u1], tools),
+        ([u1, call, result], tools),  # the call's result: the model answers next
+        ([sys_, u1, call, result, answer, u2], tools),
+        ([sys_, u1, call, result, answer, u2, call2, result2], tools),  # two calls, two results
+        ([sys_, u1, {"role": "assistant", "content": "Hi!"}, u2], None),  # no tools: as GO_TEMPLATES
+    ]
+    if family == "chatml":  # Hermes: text before the calls, two calls in one turn, two results in a row
+        both = {"role": "assistant", "content": "Checking both.",
+                "tool_calls": [_call("get_weather", city="Oslo"), _call("get_time", tz="Europe/Oslo")]}
+        cases.append(([sys_, u1, both, result, result2], tools))
+    return cases
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="`go` is not installed (apt-get install golang-go)")
+@pytest.mark.parametrize("family", list(GO_TOOL_TEMPLATES))
+def test_go_tool_templates_render_like_the_jinja_ones(family, smol_tok, tmp_path):
+    """With Ollama's values (.Tools, .ToolCalls, tool messages), the Modelfile TEMPLATE renders
+    multi-turn tool conversations as the training template does: the same text, and JSON (tool
+    schemas, arguments) equal as values (Ollama writes it with Go's encoder, compact and sorted).
+    Controls: the plain GO_TEMPLATES drop the tools; one changed character is seen."""
+    source = _template(family, smol_tok)
+    cases = _tool_cases(family)
+    bos = "<|begin_of_text|>" if family == "llama3" else ""
+    want = []
+    for msgs, tools in cases:
+        text = smol_tok.apply_chat_template(msgs, tools=tools, chat_template=source, tokenize=False,
+                                            add_generation_prompt=True)
+        assert text.startswith(bos)
+        want.append(text[len(bos):])
+    go_cases = [{"Messages": [{"Role": m["role"], "Content": m["content"],
+                               "ToolCalls": [{"Function": c["function"]} for c in m.get("tool_calls", [])]}
+                              for m in msgs], "Tools": tools or []} for msgs, tools in cases]
+
+    def render(template: str) -> list[str]:
+        return _go_run(_GO_TOOLS_RENDER, json.dumps({"Template": template, "Cases": go_cases}), tmp_path)
+
+    got = render(GO_TOOL_TEMPLATES[family])
+    assert [_json_canonical(g) for g in got] == [_json_canonical(w) for w in want]
+    assert got[-1 if family == "llama3" else -2] == want[-1 if family == "llama3" else -2]  # no tools: byte-equal
+    assert "\\u003c=" in got[0] and "<= 7 days" in want[0]  # the JSON spelling does differ (Go escapes <)
+    # controls: without .Tools/.ToolCalls the tool conversations lose their calls; one character off is seen
+    plain = render(GO_TEMPLATES[family])
+    assert [_json_canonical(g) for g in plain][2:5] != [_json_canonical(w) for w in want][2:5]
+    tag = "<tool_response>\n" if family == "chatml" else "ipython{{ else }}"  # how a tool result is written
+    assert GO_TOOL_TEMPLATES[family].count(tag) == 1
+    off = render(GO_TOOL_TEMPLATES[family].replace(tag, tag.replace("\n", " ").replace("ipython", "ipythn")))
+    differ = [i for i, (g, w) in enumerate(zip(off, want)) if _json_canonical(g) != _json_canonical(w)]
+    assert differ == ([2, 3, 4, 6] if family == "chatml" else [2, 3, 4])  # exactly the cases with results
 
 
 # ---------------------------------------------------------------------------------------------

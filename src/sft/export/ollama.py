@@ -4,8 +4,10 @@ Ollama does not run Jinja, so the template is translated, and only where the tra
 to render the same text: the training template is recognised by *rendering* probe conversations
 with it and with sft's built-ins (chatml, gemma, llama3), so a vendor template that renders like
 one of them (SmolLM2's own ChatML with its default system prompt, say) is translated too. Anything
-else is refused with a way out. What the Go templates do not do: tools and tool calls, and the
-``| trim`` of message contents in the gemma and llama3 templates. The BOS token is not written in
+else is refused with a way out. Tools, tool calls and tool results are translated for chatml
+(Hermes/Qwen's ``<tool_call>``) and llama3 (Llama 3.1's JSON) when the training template renders a
+tool conversation as sft's own does (``GO_TOOL_TEMPLATES``), not for gemma. What the Go templates
+do not do: the ``| trim`` of message contents in the gemma and llama3 templates. The BOS token is not written in
 the template: llama.cpp (and so Ollama) adds it as the GGUF's ``add_bos_token`` says.
 """
 
@@ -47,6 +49,66 @@ GO_TEMPLATES = {
     ),
 }
 
+# The same, with Ollama's tool values (.Tools, each message's .ToolCalls with .Function.Name and
+# .Function.Arguments, "tool" messages), for the families whose sft template writes tool calls in
+# a format Ollama's clients expect: Hermes/Qwen in chatml, Llama 3.1's JSON in llama3. Without
+# tools they render as GO_TEMPLATES. Ollama prints .Function.Arguments and a tool as JSON (Go's
+# encoder: compact, keys sorted), so those JSON texts differ in spacing and key order from the
+# Jinja rendering (`tojson`), not in value. Ollama reads the model's calls by rendering a call
+# with this template and matching what comes before its JSON (<tool_call> here, nothing for Llama).
+_CHATML_TOOLS_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{{ range .Tools }}\n{{ . }}{{ end }}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+)
+_LLAMA3_TOOLS_USER = (
+    "Given the following functions, please respond with a JSON for a function call with its proper "
+    "arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    'value}.Do not use variables.\n\n'
+    "{{ range $.Tools }}{{ . }}\n\n{{ end }}"
+)
+# the first message's content when it is a system message (what the Jinja templates fold in)
+_FIRST_SYSTEM = '{{ range $i, $m := .Messages }}{{ if and (eq $i 0) (eq $m.Role "system") }}{{ $m.Content }}'
+GO_TOOL_TEMPLATES = {
+    # with tools: the system prompt and the tool list in one system turn; consecutive tool results
+    # in one user turn of <tool_response> blocks; each call after the content as <tool_call>.
+    "chatml": (
+        "{{- if .Tools }}<|im_start|>system\n" + _FIRST_SYSTEM + "\n\n{{ end }}{{ end }}"
+        + _CHATML_TOOLS_SYSTEM + "{{ end }}"
+        '{{- $prev := "" }}'
+        "{{- range $i, $m := .Messages }}"
+        '{{- if and $.Tools (eq $i 0) (eq .Role "system") }}{{ continue }}{{ end }}'
+        '{{- if eq .Role "tool" }}{{ if ne $prev "tool" }}<|im_start|>user{{ end }}'
+        "\n<tool_response>\n{{ .Content }}\n</tool_response>"
+        '{{- else }}{{ if eq $prev "tool" }}<|im_end|>\n{{ end }}<|im_start|>{{ .Role }}\n{{ .Content }}'
+        "{{- range $j, $c := .ToolCalls }}{{ if or $m.Content $j }}\n{{ end }}<tool_call>\n"
+        '{"name": "{{ .Function.Name }}", "arguments": {{ .Function.Arguments }}}\n</tool_call>{{ end }}'
+        "<|im_end|>\n{{ end }}"
+        "{{- $prev = .Role }}"
+        '{{- end }}{{ if eq $prev "tool" }}<|im_end|>\n{{ end }}<|im_start|>assistant\n'
+    ),
+    # with tools: "Environment: ipython" and the system prompt in a system turn, the tool list in
+    # the first user turn, a call as the whole assistant turn, results as ipython turns.
+    "llama3": (
+        "{{- if .Tools }}<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\n"
+        + _FIRST_SYSTEM + "{{ end }}{{ end }}<|eot_id|>{{ end }}"
+        "{{- $first := true }}"
+        "{{- range $i, $m := .Messages }}"
+        '{{- if and $.Tools (eq $i 0) (eq .Role "system") }}{{ continue }}{{ end }}'
+        '<|start_header_id|>{{ if eq .Role "tool" }}ipython{{ else }}{{ .Role }}{{ end }}<|end_header_id|>\n\n'
+        '{{ if and $.Tools $first (eq .Role "user") }}' + _LLAMA3_TOOLS_USER + "{{ end }}"
+        "{{- if .ToolCalls }}{{ range .ToolCalls }}"
+        '{"name": "{{ .Function.Name }}", "parameters": {{ .Function.Arguments }}}{{ end }}'
+        "{{- else }}{{ .Content }}{{ end }}<|eot_id|>"
+        "{{- $first = false }}"
+        "{{- end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+}
+
 # Probe conversations: with and without a system prompt, one and two user turns. Contents have no
 # outer whitespace, so templates that trim contents render them as those that do not.
 _SYS = {"role": "system", "content": "You answer in one word."}
@@ -56,18 +118,30 @@ _PROBES = [
      {"role": "user", "content": "Another one?"}],
 ]
 _MARK = "\ue000SYSTEM\ue001"
+# A tool conversation: tools, a system prompt, a call, its result, an answer, a next question.
+_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}]
+_TOOL_PROBE: list[dict[str, Any]] = [
+    _SYS, {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "name": "get_weather", "content": '{"sky": "clear"}'},
+    {"role": "assistant", "content": "Clear."}, {"role": "user", "content": "And Lima?"},
+]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str  # chatml | gemma | llama3
     default_system: str | None  # the system prompt the template adds when a conversation has none
+    tools: bool = False  # writes tools, calls and results as sft's template does (GO_TOOL_TEMPLATES)
 
 
-def _render(tokenizer: Any, source: str, messages: list[dict[str, str]]) -> str | None:
+def _render(tokenizer: Any, source: str, messages: list[dict[str, Any]], tools: Any = None) -> str | None:
     try:
         return str(tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False,
-                                                 add_generation_prompt=True))
+                                                 add_generation_prompt=True, tools=tools))
     except Exception:  # the template rejects the probe: it is not this family
         return None
 
@@ -86,11 +160,13 @@ def identify(template: str, tokenizer: Any) -> Family | None:
         ref = resolve_template(name, tokenizer)
         with_system = [(_render(tokenizer, template, [_SYS, *p]), _render(tokenizer, ref, [_SYS, *p])) for p in _PROBES]
         if all(want is not None and got == want for got, want in with_system):
+            want = _render(tokenizer, ref, _TOOL_PROBE, _TOOLS)
+            tools = name in GO_TOOL_TEMPLATES and want is not None and _render(tokenizer, template, _TOOL_PROBE, _TOOLS) == want
             if all(_render(tokenizer, template, p) == _render(tokenizer, ref, p) for p in _PROBES):
-                return Family(name, None)
+                return Family(name, None, tools)
             default = _default_system(tokenizer, template, ref)
             if default is not None:
-                return Family(name, default)
+                return Family(name, default, tools)
     return None
 
 
@@ -131,11 +207,14 @@ def modelfile(gguf_name: str, template: str, tokenizer: Any, stop_tokens: list[s
             "SmolLM2's); export --to gguf and write the Modelfile's TEMPLATE yourself, or train with "
             "data.template: chatml, gemma or llama3"
         )
+    go = GO_TOOL_TEMPLATES[family.name] if family.tools else GO_TEMPLATES[family.name]
+    tools = ("tools, tool calls and results (their JSON written compactly by Ollama)" if family.tools
+             else "not translated: tools/tool calls")
     lines = [
         f"# Written by `sft export --to ollama`; the training template rendered like sft's {family.name!r}",
-        "# template and was translated; not translated: tools/tool calls, trimming of message contents.",
+        f"# template and was translated, with {tools}; not translated: trimming of message contents.",
         f"FROM ./{gguf_name}",
-        f"TEMPLATE {_quote(GO_TEMPLATES[family.name], 'template')}",
+        f"TEMPLATE {_quote(go, 'template')}",
     ]
     prompt = system if system is not None else family.default_system
     if prompt:

@@ -262,7 +262,8 @@ def _ollama(src: Source, target: Path, quant: str, work: Path) -> ExportResult:
     meta = _gguf(src, staging / gguf_name, quant, work)
     (staging / "Modelfile").write_text(text, encoding="utf-8")
     staging.rename(target)
-    print(f"  Modelfile: template translated from {family.name}, stops {', '.join(tok.convert_ids_to_tokens(stops))}",
+    print(f"  Modelfile: template translated from {family.name}{' with tools' if family.tools else ''}, "
+          f"stops {', '.join(tok.convert_ids_to_tokens(stops))}",
           file=sys.stderr, flush=True)
     return ExportResult(target, 0, 0.0, meta, command=f"ollama create {src.name} -f {target / 'Modelfile'}")
 

@@ -142,8 +142,8 @@ def dev_fraction(split: float, dev_split: float) -> float:
     """``eval.dev_split`` is a share of all training rows; the dev hold-out draws from what the
     eval hold-out left, so it takes this share of those.
 
-    >>> dev_fraction(0.1, 0.09), dev_fraction(0.0, 0.05)
-    (0.1, 0.05)
+    >>> dev_fraction(0.5, 0.25), dev_fraction(0.0, 0.05)
+    (0.5, 0.05)
     """
     return dev_split / (1.0 - split) if dev_split else 0.0
 

@@ -71,6 +71,22 @@ def test_runs_page_lists_every_run_with_its_status(tmp_path):
     assert "<td>reference_perplexity</td><td>–</td><td>12.5</td>\n<td></td><td>[11, 14]</td>" in run
 
 
+def test_running_allows_for_slow_steps_and_a_slow_start(tmp_path):
+    """A run counts as running while it has written within 3 x its slowest step (at least 2 min),
+    or within 10 min before its first step; after that, without a checkpoint, it failed."""
+    def at(name: str, steps: int, age_s: float) -> str:
+        run = write_run(tmp_path / name, steps=steps, finished=False, age_s=age_s)
+        if steps:  # steps 200 s apart, as a big model on a CPU
+            rows = [{"step": s, "loss": 1.0, "tokens": 10, "elapsed_s": 200.0 * s} for s in range(1, steps + 1)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            old = time.time() - age_s
+            os.utime(run / "metrics.jsonl", (old, old))
+        return R.status(run, R.read_metrics(run / "metrics.jsonl")[0])
+
+    assert [at("slow-a", 2, 500), at("slow-b", 2, 700)] == ["running", "failed"]
+    assert [at("start-a", 0, 500), at("start-b", 0, 700)] == ["running", "failed"]
+
+
 def test_user_text_is_escaped_everywhere(tmp_path):
     root = tmp_path / "runs"
     sample = {"prompt": f"say {EVIL}", "reference": EVIL, "reply": EVIL, "correct": False, "stopped": True}

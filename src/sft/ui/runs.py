@@ -9,6 +9,7 @@ A run directory is what ``sft train`` writes (sft.training.run_dir.RUN_FILES): `
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -18,7 +19,8 @@ from typing import Any
 
 import yaml
 
-LIVE_SECONDS = 120.0  # a run whose files changed this recently counts as running
+LIVE_SECONDS = 120.0  # a run whose files changed this recently counts as running (at least)
+FIRST_STEP_SECONDS = 600.0  # before its first step (model load, compile, a slow first step): this long
 SKIP_DIRS = {"checkpoints", "final", "adapter", "export", "tensorboard", "wandb", "mlruns", "trackio", ".previous-run"}
 HEADLINE = ("eval_loss", "task_accuracy", "stop_rate", "refusal_rate", "over_refusal_rate")
 
@@ -119,15 +121,28 @@ def checkpoint_steps(run: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in d.iterdir() if (m := re.fullmatch(r"step-(\d+)", p.name)))
 
 
+def live_window(rows: list[dict[str, Any]]) -> float:
+    """How long a run may go without writing and still count as running: 3 x its slowest step so
+    far (at least LIVE_SECONDS), or FIRST_STEP_SECONDS before its first step is logged.
+
+    >>> live_window([]), live_window([{"step": 1, "elapsed_s": 20.0}, {"step": 2, "elapsed_s": 150.0}])
+    (600.0, 390.0)
+    """
+    times = [0.0] + [float(r["elapsed_s"]) for r in rows if _num(r.get("elapsed_s")) is not None]
+    if len(times) == 1:
+        return FIRST_STEP_SECONDS
+    return max(LIVE_SECONDS, 3 * max(b - a for a, b in itertools.pairwise(times)))
+
+
 def status(run: Path, rows: list[dict[str, Any]], now: float | None = None) -> str:
-    """finished (run_state.json), running (files changed in the last LIVE_SECONDS), interrupted
+    """finished (run_state.json), running (files changed within ``live_window``), interrupted
     (stopped with a checkpoint at its last step: Ctrl-C, SIGTERM, a pruned sweep trial) or failed."""
     state = read_json(run / "run_state.json")
     if isinstance(state, dict) and state.get("status") == "finished":
         return "finished"
     now = time.time() if now is None else now
     times = [p.stat().st_mtime for p in (run / "metrics.jsonl", run / "config.yaml", run / "before.json") if p.exists()]
-    if times and now - max(times) < LIVE_SECONDS:
+    if times and now - max(times) < live_window(rows):
         return "running"
     last = max((int(r["step"]) for r in rows if "loss" in r), default=0)
     trial = read_json(run / "trial.json")

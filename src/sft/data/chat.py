@@ -301,7 +301,8 @@ def end_of_turn_tokens(tokenizer: Any, template: str) -> tuple[str | None, list[
 def stop_token_ids(tokenizer: Any, template: str) -> list[int]:
     """The ids that end an assistant turn under this template, plus ``tokenizer.eos_token_id``.
 
-    A marker of several plain-text tokens has no single stop id; only EOS is returned for it.
+    A marker of several plain-text tokens has no single stop id; only EOS is returned for it
+    (generation stops on its text instead: :func:`stop_strings`).
     """
     _, ids = end_of_turn_tokens(tokenizer, template)
     out = ids if len(ids) == 1 else []
@@ -358,7 +359,7 @@ def lint(tokenizer: Any, template: str, examples: Sequence[Example] | None = Non
     elif not (len(eot_ids) == 1 and eot_ids[0] in special_ids(tokenizer)):
         warnings.append(
             f"{where}: the end-of-turn marker {marker!r} is not a special token of this tokenizer but "
-            f"{len(eot_ids)} text tokens: it is trained, but generation has no single stop id for it"
+            f"{len(eot_ids)} text tokens: it is trained, and generation (no single stop id) stops on its decoded text"
         )
     zero, no_eot, double, merged = [], [], [], []
     for ex in examples or []:

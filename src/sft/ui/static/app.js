@@ -72,10 +72,10 @@ class Feed {
   }
   points(key) {
     if (key === "tokens_per_s") {
-      const out = []; let prev = null;
+      const out = []; let prev = {elapsed_s: 0};  // step 1's time counts from the start of training
       for (const r of this.rows) {
         if (!("tokens" in r) || !isFinite(r.elapsed_s)) continue;
-        if (prev !== null && r.elapsed_s > prev.elapsed_s) out.push([r.step, r.tokens / (r.elapsed_s - prev.elapsed_s)]);
+        if (r.elapsed_s > prev.elapsed_s && (r.step === 1 || prev.step !== undefined)) out.push([r.step, r.tokens / (r.elapsed_s - prev.elapsed_s)]);
         prev = r;
       }
       return out;

@@ -114,3 +114,31 @@ def test_train_on_all_is_refused(tmp_path, tiny_dir, data_file, capsys):
     cfg = _config(tmp_path, data_file, tiny_dir, train_on="all")
     assert main(["data", "score", cfg]) == 1
     assert "train_on: all trains the prompts too" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a training run
+def test_train_with_select_reads_the_cached_scores(tmp_path, tiny_dir, data_file, capsys):
+    """End to end: `sft data score`, then `sft train` with data.select trains only the kept rows and
+    its report says what was kept and dropped."""
+    from sft.training.loop import train
+
+    cfg_path = _config(tmp_path, data_file, tiny_dir)
+    scores = [json.loads(line) for line in _score_lines(cfg_path, tmp_path)]
+    per_row: dict[int, list[float]] = {}
+    for s in scores:
+        per_row.setdefault(s["line"], []).append(s["ifd"])
+    top = sorted(per_row, key=lambda line: -sum(per_row[line]) / len(per_row[line]))[:3]  # highest mean IFD
+    over = ["--data.select.keep=3", f"--output_dir={tmp_path / 'run'}", "--train.max_steps=1", "--train.precision=fp32"]
+    capsys.readouterr()
+    train(load_config(cfg_path, over), progress=False)
+    assert "data.select: kept 3 of 9 rows by ifd" in capsys.readouterr().err
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "kept 3 of 9 rows by ifd; dropped: ifd_above 0, eot_below 0, not_selected 6" in report
+    shown = [line.split("train.jsonl:")[1].split(" ")[0] for line in report.splitlines() if "select: kept, e.g." in line]
+    assert shown == [str(line) for line in top]
+
+
+def _score_lines(cfg_path: str, tmp_path) -> list[str]:
+    out = tmp_path / "s.jsonl"
+    assert main(["data", "score", cfg_path, "--out", str(out)]) == 0
+    return out.read_text().splitlines()

@@ -3,8 +3,8 @@ TRL's preparation and the floor (render + batch-encode) side by side in the same
 
     .venv/bin/python bench/data_scale.py --n 100000 [--trl-python /tmp/trl-venv/bin/python] [--dir /tmp/data_scale]
 
-Every stage runs as its own process; its peak RSS is sampled (the process and its workers summed)
-and its ``ru_maxrss`` read. Stages: ``sft data check`` from a cold cache; again after editing one
+Every stage runs as its own process; its peak memory is sampled as the PSS of the process and its
+workers summed (shared pages counted once). Stages: ``sft data check`` from a cold cache; again after editing one
 of the three source files (only that file is re-tokenized); again warm; ``sft data tokenize`` from a
 cold cache; sft's tokenizing+masking alone (``encode_source`` over the read conversations); the
 floor; TRL's ``SFTTrainer`` dataset preparation (``dataset_num_proc`` = usable cores, in a venv
@@ -60,26 +60,28 @@ def generate(n: int, folder: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
-def tree_rss(pid: int) -> int:
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process and its workers, summed: pages that forked workers share
+    with their parent count once (summed RSS would count them in every process)."""
     import psutil
 
     try:
         p = psutil.Process(pid)
-        return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)])
+        return sum(q.memory_full_info().pss for q in [p, *p.children(recursive=True)])
     except psutil.Error:
         return 0
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run ``cmd``; wall seconds, peak RSS of its process tree (sampled every 50 ms) and its stdout."""
+    """Run ``cmd``; wall seconds, peak PSS of its process tree (sampled every 100 ms) and its stdout."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, **(env or {})}, text=True)
     peak = [0]
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], tree_rss(proc.pid))
-            time.sleep(0.05)
+            peak[0] = max(peak[0], tree_pss(proc.pid))
+            time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -88,7 +90,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]
     th.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}")
-    return {"seconds": secs, "peak_rss_mb": peak[0] / 2**20, "stdout": out}
+    return {"seconds": secs, "peak_pss_mb": peak[0] / 2**20, "stdout": out}
 
 
 def write_config(folder: Path, paths: list[Path], model: str, num_proc: str) -> Path:
@@ -164,6 +166,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--num-proc", default="auto")
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (skipped when absent)")
+    ap.add_argument("--only", default="check,edit,warm,tokenize,encode,floor,trl",
+                    help="stages to run, comma-separated (check is always run: it gives the counts)")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,23 +196,29 @@ def main() -> None:
     def run(name: str, cmd: list[str], extra_env: dict[str, str] | None = None) -> dict[str, Any]:
         r = measure(cmd, {**env, **(extra_env or {})})
         rows.append((name, r))
-        print(f"{name}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        print(f"{name}: {r['seconds']:.1f} s, peak PSS {r['peak_pss_mb']:.0f} MB", flush=True)
         return r
 
     check = [*sft, "data", "check", str(cfg), "--json"]
     r = run("sft data check, cold cache", check)
     report = json.loads(r["stdout"])
-    with paths[1].open("a") as f:  # edit one file of three
-        f.write(json.dumps(conversation(random.Random(1), args.n)) + "\n")
-    run("sft data check, one of 3 files edited", check)
-    run("sft data check, warm cache", check)
-    shutil.rmtree(folder / "cache")
-    run("sft data tokenize, cold cache", [*sft, "data", "tokenize", str(cfg), "--out", str(folder / "tok.jsonl")])
-    (folder / "tok.jsonl").unlink()
-    run("sft tokenize+mask only (encode_source)", [*me, "--stage", "encode", str(cfg)])
-    run("floor: render + batch encode", [*me, "--stage", "floor", tok_dir, *map(str, paths)])
+    only = set(args.only.split(","))
+    if "edit" in only:
+        with paths[1].open("a") as f:  # edit one file of three
+            f.write(json.dumps(conversation(random.Random(1), args.n)) + "\n")
+        run("sft data check, one of 3 files edited", check)
+    if "warm" in only:
+        run("sft data check, warm cache", check)
+    if "tokenize" in only:
+        shutil.rmtree(folder / "cache")
+        run("sft data tokenize, cold cache", [*sft, "data", "tokenize", str(cfg), "--out", str(folder / "tok.jsonl")])
+        (folder / "tok.jsonl").unlink()
+    if "encode" in only:
+        run("sft tokenize+mask only (encode_source)", [*me, "--stage", "encode", str(cfg)])
+    if "floor" in only:
+        run("floor: render + batch encode", [*me, "--stage", "floor", tok_dir, *map(str, paths)])
     trl = None
-    if args.trl_python and Path(args.trl_python).exists():
+    if "trl" in only and args.trl_python and Path(args.trl_python).exists():
         trl = run(f"TRL SFTTrainer preparation (dataset_num_proc={usable_cores()})",
                   [args.trl_python, __file__, "--stage", "trl", "--num-proc", str(usable_cores()), model_dir, tok_dir,
                    *map(str, paths)])
@@ -216,20 +226,20 @@ def main() -> None:
     n, tokens = report["conversations"], report["total_tokens"]
     table = [f"{args.n} generated conversations ({n} after edit-free check, {tokens} tokens), model {args.model}, "
              f"data.num_proc {args.num_proc}", "",
-             "| stage | seconds | conv/s | peak RSS (MB, process tree) |", "|---|---|---|---|"]
+             "| stage | seconds | conv/s | peak memory (MB, PSS of the process tree) |", "|---|---|---|---|"]
     for name, r in rows:
         secs = r["seconds"]
         inner = json.loads(r["stdout"]) if name.startswith(("sft tokenize+mask", "floor", "TRL")) else None
         if inner:  # the stage's own timer (excludes interpreter start, model and data loading)
             secs = inner["seconds"]
             name += " (own timer)"
-        table.append(f"| {name} | {secs:.1f} | {n / secs:.0f} | {r['peak_rss_mb']:.0f} |")
+        table.append(f"| {name} | {secs:.1f} | {n / secs:.0f} | {r['peak_pss_mb']:.0f} |")
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     cpu = platform.processor() or platform.machine()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n## data_scale {args.n} ({stamp})\n\nMachine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs "
             f"({usable_cores()} usable), SHARED with other sessions; `uptime` before writing: {load}.\n"
-            f"Command: `.venv/bin/python bench/data_scale.py --n {args.n}"
+            f"Command: `.venv/bin/python bench/data_scale.py --n {args.n} --only {args.only}"
             f"{' --trl-python ' + args.trl_python if trl else ''}`\n\n" + "\n".join(table) + "\n")
     print(text)
     with RESULTS.open("a") as f:

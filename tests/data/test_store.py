@@ -31,6 +31,11 @@ def cfg_for(tmp_path, paths, **data):
     return Config(data=DataConfig(train=[SourceConfig(p) for p in paths], cache_dir=str(tmp_path / "cache"), **data))
 
 
+def mapped(a):
+    """Whether ``a`` is a view of a memory-mapped file (not a copy in the heap)."""
+    return isinstance(a.base, np.memmap) and not a.flags.owndata
+
+
 def add(writer, examples, rows):
     ids = np.concatenate([np.asarray(i, np.int32) for i, _ in examples])
     trained = np.concatenate([np.asarray(m, np.uint8) for _, m in examples])
@@ -49,7 +54,7 @@ def test_store_round_trip_over_shards_and_atomic(tmp_path):
     rows = {"file": np.zeros(3, np.int32), "line": np.asarray([1, 2, 3]), "first": np.arange(4)}
     store = w.finish(rows, {"files": ["a.jsonl"], "errors": []})
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
-    assert len(store.shards) == 2 and isinstance(store.shards[0]["input_ids"], np.memmap)
+    assert len(store.shards) == 2 and mapped(store.shards[0]["input_ids"])
     ex = Examples([store], np.zeros(3), np.asarray([2, 0, 1]))
     assert [(e.input_ids, e.labels, e.line) for e in ex] == [
         ([10, 11, 12, 13], [IGNORE, IGNORE, 12, IGNORE], 3),
@@ -144,5 +149,19 @@ def test_cached_split_reads_tokens_through_memory_maps(tmp_path, smol_tok):
     build_dataset(cfg, smol_tok)
     ds = build_dataset(cfg, smol_tok)
     assert ds.report.cached and isinstance(ds.examples, Examples)
-    assert all(isinstance(s["input_ids"], np.memmap) for st in ds.examples.stores for s in st.shards)
+    assert all(mapped(s["input_ids"]) and mapped(s["trained"]) for st in ds.examples.stores for s in st.shards)
     assert ds.report.lengths == [len(e) for e in ds.examples]
+
+
+def test_lint_is_cached_with_the_train_split(tmp_path, smol_tok, monkeypatch):
+    from sft.data import chat
+    from sft.data.pipeline import lint_dataset
+
+    rows = [qa(i) for i in range(5)]  # rows 4 and 5 are cut before their end-of-turn marker
+    cfg = cfg_for(tmp_path, [write_jsonl(tmp_path / "a.jsonl", rows)], max_length=44, truncation="truncate")
+    first = build_dataset(cfg, smol_tok)
+    assert first.lint == chat.lint(smol_tok, first.template, list(first.examples))
+    assert any("2 rows never train an end-of-turn marker" in w and "a.jsonl:5" in w for w in first.lint)
+    monkeypatch.setattr(chat, "lint", lambda *a: pytest.fail("lint recomputed on a warm start"))
+    second = build_dataset(cfg, smol_tok)
+    assert second.report.cached and lint_dataset(second, smol_tok) == first.lint

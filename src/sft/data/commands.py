@@ -65,12 +65,13 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None,
     """Validate every row and report statistics and template lint; 1 when rows are invalid and
     ``data.on_invalid`` is ``error`` (the report is printed either way). ``scores`` (``sft data
     check --score``, from sft.evaluation.scoring) add their distribution and suspect rows."""
-    from sft.data.chat import end_of_turn_tokens, lint
+    from sft.data.chat import end_of_turn_tokens
+    from sft.data.pipeline import lint_dataset
 
     out = stream or sys.stdout
     tok = _tokenizer(cfg)
     ds = build_dataset(cfg, tok, "train", strict=False)
-    result = report_dict(cfg, ds.report, lint(tok, ds.template, ds.examples))
+    result = report_dict(cfg, ds.report, lint_dataset(ds, tok))
     result["quality"] = {k: ds.quality.get(k, []) for k in KINDS}  # sft.data.quality: rows that hurt tuning
     if scores is not None:
         result["quality"]["scores"] = score_summary(scores)

@@ -34,7 +34,7 @@ def save_cache(path: Path, ds: Dataset) -> None:
         return  # a store kept in memory (not cacheable): nothing on disk to point at
     report = asdict(ds.report)
     report.pop("lengths")  # the stores' offsets have them
-    meta = {"template": ds.template, "report": report, "quality": ds.quality,
+    meta = {"template": ds.template, "report": report, "quality": ds.quality, "lint": ds.lint,
             "stores": [str(s.directory.name) for s in ex.stores if s.directory is not None]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -63,7 +63,7 @@ def load_cache(path: Path) -> Dataset | None:
     rep["sources"] = [SourceStats(**s) for s in rep["sources"]]
     report = DataReport(**rep, lengths=[int(n) for n in examples.lengths])
     report.cached = True
-    return Dataset(examples, report, meta["template"], meta.get("quality") or {})
+    return Dataset(examples, report, meta["template"], meta.get("quality") or {}, meta.get("lint"))
 
 
 def select_examples(convs: list[Conversation], raw: Raw, stores: list[TokenStore], cfg: Config,

@@ -33,7 +33,8 @@ from sft.errors import SftError
 
 CACHE_VERSION = 2
 __all__ = ["DataReport", "Dataset", "SourceStats", "build_dataset", "collect_conversations", "hold_out",
-           "load_cache", "load_conversations", "save_cache", "select_examples", "tokenize_conversations"]
+           "lint_dataset", "load_cache", "load_conversations", "save_cache", "select_examples",
+           "tokenize_conversations"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +381,7 @@ def build_dataset(
     if split == "train":
         apply_quality(cfg, ds, convs)
         _say_dropped(report, strict)
+        ds.lint = chat.lint(tokenizer, template, ds.examples)
     if path is not None and (not report.invalid or cfg.data.on_invalid == "skip"):
         save_cache(path, ds)  # before data.select: the scores are read afresh on each load
     return _select(cfg, ds, tokenizer) if split == "train" else ds
@@ -399,8 +401,18 @@ def _select(cfg: Config, ds: Dataset, tokenizer: Any) -> Dataset:
     mask = np.zeros(len(ex), dtype=bool)
     mask[[loc.i for loc in kept]] = True
     ds.examples = ex.keep(mask)
+    ds.lint = None  # it covered the rows before data.select
     count_examples(ds.report, ds.examples)
     return ds
+
+
+def lint_dataset(ds: Dataset, tokenizer: Any) -> list[str]:
+    """``sft.data.chat.lint`` of the split's template and examples: cached with the train split."""
+    if ds.lint is None:
+        from sft.data.chat import lint
+
+        ds.lint = lint(tokenizer, ds.template, ds.examples)
+    return ds.lint
 
 
 @dataclass

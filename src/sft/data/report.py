@@ -75,3 +75,6 @@ class Dataset:
     report: DataReport
     template: str  # the resolved Jinja source used (saved with the model)
     quality: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # train split: sft.data.quality findings
+    # train split: sft.data.chat.lint of the template and these examples, cached with the split so a
+    # warm start does not read every example again (None: not computed; see pipeline.lint_dataset)
+    lint: list[str] | None = None

@@ -43,7 +43,8 @@ EXAMPLE_COLUMNS = {"row": np.int64, "turn": np.int32, "merged": np.int32, "trunc
 
 
 def _load(path: Path) -> np.ndarray:
-    return np.load(path, mmap_mode="r", allow_pickle=False)
+    # a plain ndarray view of the map: np.memmap's subclass hooks cost microseconds per slice
+    return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
 
 
 class StoreWriter:
@@ -156,6 +157,8 @@ class TokenStore:
 
     def locate(self, i: int) -> tuple[dict[str, np.ndarray], int]:
         """(shard, index in the shard) of example ``i``."""
+        if len(self.shards) == 1:
+            return self.shards[0], i
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.shards[s], i - int(self.starts[s])
 
@@ -205,20 +208,20 @@ class Examples(Sequence[Example]):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        store = self.stores[int(self.which[i])]
+        store = self.stores[self.which[i]]
         shard, j = store.locate(int(self.positions[i]))
-        a, b = int(shard["offsets"][j]), int(shard["offsets"][j + 1])
-        ids = np.asarray(shard["input_ids"][a:b])
-        labels = np.where(np.asarray(shard["trained"][a:b]) != 0, ids, IGNORE)
-        row = int(shard["row"][j])
+        a, b = shard["offsets"][j : j + 2].tolist()
+        ids = shard["input_ids"][a:b]
+        labels = np.where(shard["trained"][a:b] != 0, ids, IGNORE).tolist()
+        row, turn, merged = shard["row"][j].item(), shard["turn"][j].item(), shard["merged"][j].item()
         meta: dict[str, Any] = {}
-        if int(shard["turn"][j]) >= 0:
-            meta["turn"] = int(shard["turn"][j])
-        if int(shard["merged"][j]):
-            meta["merged_starts"] = int(shard["merged"][j])
+        if turn >= 0:
+            meta["turn"] = turn
+        if merged:
+            meta["merged_starts"] = merged
         files: list[str] = store.extra["files"]
-        return Example(ids.tolist(), labels.tolist(), files[int(store.rows["file"][row])],
-                       int(store.rows["line"][row]), bool(shard["truncated"][j]), meta)
+        return Example(ids.tolist(), labels, files[store.rows["file"][row].item()], store.rows["line"][row].item(),
+                       bool(shard["truncated"][j]), meta)
 
     def __iter__(self) -> Iterator[Example]:
         for i in range(len(self)):

@@ -32,8 +32,8 @@ class TrainData:
 
 def prepare_data(cfg: Config, max_steps: int | None, rt: Runtime) -> TrainData:
     """Validate, tokenize and mask the training data (before any weights load) and plan the steps."""
-    from sft.data.chat import lint, stop_token_ids
-    from sft.data.pipeline import build_dataset
+    from sft.data.chat import stop_token_ids
+    from sft.data.pipeline import build_dataset, lint_dataset
     from sft.data.store import example_lengths
     from sft.models.save import pick_pad_id
 
@@ -41,7 +41,7 @@ def prepare_data(cfg: Config, max_steps: int | None, rt: Runtime) -> TrainData:
     data = build_dataset(cfg, tokenizer, "train")
     if not data.examples:
         raise SftError("data.train: no usable training examples; run `sft data check CONFIG` to see why")
-    for warning in lint(tokenizer, data.template, data.examples):
+    for warning in lint_dataset(data, tokenizer):
         print(f"warning: {warning}", file=sys.stderr)
     # a step holds grad_accum micro-batches per process (global batch x world)
     plan = plan_steps(

@@ -381,7 +381,10 @@ def build_dataset(
     if split == "train":
         apply_quality(cfg, ds, convs)
         _say_dropped(report, strict)
-        ds.lint = chat.lint(tokenizer, template, ds.examples)
+        try:
+            ds.lint = chat.lint(tokenizer, template, ds.examples)
+        except SftError:  # left to the callers of lint_dataset, as before the cache held it
+            ds.lint = None
     if path is not None and (not report.invalid or cfg.data.on_invalid == "skip"):
         save_cache(path, ds)  # before data.select: the scores are read afresh on each load
     return _select(cfg, ds, tokenizer) if split == "train" else ds

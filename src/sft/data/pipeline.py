@@ -25,6 +25,7 @@ from sft.data import hub
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
 from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD
 from sft.data.picks import Raw, count_examples, load_cache, save_cache, select_examples
+from sft.data.progress import Progress
 from sft.data.report import MAX_LISTED, DataReport, Dataset, SourceStats
 from sft.data.sources import mix_counts, sample_rows
 from sft.data.split import Holdout, hold_out_rows
@@ -50,6 +51,7 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
     out: list[Conversation] = []
     formats: list[str] = []
     mapping = hub.column_mapping(src)
+    progress = Progress(f"read {stats.name}", None)  # rows stream in: no total, no ETA
     for file, records in hub.iter_source(src, path):  # files, Arrow shards, or a `datasets` split
         fmt: str | None = None if forced == "auto" else forced
         for rec in records:
@@ -65,6 +67,7 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
                 else:
                     conv, problems = parse_row(value, fmt, cfg.data.system)
             stats.rows += 1
+            progress.update(1)
             if conv is None:
                 stats.invalid += 1
                 for p in problems:
@@ -77,6 +80,7 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
         if (fmt or forced) not in formats:
             formats.append(fmt or forced)
     stats.format = "+".join(formats)
+    progress.close()
     return out
 
 
@@ -328,7 +332,10 @@ def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation]) -> None:
     lengths = {k: n // times[k] for k, n in trained.items() if times[k]}
     cut = {key for key, t in zip(keys, ex.per_example("truncated").tolist()) if t}
     settings = quality.QualitySettings(q.near_duplicate_threshold, tuple(q.boilerplate))
+    progress = Progress("quality", len(convs))
     ds.quality = quality.find_problems(convs, evals, settings, lengths, cut)
+    progress.update(len(convs))
+    progress.close()
     r = ds.report
     r.quality_counts = quality.counts(ds.quality)
     drop = quality.rows_to_drop(ds.quality, q.drop)

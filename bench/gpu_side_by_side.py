@@ -100,7 +100,7 @@ def count_params(model: Any) -> int:
 def child_sft(a: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "src"))
     from sft.config import load_config
-    from sft.tuning.bench import bench
+    from sft.training.throughput import bench
 
     cfg = load_config(None, [
         f"--model={a.model_dir}", f"--data.train={a.assets / 'alpaca.json'}", f"--output_dir={a.work / 'sft-out'}",
@@ -320,7 +320,7 @@ def main() -> int:
             print(json.dumps(r), flush=True)
             rows.append(r)
     sys.path.insert(0, str(ROOT / "src"))
-    from sft.tuning.bench import gpu_spec_peak
+    from sft.training.throughput import gpu_spec_peak
 
     peak = gpu_spec_peak(info["device"])
     text = table(rows, peak)

@@ -178,7 +178,7 @@ def test_data_uses_models_only_lazily_through_load():
         ("sft.reporting.report", "from sft import models\n", False, "sft.models"),
         ("sft.reporting.report", "class A:\n    def f(self):\n        from sft.evaluation import evaluate\n", False,
          "sft.evaluation.evaluate"),
-        ("sft.training.step", "from sft.tuning.bench import run_bench\n", False, "sft.tuning.bench.run_bench"),
+        ("sft.training.step", "from sft.tuning.sweep import run_sweep\n", False, "sft.tuning.sweep.run_sweep"),
         ("sft.training.step", "from sft.evaluation.heldout import heldout_loss\n", False, "sft.evaluation.heldout.heldout_loss"),
         ("sft.evaluation.heldout", "from sft.training.distributed import wrap\n", False, "sft.training.distributed.wrap"),
         ("sft.evaluation.generate", "def f():\n    from sft.training import distributed\n", False,

@@ -106,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from sft.tuning.bench import run_bench
+    from sft.training.throughput import run_bench
 
     return run_bench(_config(args), steps=args.steps, as_json=args.json)
 

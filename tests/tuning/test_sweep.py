@@ -234,6 +234,30 @@ def test_sweep_prunes_chooses_and_writes_reports(tmp_path: Path) -> None:
     assert again.calls == []
 
 
+def test_sweep_reports_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that fills while sweep.json/md/html are rewritten (a second `sft sweep`, every trial
+    already done) leaves the previous reports whole and no temporary file (the OSError shows the
+    failure did hit a write)."""
+    import errno
+    import os
+
+    path = _write_config(tmp_path)
+    assert run_sweep(str(path), ["--train.lr=1e-4,3e-4"], train_fn=FakeTrain(), progress=False) == 0
+    root = tmp_path / "out"
+    before = {n: (root / n).read_text() for n in ("sweep.json", "sweep.md", "sweep.html")}
+    trial = (root / "trials" / "lr=1e-04" / "trial.json").read_text()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        run_sweep(str(path), ["--train.lr=1e-4,3e-4"], train_fn=FakeTrain(), progress=False)
+    assert {n: (root / n).read_text() for n in before} == before
+    assert (root / "trials" / "lr=1e-04" / "trial.json").read_text() == trial
+    assert not [p.name for p in root.rglob("*.tmp")]
+
+
 def test_sweep_report_says_it_chooses_on_the_set_it_reports(tmp_path: Path) -> None:
     """The sweep has no separate dev split: it picks the trial on eval.data and reports that same
     set, and every report says so (sweep.json settings.selected_on, sweep.md, sweep.html)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sft.atomic import atomic_write_text
 from sft.errors import SftError
 from sft.reporting.report import CSS, fmt, html_table, md_table, svg_chart
 
@@ -312,7 +313,7 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
                         **{side: {k: (test.get(side) or {}).get(k) for k in keep} for side in ("before", "after")}}
         test_rows = before_after_rows(test.get("before"), test.get("after"), test.get("comparison"))
     paths = [out / "sweep.json", out / "sweep.md", out / "sweep.html"]
-    paths[0].write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    atomic_write_text(paths[0], json.dumps(data, indent=1, default=str))
     md = ["# sft sweep", "", verdict, "", rules, ""] + ([start, ""] if start else []) + [
         md_table(rows, HEADER), "", "Forgetting is the relative rise of reference perplexity vs the starting model.",
         "Loss curves and the accuracy/forgetting plot are in sweep.html.", ""]
@@ -327,7 +328,7 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
     if test_rows:
         md += [f"## Test figures of {chosen} (computed once, after the choice on dev)", "",
                md_table(test_rows, BA_HEADER), ""]
-    paths[1].write_text("\n".join(md), encoding="utf-8")
+    atomic_write_text(paths[1], "\n".join(md))
     esc = html.escape
     body = ["<h1>sft sweep</h1>", f"<p><b>{esc(verdict)}</b></p>", f"<p>{esc(rules)}</p>"]
     if start:
@@ -342,5 +343,5 @@ def write_sweep_report(out: Path, trials: list[dict[str, Any]], chosen: str | No
                  html_table(test_rows, BA_HEADER)]
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>sft sweep</title>'
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    paths[2].write_text(page, encoding="utf-8")
+    atomic_write_text(paths[2], page)
     return paths

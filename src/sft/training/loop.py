@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -33,8 +32,7 @@ from sft.reporting.trackers import Trackers, check_installed, open_trackers
 from sft.runtime import Runtime, start
 from sft.training import checkpoint, distributed
 from sft.training.optim import lr_at
-from sft.training.precision import train_dtype
-from sft.training.prepare import prepare_data, ready_for_training
+from sft.training.prepare import TrainData, prepare
 from sft.training.run_dir import Interrupt, PreviousRun, check_output_dir
 from sft.training.state import RunState
 from sft.training.step import StepResult, train_step
@@ -128,19 +126,14 @@ def train(
 
 
 def setup(cfg: Config, rt: Runtime, resume: bool, overwrite: bool, progress: bool, previous: PreviousRun) -> Run | None:
-    """Data, model, optimizer and resumed state; None when ``--resume`` finds a finished run."""
-    from sft.data.pipeline import build_dataset
-
+    """Data, model, optimizer (``prepare``, shared with bench and lr-find) and resumed state; None
+    when ``--resume`` finds a finished run."""
     out = Path(cfg.output_dir)
     check_output_dir(out, resume, overwrite)
     check_installed(cfg.train.report_to)  # a missing tracker package fails before the data loads
     if resume and (out / "run_state.json").exists():
         print(f"{out}: this run already finished; nothing to resume (use --overwrite to start again)")
         return None
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
     world = rt.world
     if rt.main:
         print(f"precision: {rt.precision}", flush=True)
@@ -148,29 +141,30 @@ def setup(cfg: Config, rt: Runtime, resume: bool, overwrite: bool, progress: boo
             print(f"processes: {world} | global batch {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} = "
                   f"{cfg.train.batch_size * cfg.train.grad_accum * world} "
                   f"{'packed rows' if cfg.data.packing else 'sequences'} per step", flush=True)
-    # each node's first process (LOCAL_RANK 0) tokenizes and fills its cache; the others read it
-    with rt.rank_zero_first(per_node=True):
-        prepared = prepare_data(cfg, cfg.train.max_steps, rt)  # data: validated before any weights load
-        has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
-        held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
-        eval_examples = build_dataset(cfg, prepared.tokenizer, held).examples if has_eval or held == "dev" else []
-        ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
-    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
-    previous.set_aside()  # --overwrite: only now, with the data valid and the model loaded
-    out.mkdir(parents=True, exist_ok=True)
-    rt.barrier()
+    has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
+    held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
+    ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
+    before: EvalResult | None = None
 
-    before = None
-    if cfg.eval.before_after and (has_eval or ba_split == "dev") and rt.main and not resume:
-        from sft.evaluation.evaluate import evaluate
+    def before_training(model: Any, data: TrainData) -> None:
+        """With the data valid and the model loaded: the old run aside, the "before" evaluation."""
+        nonlocal before
+        previous.set_aside()  # --overwrite: only now, with the data valid and the model loaded
+        out.mkdir(parents=True, exist_ok=True)
+        rt.barrier()
+        if cfg.eval.before_after and (has_eval or ba_split == "dev") and rt.main and not resume:
+            from sft.evaluation.evaluate import evaluate
 
-        print("Evaluating the starting model ...", flush=True)
-        # rank 0 alone: the other ranks wait in the barrier below, not in the evaluation's collectives
-        before = evaluate(cfg, model.to(rt.device), prepared.tokenizer, prepared.data.template, base_model=None,
-                          progress=progress, split=ba_split, rt=rt.alone())
-        atomic_write_text(out / "before.json", json.dumps(before, indent=1))
-    rt.barrier()  # the other ranks wait for rank 0's "before" evaluation
-    model, optimizer = ready_for_training(cfg, model, rt)
+            print("Evaluating the starting model ...", flush=True)
+            # rank 0 alone: the other ranks wait in the barrier below, not in the evaluation's collectives
+            before = evaluate(cfg, model.to(rt.device), data.tokenizer, data.data.template, base_model=None,
+                              progress=progress, split=ba_split, rt=rt.alone())
+            atomic_write_text(out / "before.json", json.dumps(before, indent=1))
+        rt.barrier()  # the other ranks wait for rank 0's "before" evaluation
+
+    prepared = prepare(cfg, rt, cfg.train.max_steps, held if has_eval or held == "dev" else None, before_training)
+    model, optimizer = prepared.model, prepared.optimizer
+    eval_examples = prepared.eval_examples
     module, optimizer = distributed.wrap(cfg, rt, model, optimizer)  # one process: (model, optimizer)
     run = Run(cfg, out, prepared.tokenizer, prepared.data, eval_examples, prepared.plan, model, optimizer,
               rt, prepared.pad_id, before=before, module=module)

@@ -1,25 +1,35 @@
-"""What every stepping command (train, bench, lr-find) prepares the same way: the tokenized data
-and its plan of steps, and the model as training needs it (full or LoRA, frozen embeddings,
-checkpointing, NEFTune, compile) with its optimizer."""
+"""THE setup of every stepping command: ``prepare()`` is what `sft train`, `sft bench` and
+`sft lr-find` (and `sft sweep`, through train) call, so threads, seeds, data, precision, model
+loading, device placement and compile cannot drift between them.
+
+    prepare()            threads and seeds; data (each node's first process tokenizes first) and its
+                         plan of steps; the model in the training dtype; ready_for_training
+    prepare_data()       tokenized data (validated before any weights load) and the plan of steps
+    ready_for_training() the model as training needs it (full or LoRA, frozen embeddings,
+                         checkpointing, NEFTune, compile) on the runtime's device, with its optimizer
+"""
 
 from __future__ import annotations
 
 import math
+import random
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sft.config import Config
 from sft.data.batching import Step, plan_steps
+from sft.data.types import Example
 from sft.errors import SftError
 from sft.lm.attention import use_padding_free, use_varlen
 from sft.lm.loss import unwrap
 from sft.models import load as models
 from sft.runtime import Runtime
 from sft.training.optim import make_optimizer
-from sft.training.precision import to_train_dtype
+from sft.training.precision import to_train_dtype, train_dtype
 
 
 @dataclass
@@ -49,6 +59,52 @@ def prepare_data(cfg: Config, max_steps: int | None, rt: Runtime) -> TrainData:
         cfg.data.max_length, cfg.train.epochs, max_steps, cfg.train.seed,
     )
     return TrainData(tokenizer, data, plan, pick_pad_id(tokenizer, stop_token_ids(tokenizer, data.template)))
+
+
+@dataclass
+class Prepared:
+    """What a stepping command steps: ``prepare_data``'s data, the model ready for ``train_step``
+    (on ``rt.device``, in the training dtype) and its optimizer."""
+
+    tokenizer: Any
+    data: Any  # sft.data.pipeline.Dataset
+    plan: list[Step]
+    pad_id: int
+    model: Any
+    optimizer: torch.optim.Optimizer
+    eval_examples: Sequence[Example] = field(default_factory=list)
+
+
+def seed_and_threads(cfg: Config) -> None:
+    """``train.threads`` and ``train.seed`` (torch's and Python's generators) for this process."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+
+
+def prepare(
+    cfg: Config, rt: Runtime, max_steps: int | None, eval_split: str | None = None,
+    before_training: Callable[[Any, TrainData], None] | None = None,
+) -> Prepared:
+    """The one setup of train, bench and lr-find: threads and seeds, the data and its plan
+    (``max_steps`` steps at most; ``eval_split`` "eval" or "dev" also builds those held-out
+    examples), the model loaded in the training dtype and made ready for training on ``rt.device``.
+
+    ``before_training(model, data)`` runs on the loaded model before it is adapted for training
+    (``sft train``: put an --overwrite run aside, evaluate the starting model).
+    """
+    from sft.data.pipeline import build_dataset
+
+    seed_and_threads(cfg)
+    with rt.rank_zero_first(per_node=True):  # each node's first process tokenizes and fills its cache
+        data = prepare_data(cfg, max_steps, rt)  # data: validated before any weights load
+        eval_examples = build_dataset(cfg, data.tokenizer, eval_split).examples if eval_split else []
+    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
+    if before_training is not None:
+        before_training(model, data)
+    model, optimizer = ready_for_training(cfg, model, rt)
+    return Prepared(data.tokenizer, data.data, data.plan, data.pad_id, model, optimizer, eval_examples)
 
 
 def ready_for_training(cfg: Config, model: Any, rt: Runtime) -> tuple[Any, torch.optim.Optimizer]:

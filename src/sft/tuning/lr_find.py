@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from sft.atomic import atomic_write_text
 from sft.config import Config
 from sft.errors import SftError
 from sft.tuning.sweep import format_value
@@ -68,18 +69,13 @@ def propose_grid(lrs: list[float], smoothed: list[float], n: int = 4, factor: fl
 def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 1e-1, beta: float = 0.8) -> int:
     """Train ``steps`` steps with the rate rising from ``start`` to ``end``; stop when the smoothed
     loss exceeds 4x its best; write ``output_dir/lr_find.json`` and print a `sft sweep` grid."""
-    import torch
-
-    from sft.models import load as models
     from sft.runtime import local
-    from sft.training.prepare import prepare_data, ready_for_training
+    from sft.training.prepare import prepare
     from sft.training.step import train_step
 
-    torch.manual_seed(cfg.train.seed)
     rt = local(cfg)
-    prepared = prepare_data(cfg, steps, rt)
-    model = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision)
-    model, optimizer = ready_for_training(cfg, model, rt)
+    prepared = prepare(cfg, rt, steps)  # the setup of sft train: threads, seeds, data, precision, model, device
+    model, optimizer = prepared.model, prepared.optimizer
     lrs = range_lrs(steps, start, end)
     losses: list[float] = []
     smoothed: list[float] = []
@@ -100,7 +96,7 @@ def run_lr_find(cfg: Config, steps: int = 30, start: float = 1e-7, end: float = 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"lrs": lrs[: len(losses)], "losses": losses, "smoothed": smoothed, "proposed_grid": grid}
-    (out / "lr_find.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
+    atomic_write_text(out / "lr_find.json", json.dumps(record, indent=1))
     print(f"Proposed grid (written to {out / 'lr_find.json'}):")
     print(f"  sft sweep CONFIG --train.lr={','.join(format_value(lr) for lr in grid)}")
     return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sft.atomic import atomic_write_text
 from sft.config import (
     Config,
     from_dict,
@@ -371,7 +372,7 @@ def figures_on_test(root: Path, name: str, cfg: Config, eval_fn: EvalFn) -> dict
     eval_fn(test_cfg, model=str(Path(cfg.output_dir) / "final"), out=str(root / "test_after.json"))
     before, after = read_json(root / "test_before.json"), read_json(root / "test_after.json")
     out = {"trial": name, "before": before, "after": after, "comparison": compare_two(before, after)}
-    path.write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
+    atomic_write_text(path, json.dumps(out, indent=1, default=str))
     return out
 
 
@@ -439,7 +440,7 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
         elif result is not None and result.stop_reason:
             record.update(status="pruned", reason=result.stop_reason)
             print(f"[{n}/{len(trials)}] {name}: pruned: {result.stop_reason}", flush=True)
-        (out / "trial.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+        atomic_write_text(out / "trial.json", json.dumps(record, indent=1, default=str))  # read back on resume
         if record["status"] == "finished":
             finished[name] = _curve(_losses(out))
             known_total = known_total or getattr(result, "steps", None)

@@ -14,7 +14,7 @@ import torch
 from sft.cli import main
 from sft.config import load_config
 from sft.training.loop import train
-from sft.tuning.bench import KEYS, bench
+from sft.training.throughput import KEYS, bench
 
 
 def make_cfg(tiny_dir: Path, data_file: Path, out: Path, *extra: str):

@@ -1,9 +1,10 @@
 """`sft bench CONFIG [--steps N] [--json]`: throughput and memory of the real training path.
 
-The steps run exactly what ``train()`` runs (same plan of batches, same collate, loss, autocast,
+The setup is ``train()``'s (``sft.training.prepare.prepare``: threads, seeds, data, precision,
+model, device, compile) and the steps run exactly what ``train()`` runs (same plan of batches, same collate, loss, autocast,
 clipping, AdamW and learning-rate schedule): ``cfg.train.max_steps`` is set to ``steps + 1`` so
 the plan and the schedule equal those of ``sft train`` with ``--train.max_steps=N+1``, and
-``tests/tuning/test_bench.py`` checks that the losses match. Step 1 is the warm-up (allocator, lazy
+``tests/training/test_throughput.py`` checks that the losses match. Step 1 is the warm-up (allocator, lazy
 init, compilation) and is not timed; the next ``steps`` steps are.
 
 Definitions (also printed):
@@ -39,11 +40,9 @@ import torch
 from sft.config import Config
 from sft.errors import SftError
 from sft.lm.loss import unwrap
-from sft.models import load as models
 from sft.runtime import local, this_device
 from sft.training.optim import lr_at
-from sft.training.precision import train_dtype
-from sft.training.prepare import prepare_data, ready_for_training
+from sft.training.prepare import prepare
 from sft.training.step import train_step
 
 
@@ -253,18 +252,14 @@ def bench(cfg: Config, steps: int) -> BenchResult:
         raise SftError(f"--steps: {steps} must be at least 1")
     t_start = time.perf_counter()
     age_at_start = _process_age_s()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
     rt = local(cfg)
     device = rt.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     precision = rt.precision
     total_steps = steps + 1
-    prepared = prepare_data(cfg, total_steps, rt)
-    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)
-    model, optimizer = ready_for_training(cfg, model, rt)
+    prepared = prepare(cfg, rt, total_steps)  # the setup of sft train: threads, seeds, data, model, device
+    model, optimizer = prepared.model, prepared.optimizer
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

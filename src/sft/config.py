@@ -172,6 +172,16 @@ class EvalConfig:
     before_after_split: Literal["eval", "dev"] = "eval"  # what before/after.json score (sft sweep trials: dev)
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
 
+    @property
+    def has_test(self) -> bool:
+        """Test rows exist: ``eval.data`` or an ``eval.split`` of the training rows."""
+        return bool(self.data) or self.split > 0
+
+    @property
+    def has_dev(self) -> bool:
+        """Dev rows exist: ``eval.dev`` or an ``eval.dev_split`` of the training rows."""
+        return bool(self.dev) or self.dev_split > 0
+
 
 @dataclass
 class SweepConfig:

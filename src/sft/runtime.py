@@ -41,7 +41,7 @@ TIMEOUT = timedelta(minutes=int(os.environ.get("SFT_DIST_TIMEOUT_MIN", "120")))
 def bf16_supported() -> bool:
     """A GPU with bf16, or a CPU with native bf16 matmuls (avx512_bf16 or AMX)."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        return bool(torch.cuda.is_bf16_supported())
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -395,18 +395,18 @@ def summary(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
-    """Load the model (``model`` overrides ``cfg.model``), evaluate, print a summary, write JSON."""
-    from sft.atomic import atomic_write_text, check_writable
+def evaluate_model(cfg: Config, model: str | None = None, rt: Runtime | None = None,
+                   progress: bool = True) -> EvalResult:
+    """Load ``model`` (a run's ``final/``, an alias or a hub ID; default ``cfg.model``) and its
+    tokenizer and evaluate it on ``cfg``'s eval data. A tuned HF directory is compared with the
+    config's base model (KL to base). ``rt``: the process group (None: this one process)."""
     from sft.data.chat import resolve_template
     from sft.models.load import load_model, load_tokenizer, resolve
 
-    if not cfg.eval.data and cfg.eval.split <= 0:
+    if not cfg.eval.has_test:
         raise SftError("eval.data: nothing to evaluate; set eval.data: path/to/eval.jsonl "
                        "(or eval.split: 0.05 to hold out training rows)")
-    dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
-    check_writable(dst.parent, "--out" if out else "output_dir")  # before minutes of evaluation
-    rt = start(cfg)  # under torchrun: loss and generation split over the ranks, rank 0 writes
+    rt = rt if rt is not None else local(cfg)
     name = model or cfg.model
     revision = cfg.revision if name == cfg.model else None  # `revision:` belongs to `model:`
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code, revision=revision)
@@ -417,8 +417,22 @@ def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> i
         # a tuned directory evaluated against the config's base model: measure drift from it
         base = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
         base = base.to(rt.device)
-    result = evaluate(cfg, lm, tokenizer, template, base_model=base, progress=rt.main, rt=rt)
+    result = evaluate(cfg, lm, tokenizer, template, base_model=base, progress=progress and rt.main, rt=rt)
     result["model"] = name
+    return result
+
+
+def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
+    """``sft eval``: evaluate (``model`` overrides ``cfg.model``), print a summary, write JSON."""
+    from sft.atomic import atomic_write_text, check_writable
+
+    if not cfg.eval.has_test:
+        raise SftError("eval.data: nothing to evaluate; set eval.data: path/to/eval.jsonl "
+                       "(or eval.split: 0.05 to hold out training rows)")
+    dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
+    check_writable(dst.parent, "--out" if out else "output_dir")  # before minutes of evaluation
+    rt = start(cfg)  # under torchrun: loss and generation split over the ranks, rank 0 writes
+    result = evaluate_model(cfg, model, rt)
     if not rt.main:
         rt.shutdown()
         return 0

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,9 +37,10 @@ from sft.training.run_dir import Interrupt, PreviousRun, check_output_dir
 from sft.training.state import RunState
 from sft.training.step import StepResult, train_step
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def has_dev(cfg: Config) -> bool:
-    return bool(cfg.eval.dev) or cfg.eval.dev_split > 0
+    from sft.data.report import Dataset
 
 
 @dataclass
@@ -59,8 +60,8 @@ class Run:
 
     cfg: Config
     out: Path
-    tokenizer: Any
-    data: Any  # sft.data.pipeline.Dataset
+    tokenizer: PreTrainedTokenizerBase
+    data: Dataset
     eval_examples: Sequence[Example]
     plan: list[Step]
     model: Any
@@ -77,13 +78,13 @@ class Run:
 
     @property
     def has_eval(self) -> bool:
-        return bool(self.cfg.eval.data) or self.cfg.eval.split > 0
+        return self.cfg.eval.has_test
 
     @property
     def held_key(self) -> str:
         """What the held-out loss during training is measured on: dev when there is a dev set
         (eval.dev / eval.dev_split: choices such as early stopping never look at the test rows)."""
-        return "dev_loss" if has_dev(self.cfg) else "eval_loss"
+        return "dev_loss" if self.cfg.eval.has_dev else "eval_loss"
 
     def state(self) -> RunState:
         """What a checkpoint records besides weights and optimizer (see sft.training.checkpoint)."""
@@ -141,8 +142,8 @@ def setup(cfg: Config, rt: Runtime, resume: bool, overwrite: bool, progress: boo
             print(f"processes: {world} | global batch {cfg.train.batch_size} x {cfg.train.grad_accum} x {world} = "
                   f"{cfg.train.batch_size * cfg.train.grad_accum * world} "
                   f"{'packed rows' if cfg.data.packing else 'sequences'} per step", flush=True)
-    has_eval = bool(cfg.eval.data) or cfg.eval.split > 0
-    held = "dev" if has_dev(cfg) else "eval"  # eval.every, early stopping and the final held-out loss
+    has_eval = cfg.eval.has_test
+    held = "dev" if cfg.eval.has_dev else "eval"  # eval.every, early stopping and the final held-out loss
     ba_split = cfg.eval.before_after_split  # before/after.json: the test rows, or dev for sweep trials
     before: EvalResult | None = None
 

@@ -16,7 +16,7 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,11 +31,16 @@ from sft.runtime import Runtime
 from sft.training.optim import make_optimizer
 from sft.training.precision import to_train_dtype, train_dtype
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from sft.data.report import Dataset
+
 
 @dataclass
 class TrainData:
-    tokenizer: Any
-    data: Any  # sft.data.pipeline.Dataset: examples, template, report
+    tokenizer: PreTrainedTokenizerBase
+    data: Dataset  # examples, template, report
     plan: list[Step]  # optimizer steps -> micro-batches -> rows -> example indices
     pad_id: int  # fills padding positions (masked, never trained; never an end-of-turn token)
 
@@ -66,8 +71,8 @@ class Prepared:
     """What a stepping command steps: ``prepare_data``'s data, the model ready for ``train_step``
     (on ``rt.device``, in the training dtype) and its optimizer."""
 
-    tokenizer: Any
-    data: Any  # sft.data.pipeline.Dataset
+    tokenizer: PreTrainedTokenizerBase
+    data: Dataset
     plan: list[Step]
     pad_id: int
     model: Any

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sft.atomic import atomic_write_text
 from sft.config import (
@@ -42,6 +42,9 @@ from sft.reporting.sweep_report import (
     summarize_trial,
     write_sweep_report,
 )
+
+if TYPE_CHECKING:
+    from sft.training.loop import RunResult
 
 # ---------------------------------------------------------------------------------------------
 # grid: command-line lists and sweep.grid -> one override dict per trial
@@ -150,19 +153,11 @@ def trial_config(base: Config, values: dict[str, Any], out: Path) -> Config:
         cfg.eval.reference = _absolute(cfg, cfg.eval.reference)
     if cfg.data.cache_dir:
         cfg.data.cache_dir = _absolute(cfg, cfg.data.cache_dir)
-    if has_eval(cfg) or has_dev(cfg):
+    if cfg.eval.has_test or cfg.eval.has_dev:
         cfg.eval.before_after = True
-    if has_dev(cfg):  # trials are scored on dev only; the test rows are evaluated once, for the chosen one
+    if cfg.eval.has_dev:  # trials are scored on dev only; the test rows are evaluated once, for the chosen one
         cfg.eval.before_after_split = "dev"
     return cfg
-
-
-def has_eval(cfg: Config) -> bool:
-    return bool(cfg.eval.data) or cfg.eval.split > 0
-
-
-def has_dev(cfg: Config) -> bool:
-    return bool(cfg.eval.dev) or cfg.eval.dev_split > 0
 
 
 def selected_on(cfg: Config) -> list[str]:
@@ -175,7 +170,7 @@ def selected_on(cfg: Config) -> list[str]:
     >>> selected_on(Config(eval=EvalConfig(data=[SourceConfig("eval.jsonl")], dev_split=0.05)))
     ['eval.dev_split 0.05 of the training rows']
     """
-    if has_dev(cfg):
+    if cfg.eval.has_dev:
         return [Path(s.path).name for s in cfg.eval.dev] + (
             [f"eval.dev_split {cfg.eval.dev_split:g} of the training rows"] if cfg.eval.dev_split > 0 else [])
     return [Path(s.path).name for s in cfg.eval.data] + (
@@ -251,7 +246,11 @@ def prune_reason(losses: list[float], finished: list[list[float]], rules: PruneR
 # ---------------------------------------------------------------------------------------------
 # `sft sweep CONFIG [--key=a,b ...]`
 
-TrainFn = Callable[..., Any]  # train(cfg, resume=, progress=, stop_check=) -> RunResult
+class TrainFn(Protocol):
+    """``sft.training.loop.train``'s signature (tests pass a fake that writes what it writes)."""
+
+    def __call__(self, cfg: Config, *, resume: bool = ..., progress: bool = ...,
+                 stop_check: Callable[[int, float], str | None] | None = ...) -> RunResult: ...
 
 
 def _losses(trial_dir: Path) -> dict[int, float]:
@@ -286,7 +285,7 @@ def plan_trials(config_path: str | None, overrides: list[str]) -> tuple[Config, 
                        "or a sweep.grid: section in the config")
     if base.sweep.objective not in OBJECTIVES:
         raise SftError(f"sweep.objective: {base.sweep.objective!r} is not supported; use one of {', '.join(OBJECTIVES)}")
-    if not has_eval(base) and not has_dev(base):
+    if not base.eval.has_test and not base.eval.has_dev:
         raise SftError(f"sweep.objective: {base.sweep.objective} needs eval data to compare trials; "
                        "set eval.data (conversations whose last assistant turn is the answer) or eval.split")
     root = Path(base.output_dir) / "trials"
@@ -449,7 +448,7 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
             break
 
     summaries = [summarize_trial(Path(cfg.output_dir), name, values) for name, values, cfg in trials]
-    dev = has_dev(base)
+    dev = base.eval.has_dev
     paired = paired_p_of({name: Path(cfg.output_dir) for name, _, cfg in trials}, base.sweep.objective) if dev else None
     seeds = None
     if base.sweep.seeds > 1:  # choose a setting on its mean over seeds; its first seed's trial stands for it
@@ -467,7 +466,7 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
     if seeds is not None:
         settings["by_setting"] = seeds
     test = None
-    if dev and best is not None and has_eval(base):
+    if dev and best is not None and base.eval.has_test:
         if eval_fn is None:
             from sft.evaluation.evaluate import run_eval
 

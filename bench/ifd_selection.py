@@ -8,8 +8,9 @@
    sft.evaluation.scoring.compute_scores) and report the recall at the worst 10%: the share of the
    mismatched rows among the 10% highest IFD, and of the cut rows among the 10% lowest
    end-of-turn probability.
-2. Train SmolLM2-135M-Instruct one epoch (same seed and settings) on all rows, on ``data.select:
-   {by: ifd, keep: 0.5, drop_ifd_above: 1.0}`` and on a random selection of the same size, then
+2. Train SmolLM2-135M-Instruct the same ``--steps`` (batch 4, seed 0; 9 steps = one epoch of a
+   selection) on all rows, on ``data.select: {by: ifd, keep: 0.3, drop_ifd_above: 1.0}`` and on a
+   random selection of the same size (``by: random``), then
    compare the loss of held-out good rows (per token over their trained reply tokens), with 95%
    bootstrap intervals and paired differences to "all" (sft.evaluation.stats).
 ``--append`` adds the tables to bench/RESULTS.md and the figures to bench/results/ifd_selection.json.
@@ -213,7 +214,7 @@ def write_results(a: argparse.Namespace, found: dict[str, Any], mean: dict[str, 
         lines.append(f"| {what} | {by} | {r['found']} of {r['of']} (worst {r['worst']}) | {r['recall']:.0%} |")
     lines += ["", "| rows | mean IFD | mean end-of-turn prob |", "|---|---|---|"]
     lines += [f"| {k} | {v['ifd']:.3f} | {v['eot_prob']:.3f} |" for k, v in mean.items()]
-    lines += ["", f"One epoch of full fine-tuning ({MODEL}, lr {a.lr}, batch 4, seed 0) on each set; held-out: "
+    lines += ["", f"{a.steps} steps of full fine-tuning ({MODEL}, lr {a.lr}, batch 4, seed 0) on each set; held-out: "
               f"{a.heldout} good rows never trained on, loss per trained token (reply + end of turn), 95% "
               "bootstrap interval; difference to `all` by paired bootstrap over the same held-out rows "
               "(sft.evaluation.stats).", "",

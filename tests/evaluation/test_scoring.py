@@ -142,3 +142,25 @@ def _score_lines(cfg_path: str, tmp_path) -> list[str]:
     out = tmp_path / "s.jsonl"
     assert main(["data", "score", cfg_path, "--out", str(out)]) == 0
     return out.read_text().splitlines()
+
+
+@pytest.mark.slow  # starts torchrun
+def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_dir, data_file):
+    """Each rank scores every other row; rank 0 gathers them in input order: the file equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, data_file, tiny_dir)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["data", "score", cfg, "--out", str(one)]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "sft", "data", "score", cfg, "--out", str(two), "--data.cache_dir=" + str(tmp_path / "cache2")]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = [json.loads(line) for line in one.read_text().splitlines()]
+    b = [json.loads(line) for line in two.read_text().splitlines()]
+    assert [(s["line"], s["turn"]) for s in b] == [(s["line"], s["turn"]) for s in a]  # all rows, in order
+    for x, y in zip(a, b):
+        assert y["ifd"] == pytest.approx(x["ifd"], abs=1e-5) and y["eot_prob"] == pytest.approx(x["eot_prob"], abs=1e-5)

@@ -119,7 +119,8 @@ def test_evaluate_scores_stubbed_tool_calls(tmp_path, smol_tok, monkeypatch):
     assert "<tools>" in oslo and "<tool_call>" not in oslo.split("<|im_start|>user")[-1] and "clear" not in oslo
     assert oslo.endswith("<|im_start|>assistant\n")
     assert ("tool calls       33.3% [9.7, 70.0]% right call, 50.0% [18.8, 81.2]% right function, "
-            "16.7% [3.0, 56.4]% unparseable, n=6 rows") in summary(r)
+            "16.7% [3.0, 56.4]% unparseable, n=6 rows; 5 of them expect a call") in summary(r)
+    assert r["tool_calls_expected"] == 5
     assert r["rows"]["tool_call_accuracy"] == "100001" and r["rows"]["tool_call_unparseable"] == "000010"
     labels = [row[0] for row in before_after_rows(r, r)]
     assert {"tool call accuracy (function and arguments)", "tool name accuracy (function)",

@@ -334,6 +334,8 @@ def evaluate(
         result["tool_call_accuracy"] = rates["tool_call_accuracy"]
         result["tool_name_accuracy"] = rates["tool_name_accuracy"]
         result["tool_call_unparseable"] = rates["tool_call_unparseable"]
+        # the base rate: a model that never calls is right on every row that expects no call
+        result["tool_calls_expected"] = sum(1 for i in calls if tc.expected_calls(items[i][2]))
     if "constraints_total" in rows:
         listed = [m for m in met if m is not None]
         result["constraint_rows_met"] = _mean([float(all(m)) for m in listed])
@@ -376,7 +378,8 @@ def summary(result: EvalResult) -> str:
     if result.get("tool_call_accuracy") is not None:
         lines.append(f"tool calls       {show('tool_call_accuracy', 'pct')} right call, "
                      f"{show('tool_name_accuracy', 'pct')} right function, "
-                     f"{show('tool_call_unparseable', 'pct')} unparseable{count('tool_call_accuracy', 'rows')}")
+                     f"{show('tool_call_unparseable', 'pct')} unparseable{count('tool_call_accuracy', 'rows')}; "
+                     f"{result.get('tool_calls_expected')} of them expect a call")
     if result.get("refusal_rate") is not None:
         lines.append(f"refusal rate     {show('refusal_rate', 'pct')}  (harmful requests declined"
                      f"{count('refusal_rate', 'rows')})")

@@ -81,3 +81,4 @@ class EvalResult(TypedDict, total=False):
     tool_call_accuracy: float | None  # sft.evaluation.tool_calls: rows scored with eval.metric tool_call
     tool_name_accuracy: float | None
     tool_call_unparseable: float | None
+    tool_calls_expected: int  # rows of those whose reference turn has a call (the others expect none)

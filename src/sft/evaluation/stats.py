@@ -86,8 +86,9 @@ Stat = Callable[[list[int]], float]  # a figure computed from the examples at th
 
 def _resample(n: int, samples: int, seed: int) -> Iterator[list[int]]:
     rng = random.Random(seed)
+    everything = range(n)
     for _ in range(samples):
-        yield [rng.randrange(n) for _ in range(n)]
+        yield rng.choices(everything, k=n)
 
 
 def bootstrap(stat: Stat, n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0,

@@ -289,7 +289,7 @@ class FakeDevTrain(FakeTrain):
         return result
 
 
-def test_sweep_on_dev_breaks_ties_by_forgetting_and_tests_the_choice_once(tmp_path: Path) -> None:
+def test_sweep_on_dev_breaks_ties_by_forgetting_and_tests_the_choice_once(tmp_path: Path, capsys: Any) -> None:
     path = _write_config(tmp_path)
     evals: list[tuple[str | None, str]] = []
 
@@ -320,6 +320,17 @@ def test_sweep_on_dev_breaks_ties_by_forgetting_and_tests_the_choice_once(tmp_pa
     assert acc["verdict"] == "better" and acc["test"] == "exact McNemar (0 rows only A, 20 only B)"
     md = (root / "sweep.md").read_text()
     assert "Chosen on the dev set" in md and "## Test figures of lr=3e-04 (computed once, after the choice on dev)" in md
+    # `sft compare` of two trial directories: their after.json (dev), paired by row
+    from sft.cli import main
+
+    trials = root / "trials"
+    capsys.readouterr()
+    assert main(["compare", str(trials / "lr=3e-04"), str(trials / "lr=1e-03"), "--json"]) == 0
+    tied = json.loads(capsys.readouterr().out)["comparisons"][0]["metrics"]
+    assert next(m for m in tied if m["metric"] == "task_accuracy")["verdict"] == "no detectable difference at 95%"
+    assert main(["compare", str(trials / "lr=1e-04"), str(trials / "lr=1e-03")]) == 0
+    out = capsys.readouterr().out
+    assert "better" in next(line for line in out.splitlines() if line.startswith("task accuracy"))
     # a second run keeps the choice and does not evaluate the test rows again
     assert run_sweep(str(path), grid, train_fn=FakeDevTrain(), progress=False, eval_fn=fake_eval) == 0
     assert len(evals) == 2

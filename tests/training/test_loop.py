@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -220,13 +221,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_dir, data_file, tmp_p
 
 
 def test_nan_loss_stops_with_a_clear_message_or_is_skipped(tiny_dir, data_file, tmp_path):
-    from sft.errors import SftError
+    from sft.errors import NonFiniteLoss
 
     blow_up = ["--train.lr=1e6", "--train.max_grad_norm=null", "--train.max_steps=6", "--train.batch_size=2"]
-    with pytest.raises(SftError, match=r"step \d+: (loss|gradient norm) is (nan|inf).*train.lr=1000000.0.*train.on_nan: skip"):
+    with pytest.raises(NonFiniteLoss, match=r"step \d+: (loss|gradient norm) is (nan|inf).*train.lr=1000000.0.*train.on_nan: skip") as e:
         train(make_cfg(tiny_dir, data_file, tmp_path / "nan", *blow_up), progress=False)
+    assert e.value.what in ("loss", "gradient norm") and not math.isfinite(e.value.value)
+    assert f"step {e.value.step}: " in str(e.value)
     r = train(make_cfg(tiny_dir, data_file, tmp_path / "skip", *blow_up, "--train.on_nan=skip"), progress=False)
-    assert len(r.losses) < 6  # the non-finite steps were skipped, not applied
+    skipped = json.loads((tmp_path / "skip" / "run_state.json").read_text())["skipped_steps"]
+    # the non-finite steps were skipped, not applied: every step is either a logged loss or a skip
+    assert skipped >= 1 and len(r.losses) + skipped == 6
 
 
 def test_nan_skip_keeps_the_weights_finite(tiny_dir, data_file, tmp_path):

@@ -57,6 +57,21 @@ def tiny_gemma(vocab_size: int = 262144, seed: int = 0):
     return Gemma3ForCausalLM(cfg).eval().to(torch.float32)
 
 
+def make_cfg(tiny_dir, data_file, out, *extra):
+    """The config of a tiny seeded CPU run (the tiny Llama on TINY_ROWS): fp32, lr 1e-3 constant,
+    no warm-up, max_length 128, the data cache beside ``out``; ``extra`` overrides anything.
+    Shared by the training tests (``from conftest import make_cfg``)."""
+    from pathlib import Path
+
+    from sft.config import load_config
+
+    return load_config(None, [
+        f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
+        "--train.precision=fp32", "--train.warmup=0", "--train.schedule=constant", "--data.max_length=128",
+        f"--data.cache_dir={Path(out).parent / 'cache'}", *extra,
+    ])
+
+
 @pytest.fixture()
 def tiny_llama_model(smol_tok):
     return tiny_llama(len(smol_tok))

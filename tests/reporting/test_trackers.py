@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import make_cfg as shared_cfg
 from sft.config import load_config
 from sft.errors import SftError
 from sft.reporting import trackers
@@ -20,13 +21,9 @@ from sft.training.loop import train
 
 
 def make_cfg(tiny_dir, data_file, out, *extra):
-    return load_config(None, [
-        f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
-        "--train.precision=fp32", "--train.warmup=0", "--train.schedule=constant", "--data.max_length=128",
-        f"--data.cache_dir={Path(out).parent / 'cache'}", "--train.max_steps=3", "--train.batch_size=2",
-        "--eval.split=0.25", "--eval.every=2", "--eval.before_after=true", "--eval.max_new_tokens=4",
-        "--eval.reference_tokens=256", *extra,
-    ])
+    return shared_cfg(tiny_dir, data_file, out, "--train.max_steps=3", "--train.batch_size=2", "--eval.split=0.25",
+                      "--eval.every=2", "--eval.before_after=true", "--eval.max_new_tokens=4",
+                      "--eval.reference_tokens=256", *extra)
 
 
 def tracker_env(monkeypatch, root: Path) -> None:

@@ -19,16 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sft.config import load_config
+from conftest import make_cfg
 from sft.training.loop import train
-
-
-def make_cfg(tiny_dir, data_file, out, *extra):
-    return load_config(None, [
-        f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
-        "--train.precision=fp32", "--train.warmup=0", "--train.schedule=constant", "--data.max_length=128",
-        f"--data.cache_dir={Path(out).parent / 'cache'}", *extra,
-    ])
 
 
 def losses_of(out: Path) -> list[float]:

@@ -123,14 +123,11 @@ def test_to_train_dtype_keeps_rotary_frequencies_fp32(tiny_llama_model):
 def test_bf16_run_trains_and_tracks_fp32(tiny_dir, data_file, tmp_path, precision_name):
     """``sft train`` with ``precision: bf16`` keeps bf16 weights, learns, and its losses stay close to
     the fp32 run's (lr 1e-3, 6 steps of a tiny model)."""
+    from conftest import make_cfg as shared_cfg
     from sft.training.loop import train
 
     def make_cfg(out, *extra):
-        return load_config(None, [
-            f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
-            "--train.precision=fp32", "--train.warmup=0", "--train.schedule=constant", "--data.max_length=128",
-            f"--data.cache_dir={tmp_path / 'cache'}", "--eval.before_after=false", *extra,
-        ])
+        return shared_cfg(tiny_dir, data_file, out, "--eval.before_after=false", *extra)
 
     common = ["--train.batch_size=4", "--train.max_steps=6", "--data.packing=true"]
     fp32 = train(make_cfg(tmp_path / "f", *common), progress=False)

@@ -5,13 +5,12 @@ no-op hook."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import make_cfg as shared_cfg
 from conftest import tiny_llama
-from sft.config import load_config
 from sft.training.loop import train
 from sft.training.prepare import add_neftune
 
@@ -46,11 +45,7 @@ def test_neftune_noise_in_training_only_and_of_the_documented_size(smol_tok):
 
 
 def make_cfg(tiny_dir, data_file, out, *extra):
-    return load_config(None, [
-        f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
-        "--train.precision=fp32", "--train.warmup=0", "--train.schedule=constant", "--data.max_length=128",
-        f"--data.cache_dir={Path(out).parent / 'cache'}", "--train.max_steps=2", "--train.batch_size=2", *extra,
-    ])
+    return shared_cfg(tiny_dir, data_file, out, "--train.max_steps=2", "--train.batch_size=2", *extra)
 
 
 def test_sft_train_with_neftune_trains_on_noisy_embeddings(tiny_dir, data_file, tmp_path):

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import make_cfg as shared_cfg
 from sft.cli import main
-from sft.config import load_config
 from sft.training.loop import train
 from sft.training.throughput import KEYS, bench
 
 
 def make_cfg(tiny_dir: Path, data_file: Path, out: Path, *extra: str):
-    return load_config(None, [
-        f"--model={tiny_dir}", f"--data.train={data_file}", f"--output_dir={out}", "--train.lr=1e-3",
-        "--train.precision=fp32", "--data.max_length=128", "--train.batch_size=2",
-        f"--data.cache_dir={out.parent / 'cache'}", *extra,
-    ])
+    return shared_cfg(tiny_dir, data_file, out, "--train.batch_size=2", *extra)
 
 
 def test_bench_keys_and_sane_values(tiny_dir, data_file, tmp_path):

@@ -240,11 +240,13 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     """``python -c "import sft.X"`` works for every module, first thing in a process (no module
     relies on another having been imported first)."""
     names = sorted(module_names())
+    # each module first among sft's (the others removed from sys.modules), in both orders, in one process
     code = ("import importlib, sys\n"
-            "for name in sys.argv[1:]:\n"
+            "names = sys.argv[1:]\n"
+            "for name in names + names[::-1]:\n"
             "    for k in [k for k in sys.modules if k == 'sft' or k.startswith('sft.')]: del sys.modules[k]\n"
-            "    importlib.import_module(name)\n")
+            "    importlib.import_module(name)\n"
+            "print(len(names))\n")
     r = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    rev = subprocess.run([sys.executable, "-c", code, *reversed(names)], capture_output=True, text=True, timeout=300)
-    assert rev.returncode == 0, rev.stderr[-2000:]
+    assert int(r.stdout) == len(names) > 60

@@ -100,6 +100,28 @@ def _run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.C
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
+def test_pause_and_resume_gives_identical_losses(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Exact resume, in process (the SIGKILL version below is slow): stopped at step 3 (a checkpoint
+    is saved), then --resume: the losses of an uninterrupted run. Control: the same resume without
+    the optimizer state gives other losses."""
+    import shutil
+
+    import sft.training.checkpoint as ck
+
+    extra = ["--train.batch_size=2", "--train.max_steps=6", "--data.packing=false"]
+    ref = train(make_cfg(tiny_dir, data_file, tmp_path / "ref", *extra), progress=False).losses
+    first = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *extra), progress=False,
+                  stop_check=lambda step, loss: "pause" if step == 3 else None)
+    assert first.stop_reason == "pause" and first.losses == ref[:3]
+    shutil.copytree(tmp_path / "run", tmp_path / "run2")
+    rest = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *extra), resume=True, progress=False)
+    assert len(ref) == 6 and rest.losses == ref[3:]  # exact: fp32 on CPU, same RNG, same data position
+    monkeypatch.setattr(ck, "_load_optimizer", lambda *a, **k: None)
+    control = train(make_cfg(tiny_dir, data_file, tmp_path / "run2", *extra), resume=True, progress=False)
+    assert control.losses[0] == ref[3] and control.losses[1:] != ref[4:]  # the first update differs
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_losses(tiny_dir, data_file, tmp_path, monkeypatch):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("\n".join([f"model: {tiny_dir}", f"output_dir: {tmp_path / 'run'}",

@@ -327,3 +327,22 @@ def test_reasoning_rows_when_thinking_is_off_are_an_error(toks, family, template
         encode_all(conv, toks[tok_name], source, "assistant")
     (ex,) = encode_all(conv, toks[tok_name], source, "assistant", reasoning="drop")
     assert toks[tok_name].decode([t for t in ex.labels if t != IGNORE]).startswith("Yes, 17 is prime.")
+
+
+@pytest.mark.parametrize(("family", "template_kwargs"), [("qwen3", {"enable_thinking": False}),
+                                                         ("deepseek-v3.1", {"thinking": False})])
+def test_lint_with_thinking_off_warns_instead_of_failing(toks, family, template_kwargs):
+    """`sft data check` lints every template with a reasoning probe: with thinking off that probe is
+    refused, which must become a warning (plain rows still train), not the command's error.
+    Control: encoding the probe itself is the error."""
+    from sft.data.chat import encode_all, lint, resolve_template
+    from sft.data.types import Conversation, Message
+    from sft.errors import SftError
+
+    file, tok_name = FAMILIES[family][0], FAMILIES[family][1]
+    source = resolve_template(str(TEMPLATES / file), toks[tok_name], ".", template_kwargs)
+    warnings = lint(toks[tok_name], source)
+    assert "data.template: thinking is off in this template, so rows with reasoning are refused" in warnings
+    probe = Conversation([Message("user", "2+2?"), Message("assistant", "4", reasoning="Two plus two.")])
+    with pytest.raises(SftError, match="thinking is off"):
+        encode_all(probe, toks[tok_name], source, "assistant")

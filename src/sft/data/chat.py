@@ -343,9 +343,14 @@ def lint(tokenizer: Any, template: str, examples: Sequence[Example] | None = Non
             "assistant turn, so the model is prompted at inference with text it was not trained after"
         )
     thought = [Message("user", "2+2?"), Message("assistant", "4", reasoning="Two plus two.")]
-    (ex,) = encode_all(Conversation(thought), tokenizer, source, "assistant")
-    if "Two plus two." not in tokenizer.decode([t for t in ex.labels if t != IGNORE]):
-        warnings.append(f"{where}: the template drops reasoning from assistant turns, so reasoning in the data is not trained")
+    try:
+        (ex,) = encode_all(Conversation(thought), tokenizer, source, "assistant")
+    except SftError:  # thinking is off (the generation prompt closes an empty block): rows with
+        # reasoning are refused by name when they are encoded; rows without it train as usual
+        warnings.append(f"{where}: thinking is off in this template, so rows with reasoning are refused")
+    else:
+        if "Two plus two." not in tokenizer.decode([t for t in ex.labels if t != IGNORE]):
+            warnings.append(f"{where}: the template drops reasoning from assistant turns, so reasoning in the data is not trained")
     marker, eot_ids = end_of_turn_tokens(tokenizer, source)
     bos = tokenizer.bos_token_id
     ids = tokenize(tokenizer, full)[0]

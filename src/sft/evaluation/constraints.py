@@ -41,7 +41,9 @@ def _texts(spec: Spec) -> list[str]:
     return [t] if isinstance(t, str) else list(t)
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
+def json_object(text: str) -> dict[str, Any] | None:
+    """The reply as a JSON object (a fenced ```json block counts), else None (the `json` metric and
+    the `json_keys` constraint share it)."""
     body = text.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
     if fence:  # a fenced block is still "the reply is a JSON object"
@@ -106,7 +108,7 @@ def json_keys(reply: str, spec: Spec) -> bool:
     >>> json_keys('{"name": "tea"}', {"keys": ["name", "origin"]}), json_keys("name: tea", {"keys": []})
     (False, False)
     """
-    obj = _json_object(reply)
+    obj = json_object(reply)
     return obj is not None and all(k in obj for k in spec.get("keys", []))
 
 

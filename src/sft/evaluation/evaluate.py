@@ -31,24 +31,13 @@ from typing import Any
 from sft.config import Config
 from sft.data.types import Conversation, Message
 from sft.errors import SftError
+from sft.evaluation.constraints import json_object
 from sft.evaluation.result import EvalResult, Forgetting, Losses, Rows, Sample
 from sft.runtime import Runtime, local, start
 
 METRICS = ("exact", "contains", "regex", "json", "constraints", "tool_call")
 REFERENCE_TOKENS = 16384  # eval.reference_tokens' default: forgetting ratio stable to 1% (bench/RESULTS.md)
 REFERENCE_WINDOW = 128  # tokens per forward pass (Gemma's 262k vocab: 128 MiB of fp32 logits)
-
-
-def _json_object(text: str) -> dict[str, Any] | None:
-    body = text.strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
-    if fence:  # a fenced block is still "the reply is a JSON object"
-        body = fence.group(1)
-    try:
-        value = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def score(reply: str, reference: str, metric: str) -> bool:
@@ -79,10 +68,10 @@ def score(reply: str, reference: str, metric: str) -> bool:
         raise SftError("eval.metric tool_call: needs the chat template's call format; score with "
                        "sft.evaluation.tool_calls (evaluate() does)")
     if metric == "json":
-        want = _json_object(reference)
+        want = json_object(reference)
         if want is None:
             raise SftError(f"eval: reference {reference!r} is not a JSON object; the json metric needs one")
-        got = _json_object(reply)
+        got = json_object(reply)
         return got is not None and all(k in got and got[k] == v for k, v in want.items())
     raise SftError(f"eval.metric: {metric!r} is not a metric; use one of {', '.join(METRICS)}")
 

@@ -1,4 +1,4 @@
-"""`sft train|data|eval|compare|chat|generate|bench|sweep|lr-find|export|ui`: each parses its arguments and calls one function.
+"""`sft train|data|eval|compare|chat|generate|bench|plan|sweep|lr-find|export|ui`: each parses its arguments and calls one function.
 
 Errors the user can fix (SftError, and OSErrors such as a full disk or a path that cannot be
 written) print one clear message and exit with status 1, no traceback; usage errors exit 2.
@@ -109,6 +109,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sft.training.throughput import run_bench
 
     return run_bench(_config(args), steps=args.steps, as_json=args.json)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sft.training.plan import run_plan
+
+    return run_plan(_config(args), processes=args.nproc, as_json=args.json)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -224,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = with_config("bench", "measure training throughput and memory", cmd_bench)
     b.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     b.add_argument("--json", action="store_true")
+
+    pl = with_config("plan", "estimate a run's peak memory from the model's config (no weights load), say whether "
+                     "it fits this machine and the cheapest change that makes it fit", cmd_plan)
+    pl.add_argument("--nproc", type=positive_int, default=1, help="processes the run will use (default 1)")
+    pl.add_argument("--json", action="store_true")
 
     with_config("sweep", "learning-rate (or any key) grid search, e.g. --train.lr=1e-5,1e-4", cmd_sweep)
     with_config("lr-find", "learning-rate range test; proposes a sweep grid", cmd_lr_find)

@@ -109,7 +109,8 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["full", "lora"] = "full"
+    # qlora: LoRA on a base whose linear layers are 4-bit NF4 (bitsandbytes; sft.training.qlora)
+    method: Literal["full", "lora", "qlora"] = "full"
     lr: float = 2e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup: float = 0.03  # a fraction of the steps if < 1, else a number of steps
@@ -125,7 +126,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
     save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # final/'s dtype; auto: the model's own (bf16 for the packaged models)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | Literal["auto"] = False  # auto: on when `sft plan` says the run needs it
     # packed rows on a GPU: varlen (padding-free, cu_seqlens; sft.lm.attention) or sdpa (a
     # dense block-diagonal mask); auto: varlen on CUDA with packing, sdpa elsewhere
     attention: Literal["auto", "sdpa", "varlen"] = "auto"
@@ -142,6 +143,9 @@ class TrainConfig:
     # under torchrun: ddp (a whole model per process) | fsdp (FSDP2, sharded per decoder layer);
     # auto: ddp below sft.training.distributed.FSDP_FROM_PARAMS (1B) parameters, fsdp above
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # adamw: torch's (sft.training.optim); adamw_8bit / paged_adamw_8bit: bitsandbytes' 8-bit moments
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    offload: bool = False  # FSDP2 on CUDA: parameters, gradients and optimizer state live in CPU RAM
 
 
 @dataclass

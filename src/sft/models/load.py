@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -221,6 +222,11 @@ def _atomic_dir(target: Path, write: Any) -> Path:
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # bitsandbytes (QLoRA; peft and transformers import it when installed) looks for an optional
+    # CPU kernel on the hub at import and logs a warning when it cannot have it; it falls back
+    # to its own kernels, so the warning says nothing the user can act on
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

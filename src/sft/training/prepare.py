@@ -29,6 +29,7 @@ from sft.lm.loss import unwrap
 from sft.models import load as models
 from sft.runtime import Runtime
 from sft.training.optim import make_optimizer
+from sft.training.plan import use_checkpointing
 from sft.training.precision import to_train_dtype, train_dtype
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def prepare_model(cfg: Config, model: Any) -> Any:
                     task_type="CAUSAL_LM",
                 ),
             )
-    if cfg.train.gradient_checkpointing:
+    if use_checkpointing(cfg, model.config.to_dict()):  # auto: when the plan says it is needed
         # transformers 5.x renamed it activation_checkpointing_enable; the old name warns
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})

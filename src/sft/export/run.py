@@ -43,6 +43,7 @@ class Source:
     bases: list[str] = field(default_factory=list)  # candidates for the adapter's base model
     revision: str | None = None
     system: str | None = None  # the run's data.system: the default system prompt of its data
+    merge: bool = True  # False for a QLoRA run: its final/ (dequantized 4-bit base + adapter) is the model
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -73,6 +74,8 @@ def find_source(arg: str) -> Source:
                      revision=cfg.get("revision"), system=(cfg.get("data") or {}).get("system"))
         if adapter is not None:
             src.bases = [str(cfg.get("model", "")), *_adapter_base(adapter)]
+            # QLoRA trained against the 4-bit base: merging into the original weights would give another model
+            src.merge = not ((cfg.get("train") or {}).get("method") == "qlora" and src.model_dir is not None)
         return src
     if p.is_dir() and (p / "adapter_config.json").is_file():
         return Source(p.resolve().name, Path.cwd(), None, p, bases=_adapter_base(p))
@@ -95,9 +98,12 @@ def _adapter_base(adapter: Path) -> list[str]:
 def _merged(src: Source) -> Any:
     """The adapter merged into its base model, in fp32."""
     import torch
-    from peft import PeftModel
 
     from sft.models.load import load_model, quiet_peft
+    from sft.models.quantize import quiet_bitsandbytes
+
+    with quiet_peft(), quiet_bitsandbytes():
+        from peft import PeftModel
 
     errors = []
     for base in dict.fromkeys(b for b in src.bases if b):
@@ -148,7 +154,7 @@ def write_hf(src: Source, out: Path, dtype: str | None) -> Path:
     from sft.models.save import SAVE_DTYPES, attach_generation_config
 
     tok, _, stops, pad = _tokenizer(src)
-    if src.adapter_dir is not None:
+    if src.adapter_dir is not None and src.merge:
         model = _merged(src)
         dtype = dtype or (_dtype_of(src.model_dir) if src.model_dir else "fp32")
     else:
@@ -200,7 +206,7 @@ def _gguf(src: Source, out: Path, quant: str, work: Path) -> dict[str, Any]:
     hf_dir = src.model_dir
     if src.model_dir is not None:
         check_architecture(src.model_dir)  # refuse before any slow merge
-    if src.adapter_dir is not None:  # merge afresh, written as final/ is (its dtype), then convert
+    if src.adapter_dir is not None and src.merge:  # merge afresh, written as final/ is (its dtype), then convert
         hf_dir = write_hf(src, work / "merged", None)
     assert hf_dir is not None
     check_safetensors(hf_dir)

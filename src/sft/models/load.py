@@ -297,9 +297,11 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, revision: str | None = None,
+               quantization: Any = None) -> Any:
     """A causal LM in ``dtype`` (default fp32) from ``model:`` (at ``revision`` for a hub ID).
-    Safetensors only."""
+    Safetensors only. ``quantization``: a transformers quantization config (QLoRA's NF4,
+    ``sft.models.quantize.bnb_config``), applied tensor by tensor as the weights load."""
     _quiet_transformers()
     import torch
     from transformers import AutoModelForCausalLM
@@ -321,16 +323,22 @@ def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, re
     from safetensors import SafetensorError
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=dtype or torch.float32,
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
             attn_implementation="sdpa",
+            **({"quantization_config": quantization} if quantization is not None else {}),
         )
     except (OSError, ValueError, SafetensorError) as e:  # a broken config.json or weights file
         raise SftError(f"model: could not load the model in {path} ({_first_line(e)}); its config.json or "
                        ".safetensors files are damaged or incomplete: re-download or re-save them") from None
+    if quantization is not None:
+        from sft.models.quantize import keep_training_layout
+
+        keep_training_layout(model)
+    return model
 
 
 @contextmanager

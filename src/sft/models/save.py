@@ -1,5 +1,5 @@
-"""The run's result: ``final/`` (an HF model directory plain transformers loads) and, for LoRA,
-``adapter/`` (PEFT format). The chat template used in training is saved with the tokenizer, and
+"""The run's result: ``final/`` (an HF model directory plain transformers loads) and, for LoRA and
+QLoRA, ``adapter/`` (PEFT format; QLoRA's ``final/`` merges it into the dequantized 4-bit base). The chat template used in training is saved with the tokenizer, and
 ``generation_config.json`` stops on the end-of-turn token with a pad token that is not an end token.
 ``final/`` is written in ``train.save_dtype``: by default the model's own dtype (bf16 for the packaged
 GGUF models), not the fp32 the weights are trained in, so it is the size users expect.
@@ -93,10 +93,15 @@ def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path
     """Write ``out/final`` (and ``out/adapter`` for LoRA); return the plain model that was saved,
     in fp32 but holding exactly the saved values (so an evaluation after training sees ``final/``)."""
     tok, stops, pad = finalize_tokenizer(tokenizer, template)
-    if cfg.train.method == "lora":
+    if cfg.train.method in ("lora", "qlora"):
         atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(str(d), safe_serialization=True),
                                                      tok.save_pretrained(str(d))))
-        model = model.merge_and_unload()
+        if cfg.train.method == "qlora":  # the dequantized NF4 base + the adapters: the model that trained
+            from sft.models.quantize import merged
+
+            model = merged(model)
+        else:
+            model = model.merge_and_unload()
     if getattr(model, "is_activation_checkpointing", False):  # transformers 5.x's names (the old ones warn)
         model.activation_checkpointing_disable()
     attach_generation_config(model, tok, stops, pad)

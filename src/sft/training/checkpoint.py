@@ -47,6 +47,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
             if isinstance(v, torch.Tensor):
                 tensors[f"{pid}.{k}"] = v.contiguous()
                 meta["state"][str(pid)][k] = "tensor"
+            elif isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()):
+                # bitsandbytes' 8-bit AdamW nests its quantized moments in one dict per parameter
+                tensors.update({f"{pid}.{k}.{name}": t.contiguous() for name, t in v.items()})
+                meta["state"][str(pid)][k] = {"tensors": list(v)}
             else:
                 meta["state"][str(pid)][k] = v
     return tensors, meta
@@ -55,7 +59,9 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     state: dict[int, dict[str, Any]] = {}
     for pid, st in meta["state"].items():
-        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else v) for k, v in st.items()}
+        state[int(pid)] = {k: (tensors[f"{pid}.{k}"] if v == "tensor" else
+                               {n: tensors[f"{pid}.{k}.{n}"] for n in v["tensors"]} if isinstance(v, dict) and "tensors" in v
+                               else v) for k, v in st.items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -64,32 +64,49 @@ def wrap(cfg: Config, rt: Runtime, model: Any, optimizer: torch.optim.Optimizer)
     DDP keeps ``model``'s parameters (and broadcasts rank 0's values); FSDP2 replaces them with
     sharded DTensors, so the optimizer is rebuilt over the new parameters with the same groups.
     """
+    parallel = choose_parallel(cfg, model) if rt.world > 1 else "one process"
+    check_offload(cfg, parallel, rt.device.type)
     if rt.world == 1:
         return model, optimizer
-    parallel = choose_parallel(cfg, model)
     dev = rt.device
     if parallel == "ddp":
         module = DistributedDataParallel(LossModule(model), device_ids=[dev.index] if dev.type == "cuda" else None)
         return module, optimizer
 
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     mesh = init_device_mesh(dev.type, (rt.world,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if rt.precision == "bf16" else MixedPrecisionPolicy())
+    # train.offload: FSDP2 keeps the sharded parameters, gradients and optimizer state in CPU RAM
+    # and runs the optimizer step there (torch's CPUOffloadPolicy)
+    offload = CPUOffloadPolicy() if cfg.train.offload else OffloadPolicy()
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
     root = LossModule(model)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload)
     params = dict(model.named_parameters())
     new_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in names_]}
                   for g, names_ in zip(optimizer.param_groups, groups)]
     accepted = inspect.signature(type(optimizer)).parameters
     defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
     return root, type(optimizer)(new_groups, **defaults)
+
+
+def check_offload(cfg: Config, parallel: str, device: str) -> None:
+    """``train.offload`` is FSDP2's CPU offload: GPUs only, under torchrun with FSDP2. Anywhere else
+    it stops with an error rather than training without the offload the user asked for."""
+    if not getattr(cfg.train, "offload", False):
+        return
+    if device != "cuda":
+        raise SftError("train.offload: FSDP2's CPU offload moves GPU memory to RAM; this run is on the CPU, where "
+                       "everything is in RAM already. Remove train.offload (see `sft plan` for what fits)")
+    if parallel != "fsdp":
+        raise SftError(f"train.offload: FSDP2's CPU offload needs train.parallel: fsdp under torchrun (--nproc N); "
+                       f"this run is {parallel}. Set train.parallel: fsdp and start with --nproc, or remove train.offload")
 
 
 def is_sharded(model: Any) -> bool:

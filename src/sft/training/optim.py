@@ -56,6 +56,8 @@ def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups: list[dict[str, Any]] = [
         {"params": ps, "weight_decay": wd} for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps
     ]
+    if cfg.optimizer != "adamw":
+        return eight_bit_adamw(groups, cfg, bf16=any(p.dtype == torch.bfloat16 for p in decay + no_decay))
     if any(p.dtype != torch.float32 for p in decay + no_decay):
         return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     return torch.optim.AdamW(
@@ -132,3 +134,33 @@ class MasterAdamW(torch.optim.Optimizer):
             p = params[int(pid)]
             for k, v in tensors.items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+
+def eight_bit_adamw(groups: list[dict[str, Any]], cfg: TrainConfig, bf16: bool) -> torch.optim.Optimizer:
+    """``train.optimizer: adamw_8bit | paged_adamw_8bit``: bitsandbytes' AdamW with 8-bit
+    block-quantized moments (2 bytes a parameter instead of 8; tensors under 4096 elements keep
+    fp32 moments). ``paged``: the moments live in CUDA unified memory and page out to RAM under
+    pressure (on a CPU the two are the same). There is no fp32 master copy: with bf16 weights
+    (full fine-tuning in bf16) updates below bf16's resolution round away; LoRA/QLoRA adapters
+    are fp32 and unaffected."""
+    import importlib.util
+
+    from sft.errors import SftError
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SftError(f"train.optimizer: {cfg.optimizer} needs the bitsandbytes package; install it with "
+                       "pip install 'bitsandbytes>=0.46' (or `pip install -e '.[qlora]'`), or use train.optimizer: adamw")
+    from sft.models.quantize import quiet_bitsandbytes
+
+    with quiet_bitsandbytes():
+        import bitsandbytes as bnb
+
+    if bf16:
+        import sys
+
+        print(f"warning: train.optimizer: {cfg.optimizer} updates bf16 weights without an fp32 master copy, so "
+              "updates below bf16's resolution are lost; use train.optimizer: adamw, train.precision: fp32, "
+              "or train.method: lora/qlora (fp32 adapters)", file=sys.stderr)
+    cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,  # type: ignore[no-any-return]
+               weight_decay=cfg.weight_decay)

@@ -27,6 +27,7 @@ from sft.errors import SftError
 from sft.lm.attention import use_padding_free, use_varlen
 from sft.lm.loss import unwrap
 from sft.models import load as models
+from sft.models import quantize
 from sft.runtime import Runtime
 from sft.training.optim import make_optimizer
 from sft.training.plan import use_checkpointing
@@ -106,7 +107,10 @@ def prepare(
     with rt.rank_zero_first(per_node=True):  # each node's first process tokenizes and fills its cache
         data = prepare_data(cfg, max_steps, rt)  # data: validated before any weights load
         eval_examples = build_dataset(cfg, data.tokenizer, eval_split).examples if eval_split else []
-    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision)  # bf16: pure bf16
+    quantize.check(cfg, rt.world)  # qlora: bitsandbytes installed, one process
+    nf4 = quantize.bnb_config(cfg, train_dtype(cfg)) if cfg.train.method == "qlora" else None
+    model = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision,
+                              quantization=nf4)  # bf16: pure bf16; qlora: NF4 linear layers
     if before_training is not None:
         before_training(model, data)
     model, optimizer = ready_for_training(cfg, model, rt)
@@ -115,7 +119,9 @@ def prepare(
 
 def ready_for_training(cfg: Config, model: Any, rt: Runtime) -> tuple[Any, torch.optim.Optimizer]:
     """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW."""
-    model = prepare_model(cfg, to_train_dtype(model, cfg)).to(rt.device)  # bf16: LoRA adapters stay fp32
+    if cfg.train.method != "qlora":  # a 4-bit model loads in the training dtype and cannot be cast
+        model = to_train_dtype(model, cfg)
+    model = prepare_model(cfg, model).to(rt.device)  # bf16: LoRA adapters stay fp32
     model.train()
     if use_padding_free(cfg, rt.device):
         use_varlen(unwrap(model))
@@ -128,14 +134,14 @@ def ready_for_training(cfg: Config, model: Any, rt: Runtime) -> tuple[Any, torch
 
 
 def prepare_model(cfg: Config, model: Any) -> Any:
-    """Apply train.method (full | lora), embedding freezing and gradient checkpointing."""
+    """Apply train.method (full | lora | qlora), embedding freezing and gradient checkpointing."""
     if cfg.train.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
         model.get_output_embeddings().weight.requires_grad_(False)
-    if cfg.train.method == "lora":
-        from peft import LoraConfig, get_peft_model
+    if cfg.train.method in ("lora", "qlora"):  # qlora: the same adapters on NF4 linear layers
+        with models.quiet_peft(), quantize.quiet_bitsandbytes():  # known warnings from inside peft and bnb
+            from peft import LoraConfig, get_peft_model
 
-        with models.quiet_peft():  # one known FutureWarning from inside peft
             model = get_peft_model(
                 model,
                 LoraConfig(
@@ -150,7 +156,7 @@ def prepare_model(cfg: Config, model: Any) -> Any:
         # transformers 5.x renamed it activation_checkpointing_enable; the old name warns
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})
-        if cfg.train.method == "lora":
+        if cfg.train.method in ("lora", "qlora"):
             model.enable_input_require_grads()
     return model
 

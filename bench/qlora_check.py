@@ -1,0 +1,133 @@
+"""Issue 22's done-when checks for QLoRA on SmolLM2-135M-Instruct and the demo data (CPU):
+
+    python bench/qlora_check.py OUT_DIR lora|qlora|resume|compare
+
+- ``lora`` / ``qlora``: 50 steps through the real CLI (same seed, data, lr, batch, max_length),
+  peak RSS of the process (getrusage of the child) and, for qlora, the bytes its 4-bit linear weights
+  take against the same weights in bf16;
+- ``resume``: the qlora run again, SIGKILLed after step 25 (checkpoints every 10), then --resume:
+  its 50 losses against the uninterrupted qlora run's;
+- ``compare``: the step-50 losses (and the mean of the last 10) of lora and qlora; final/ loaded
+  in plain transformers against the trained model (the NF4 base with adapter/ applied), greedy,
+  on 5 prompts: the first 8 new tokens of each.
+
+Run ``lora`` and ``qlora`` under /work/wt/bin/measure (their memory is reported), the others under busy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 50
+SETTINGS = [
+    "--model=smollm2-135m-instruct", f"--data.train={ROOT / 'examples/demo/train.jsonl'}", "--data.template=chatml",
+    "--data.max_length=256", "--train.batch_size=4", "--train.lr=2e-4", "--train.warmup=5", f"--train.max_steps={STEPS}",
+    "--train.seed=42", "--eval.before_after=false",
+]
+PROMPTS = ["What is the opposite of hot?", "Name a colour.", "What is 7 + 5?", "Say hello in French.",
+           "My favourite animal is a cat. What is my favourite animal?"]
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, float]:
+    """Run `python -m sft ...`; (exit code, the child's peak RSS in GB)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    rc = subprocess.call([sys.executable, "-m", "sft", *args], env={**os.environ, **(env or {})})
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return rc, (peak if peak > before else float("nan")) * 1024 / 1e9
+
+
+def base_bytes() -> dict[str, float]:
+    """Bytes of the decoder's linear weights: NF4 as qlora loads them, and bf16."""
+    import torch
+
+    from sft.config import load_config
+    from sft.models import quantize
+    from sft.models.load import load_model
+
+    cfg = load_config(None, SETTINGS + ["--train.method=qlora"])
+    model = load_model(cfg.model, torch.bfloat16, quantization=quantize.bnb_config(cfg, torch.bfloat16))
+    held, bf16 = quantize.quantized_bytes(model)
+    return {"nf4_linear_bytes": held, "bf16_linear_bytes": bf16, "ratio": held / bf16}
+
+
+def generate(model: object, tok: object, prompt: str, n: int = 8) -> list[int]:
+    import torch
+
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,  # type: ignore[attr-defined]
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False)  # type: ignore[attr-defined]
+    return [int(t) for t in out[0, ids.shape[1]:]]
+
+
+def compare(out: Path) -> dict[str, object]:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.config import load_config
+    from sft.models import quantize
+    from sft.models.load import load_model
+
+    lora, qlora = losses(out / "lora"), losses(out / "qlora")
+    result: dict[str, object] = {
+        "lora_step50": lora[-1], "qlora_step50": qlora[-1],
+        "lora_last10": sum(lora[-10:]) / 10, "qlora_last10": sum(qlora[-10:]) / 10,
+    }
+    result["step50_rel_diff"] = abs(qlora[-1] - lora[-1]) / lora[-1]
+    result["last10_rel_diff"] = abs(result["qlora_last10"] - result["lora_last10"]) / result["lora_last10"]  # type: ignore[operator]
+    cfg = load_config(None, SETTINGS + ["--train.method=qlora"])
+    final_dir = out / "qlora" / "final"
+    tok = AutoTokenizer.from_pretrained(str(final_dir))
+    final = AutoModelForCausalLM.from_pretrained(str(final_dir), dtype=torch.float32).eval()
+    base = load_model(cfg.model, torch.float32, quantization=quantize.bnb_config(cfg, torch.float32))
+    trained = PeftModel.from_pretrained(base, str(out / "qlora" / "adapter")).eval()
+    same = []
+    for p in PROMPTS:
+        a, b = generate(final, tok, p), generate(trained, tok, p)
+        same.append({"prompt": p, "final": tok.decode(a), "trained": tok.decode(b), "same": a == b})
+    result["greedy"] = same
+    result["same_first_8_tokens"] = sum(s["same"] for s in same)
+    return result
+
+
+def main() -> int:
+    out, what = Path(sys.argv[1]), sys.argv[2]
+    out.mkdir(parents=True, exist_ok=True)
+    empty = out / "empty.yaml"  # every setting is on the command line
+    empty.write_text("{}\n")
+    if what in ("lora", "qlora"):
+        rc, peak = cli(["train", str(empty), *SETTINGS, f"--train.method={what}", f"--output_dir={out / what}",
+                        "--overwrite"])
+        info = {"rc": rc, "peak_rss_gb": round(peak, 3), "losses": losses(out / what)}
+        if what == "qlora":
+            info.update(base_bytes())
+    elif what == "resume":
+        run = out / "resume"
+        args = ["train", str(empty), *SETTINGS, "--train.method=qlora", f"--output_dir={run}", "--train.save_every=10"]
+        killed, _ = cli([*args, "--overwrite"], env={"SFT_DEBUG_KILL_AT_STEP": "25"})
+        resumed, _ = cli([*args, "--resume"])
+        ref = losses(out / "qlora")
+        got = losses(run)
+        info = {"killed_rc": killed, "resumed_rc": resumed, "equal": got == ref, "n": len(got),
+                "first_diff": next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)}
+    else:
+        info = compare(out)
+    print(json.dumps(info, indent=1))
+    (out / f"{what}.json").write_text(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""``train.method: qlora``: LoRA adapters on a base whose linear layers are 4-bit NF4.
+
+The quantization is bitsandbytes' (``Linear4bit``, NF4, optional double quantization), loaded
+through transformers' ``BitsAndBytesConfig`` and adapted with PEFT exactly as LoRA is; its recent
+releases (>= 0.46) run NF4 on a CPU as well as on CUDA. Nothing is quantized here by hand.
+
+- The decoder's linear layers hold 4-bit codes plus an fp32 scale per 64 weights (0.5625 bytes a
+  weight, ~0.28 of bf16); embeddings, norms and the output head stay in the training dtype.
+- Only the adapters train (fp32, as LoRA's); checkpoints hold them and the optimizer, and a
+  resume requantizes the same base weights into the same codes, so it continues exactly.
+- ``final/`` is ``merged``: each NF4 weight dequantized plus its adapter's update, in one plain
+  ``nn.Linear``: the function the run trained, as a model plain transformers loads. Merging into
+  the original (unquantized) weights instead would give another model than the one trained.
+- One process only: DDP and FSDP2 of bitsandbytes' packed 4-bit parameters are not supported
+  here, and a run under torchrun stops with an error instead of falling back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from sft.config import Config
+from sft.errors import SftError
+
+INSTALL = "pip install 'bitsandbytes>=0.46' (or `pip install -e '.[qlora]'`)"
+
+
+@contextmanager
+def quiet_bitsandbytes() -> Iterator[None]:
+    """Around the first import of bitsandbytes (peft imports it when installed): its import uses
+    ``torch.jit.script_method``, which torch 2.13 deprecates with one warning per use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
+        yield
+
+
+def check(cfg: Config, world: int) -> None:
+    """Stop before loading anything when QLoRA cannot run: no bitsandbytes, several processes."""
+    if cfg.train.method != "qlora":
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SftError(f"train.method: qlora needs the bitsandbytes package; install it with {INSTALL}, "
+                       "or use train.method: lora")
+    if world > 1:
+        raise SftError(f"train.method: qlora runs in one process; this run has {world}. DDP and FSDP2 of "
+                       "bitsandbytes' 4-bit weights are not supported here: run without --nproc/torchrun, or use "
+                       "train.method: lora (which runs under DDP and FSDP2)")
+
+
+def bnb_config(cfg: Config, dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for NF4 with compute in ``dtype`` (the training dtype)."""
+    from transformers import BitsAndBytesConfig
+
+    with quiet_bitsandbytes():
+        import bitsandbytes  # noqa: F401  (imported here, quietly, before transformers does)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                              bnb_4bit_use_double_quant=cfg.lora.double_quant, bnb_4bit_quant_storage=torch.uint8)
+
+
+def keep_training_layout(model: Any) -> Any:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (on avx512_bf16 CPUs, the
+    first forward in eval mode without gradients repacks each weight in place): it rounds the
+    fp32 scales to bf16, so a run that evaluates mid-training would then train on other weights,
+    and the repacked layout has no backward pass. The training layout serves both."""
+    for m in model.modules():
+        if _is_4bit(m):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _is_4bit(module: Any) -> bool:
+    """A bitsandbytes ``Linear4bit`` (not PEFT's LoRA wrapper of one, which shares its name)."""
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def is_quantized(model: Any) -> bool:
+    """``model`` has bitsandbytes 4-bit layers."""
+    return any(_is_4bit(m) for m in model.modules())
+
+
+def quantized_bytes(model: Any) -> tuple[int, int]:
+    """(bytes the 4-bit linear weights take, with their scales; bytes they would take in bf16)."""
+    held = bf16 = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        state = getattr(w, "quant_state", None)
+        if not _is_4bit(m) or state is None or w is None:
+            continue
+        held += w.numel() * w.element_size() + state.absmax.numel() * state.absmax.element_size()
+        if state.state2 is not None:  # double quantization: the scales' own scales
+            held += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.numel() * 4
+        bf16 += 2 * int(torch.Size(state.shape).numel())
+    return held, bf16
+
+
+def _dequantized(layer: Any) -> torch.Tensor:
+    """The fp32 weight an NF4 (or plain) linear layer computes with."""
+    w = layer.weight
+    state = getattr(w, "quant_state", None)
+    if state is None:
+        return w.detach().float()  # type: ignore[no-any-return]
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(w.data, state).float()
+
+
+def merged(model: Any) -> Any:
+    """The plain transformers model a QLoRA ``PeftModel`` computes: every adapted linear layer
+    becomes an fp32 ``nn.Linear`` holding dequantized NF4 weight + the adapter's update, any other
+    4-bit layer its dequantized weight, and the quantization settings leave the config."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module: Any
+    base: Any
+    for name, module in list(inner.named_modules()):
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = _dequantized(base)
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).float()  # type: ignore[attr-defined]
+        elif _is_4bit(module):
+            base, weight = module, _dequantized(module)
+        else:
+            continue
+        plain = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        plain.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if base.bias is not None:
+            plain.bias = torch.nn.Parameter(base.bias.detach().float(), requires_grad=False)
+        owner, _, attr = name.rpartition(".")
+        setattr(inner.get_submodule(owner), attr, plain)
+    if getattr(inner.config, "quantization_config", None) is not None:
+        del inner.config.quantization_config
+    inner.hf_quantizer = None
+    inner.is_quantized = False
+    for attr in ("is_loaded_in_4bit", "is_loaded_in_8bit", "quantization_method"):
+        if hasattr(inner, attr):
+            with contextlib.suppress(AttributeError):  # a read-only property in this transformers version
+                setattr(inner, attr, False if attr.startswith("is_") else None)
+    return inner.to(torch.float32)

@@ -1,0 +1,126 @@
+"""``train.method: qlora`` on the tiny Llama: the base's linear layers are 4-bit NF4 (bitsandbytes),
+the loss goes down, a paused run resumes exactly, ``final/`` (dequantized base + adapters) loads in
+plain transformers and computes what the trained model computes, and `sft export` writes that model.
+Controls: merging the adapters into the original (unquantized) weights gives another model; a
+resume without the optimizer state gives other losses."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_cfg
+
+pytest.importorskip("bitsandbytes")  # the qlora extra (make install installs it)
+
+from sft.errors import SftError
+from sft.models import quantize
+from sft.training.loop import train
+
+EXTRA = ["--train.method=qlora", "--train.batch_size=2", "--train.max_steps=6", "--data.packing=false",
+         "--data.template=chatml"]
+
+
+def _adapted_base(tiny_dir, run, quantized: bool):
+    """The base (NF4 as trained, or the original fp32 weights) with the run's adapter/ applied."""
+    from peft import PeftModel
+
+    from sft.models.load import load_model, quiet_peft
+
+    cfg = make_cfg(tiny_dir, run / "x", run / "x", *EXTRA)
+    nf4 = quantize.bnb_config(cfg, torch.float32) if quantized else None
+    with quiet_peft():
+        return PeftModel.from_pretrained(load_model(str(tiny_dir), torch.float32, quantization=nf4),
+                                         str(run / "adapter")).eval()
+
+
+def test_qlora_trains_resumes_exactly_and_final_is_the_trained_model(tiny_dir, data_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import sft.training.checkpoint as ck
+    from sft.runtime import local
+    from sft.training.prepare import prepare
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "ref", *EXTRA)
+    model = prepare(cfg, local(cfg), 6).model
+    held, bf16 = quantize.quantized_bytes(model)
+    # 4 bits a weight + one fp32 scale per 64 weights = 0.5625 bytes vs 2 for bf16
+    assert bf16 == 2 * 2 * (32 * 32 + 32 * 16 * 2 + 32 * 32 + 3 * 32 * 64)  # 2 bytes x 2 layers x 9216
+    assert held / bf16 == 0.5625 / 2
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if "lora_" in n}
+
+    ref = train(cfg, progress=False).losses
+    assert ref == pytest.approx([10.852665, 10.852835, 10.800560, 10.749314, 10.738686, 10.760486], rel=1e-5)
+    assert max(ref[3:]) < ref[0] - 0.09  # learning (each step sees other rows, so not monotone)
+
+    first = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *EXTRA), progress=False,
+                  stop_check=lambda step, loss: "pause" if step == 3 else None)
+    assert first.losses == ref[:3]
+    shutil.copytree(tmp_path / "run", tmp_path / "run2")
+    rest = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *EXTRA), resume=True, progress=False)
+    assert rest.losses == ref[3:]  # exact: the base requantizes to the same codes
+
+    # final/: plain transformers, no quantization left, the logits of the trained (NF4 + adapter) model
+    final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ref" / "final")).eval()
+    assert "quantization_config" not in final.config.to_dict()
+    assert all(type(m).__name__ != "Linear4bit" for m in final.modules())
+    ids = torch.tensor([[1, 400, 2000, 17, 9000, 33, 4]])
+    with torch.no_grad():
+        want = _adapted_base(tiny_dir, tmp_path / "ref", quantized=True)(input_ids=ids).logits
+        got = final(input_ids=ids).logits
+        other = _adapted_base(tiny_dir, tmp_path / "ref", quantized=False).merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # control: the adapters merged into the original weights are another model (NF4's rounding)
+    assert (other - want).abs().max() > 100 * (got - want).abs().max()
+
+    # control: a resume without the optimizer state does not reproduce the losses
+    monkeypatch.setattr(ck, "_load_optimizer", lambda *a, **k: None)
+    control = train(make_cfg(tiny_dir, data_file, tmp_path / "run2", *EXTRA), resume=True, progress=False)
+    assert control.losses[0] == ref[3] and control.losses[1:] != ref[4:]
+
+    # sft export --to hf writes final/'s model (not the adapters merged into the unquantized base)
+    from sft.export.run import export
+
+    export(str(tmp_path / "ref"), "hf", out=str(tmp_path / "hf"))
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, got)
+
+
+def test_qlora_stops_where_it_cannot_run(tiny_dir, data_file, tmp_path, monkeypatch):
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "run", *EXTRA)
+    with pytest.raises(SftError, match=r"qlora runs in one process; this run has 2\. DDP and FSDP2"):
+        quantize.check(cfg, world=2)
+    monkeypatch.setattr(quantize.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SftError, match="needs the bitsandbytes package"):
+        quantize.check(cfg, world=1)
+    quantize.check(make_cfg(tiny_dir, data_file, tmp_path / "run"), world=2)  # control: not qlora, no error
+
+
+def test_adamw_8bit_keeps_uint8_moments_and_resumes_exactly(tiny_dir, data_file, tmp_path):
+    """``train.optimizer: adamw_8bit`` (bitsandbytes): the embedding's moments are uint8 (tensors
+    under 4096 elements keep fp32 ones), the run resumes exactly, and the losses differ from torch's
+    AdamW (control: the key is not ignored)."""
+    from sft.runtime import local
+    from sft.training.prepare import prepare
+
+    extra = ["--train.batch_size=2", "--train.max_steps=4", "--data.packing=false", "--data.template=chatml"]
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "ref", *extra, "--train.optimizer=adamw_8bit")
+    p = prepare(cfg, local(cfg), 4)
+    assert type(p.optimizer).__name__ == "AdamW8bit"
+    ref = train(cfg, progress=False).losses
+    first = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *extra, "--train.optimizer=adamw_8bit"),
+                  progress=False, stop_check=lambda step, loss: "pause" if step == 2 else None)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-2" / "optimizer.safetensors"))
+    assert {v.dtype for k, v in saved.items() if k.endswith(".state1")} == {torch.uint8, torch.float32}
+    assert first.losses == ref[:2]
+    rest = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *extra, "--train.optimizer=adamw_8bit"),
+                 resume=True, progress=False)
+    assert rest.losses == ref[2:]
+    torch_adamw = train(make_cfg(tiny_dir, data_file, tmp_path / "plain", *extra), progress=False).losses
+    assert torch_adamw[0] == ref[0] and torch_adamw[1:] != ref[1:]

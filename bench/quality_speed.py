@@ -98,7 +98,8 @@ def run_check(config: Path) -> tuple[float, float, dict]:
 
 
 def inner(config: str) -> None:
-    """Child process: read the rows, then time find_problems alone; prints a JSON line."""
+    """Child process: read the rows, then time find_problems alone; prints a JSON line. Works
+    against older sft code too (``PYTHONPATH=<old checkout>/src``), for before/after figures."""
     from sft.config import load_config
     from sft.data.pipeline import collect_conversations
     from sft.data.quality import find_problems
@@ -106,14 +107,15 @@ def inner(config: str) -> None:
     cfg = load_config(config)
     t = time.perf_counter()
     train, _ = collect_conversations(cfg, "train")
-    ev, _ = collect_conversations(cfg, "eval")
+    ev, _ = collect_conversations(cfg, "eval") if cfg.eval.data else ([], None)
     read = time.perf_counter() - t
+    rss_read = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     t = time.perf_counter()
     found = find_problems(train, ev)
     quality = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(json.dumps({"read_s": read, "quality_s": quality, "rss_gb": rss,
-                      "counts": {k: len(v) for k, v in found.items()}}))
+    print(json.dumps({"rows": len(train), "eval_rows": len(ev), "read_s": read, "quality_s": quality,
+                      "rss_read_gb": rss_read, "rss_gb": rss, "counts": {k: len(v) for k, v in found.items()}}))
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ Six kinds of finding, each a list in reading order (the JSON of ``sft data check
 - ``near_duplicates``: ``{"file", "line", "duplicate_of": {"file", "line"}, "similarity"}``. The
   Jaccard similarity of the rows' word 3-shingles (user, assistant and tool text; system prompts and
   tool schemas left out, they repeat by design) is at least ``data.quality.near_duplicate_threshold``
-  (default 0.8). Candidates come from MinHash LSH (``sft.data.overlap``: ``datasketch`` MinHash,
-  128 permutations, bands chosen so a pair at the threshold is a candidate with probability 0.99),
+  (default 0.8). Candidates come from MinHash LSH (``sft.data.overlap``: numpy MinHash,
+  128 bins, bands chosen so a pair at the threshold is a candidate with probability 0.99),
   so the time is linear in the rows, and every candidate is confirmed with the exact Jaccard, which
   is the ``similarity`` reported (in a bucket of the LSH, a row is checked against the first 100
   rows only). A row points at the earliest row it nearly duplicates. A row that repeats an earlier
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, WORD, Loc, Vocab, contamination, loc, near_duplicates
+from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, WORD, Loc, contamination, loc, near_duplicates
 from sft.data.types import Conversation, Message
 
 KINDS = ("near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate",
@@ -319,13 +319,11 @@ def find_problems(
 
     settings = settings or QualitySettings()
     rows = unique_rows(train)
-    vocab = Vocab()
-    texts = [vocab.text(c) for c in rows]  # token ids, shared by near-duplicates and contamination
     phrases = BOILERPLATE + tuple(normalize(p) for p in settings.boilerplate if p.strip())
     found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold, texts)
+    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold)
     if eval_convs:
-        found["contamination"] = contamination(unique_rows(eval_convs), rows, vocab, texts)
+        found["contamination"] = contamination(unique_rows(eval_convs), rows)
     cut = cut or set()
     tails = [n for n in (lengths or {}).values()]
     limit = max(tails) if tails else None

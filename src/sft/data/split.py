@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from sft.data.formats import conversation_key
-from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, Vocab, jaccard, lsh_candidates, overlaps, shingle_sets
-from sft.data.types import Conversation
+from sft.data.minhash import EMPTY
+from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, overlaps, row_signatures, similar_pairs
+from sft.data.types import Conversation, Message  # noqa: F401 (Message: the doctest)
 from sft.errors import SftError
 
 
@@ -40,16 +41,16 @@ class Holdout:
     kept_overlapping: int = 0  # drawn rows left in training: their prompt or reply overlaps a training row
 
 
-def near_duplicate_groups(sets: list[np.ndarray], threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[int]:
-    """Group of each row (numbered by first row): rows whose shingle sets (``shingle_sets``) are at
-    least ``threshold`` similar, linked transitively. A row without text is its own group.
+def near_duplicate_groups(convs: list[Conversation], threshold: float = NEAR_DUPLICATE_THRESHOLD) -> list[int]:
+    """Group of each row (numbered by first row): rows whose word 3-shingle sets are at least
+    ``threshold`` similar, linked transitively. A row without text is its own group.
 
-    >>> s = [np.array([1, 2, 3, 4, 5], dtype=np.uint64), np.array([9], dtype=np.uint64),
-    ...      np.array([1, 2, 3, 4, 6], dtype=np.uint64), np.array([1, 2, 3, 4, 5, 6], dtype=np.uint64)]
-    >>> near_duplicate_groups(s, threshold=0.6), near_duplicate_groups(s, threshold=0.9)
-    ([0, 1, 0, 0], [0, 1, 2, 3])
+    >>> def c(text): return Conversation([Message("user", "q"), Message("assistant", text)])
+    >>> rows = [c("a b c d e f g h i j"), c("x"), c("a b c d e f g h i k"), c("a b c d e f g h i j k")]
+    >>> near_duplicate_groups(rows, threshold=0.75), near_duplicate_groups(rows, threshold=0.85)
+    ([0, 1, 0, 0], [0, 1, 2, 0])
     """
-    parent = list(range(len(sets)))
+    parent = list(range(len(convs)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -57,16 +58,14 @@ def near_duplicate_groups(sets: list[np.ndarray], threshold: float = NEAR_DUPLIC
             i = parent[i]
         return i
 
-    searched = [i for i, s in enumerate(sets) if len(s)]
-    for i, candidates in lsh_candidates([sets[i] for i in searched], threshold).items():
-        a = searched[i]
-        for k in candidates:
-            b = searched[k]
-            # already linked: skip the exact check (templated data makes big buckets)
-            if find(a) != find(b) and jaccard(sets[a], sets[b]) >= threshold:
-                parent[max(find(a), find(b))] = min(find(a), find(b))
+    sig = row_signatures(convs)
+    searched = np.flatnonzero(sig[:, 0] != EMPTY)
+    for later, earlier, _ in similar_pairs([convs[i] for i in searched.tolist()], sig[searched], threshold,
+                                           first_only=False):
+        a, b = find(int(searched[later])), find(int(searched[earlier]))
+        parent[max(a, b)] = min(a, b)
     number: dict[int, int] = {}
-    return [number.setdefault(find(i), len(number)) for i in range(len(sets))]
+    return [number.setdefault(find(i), len(number)) for i in range(len(convs))]
 
 
 def hold_out_rows(convs: list[Conversation], fraction: float, seed: int,
@@ -83,9 +82,7 @@ def hold_out_rows(convs: list[Conversation], fraction: float, seed: int,
     distinct = [convs[row_of[k]] for k in first]
     n = len(distinct)
     want = min(n - 1, max(1, round(n * fraction)))
-    vocab = Vocab()
-    texts = [vocab.text(c) for c in distinct]
-    group = near_duplicate_groups(shingle_sets(texts), threshold)
+    group = near_duplicate_groups(distinct, threshold)
     members: dict[int, list[int]] = {}
     for i, g in enumerate(group):
         members.setdefault(g, []).append(i)
@@ -99,7 +96,7 @@ def hold_out_rows(convs: list[Conversation], fraction: float, seed: int,
         pos, batch_size = pos + len(batch), batch_size * 2
         rows = [i for g in batch for i in members[g]]
         touches: dict[int, set[int]] = {i: set() for i in rows}  # drawn row -> rows its prompt or reply overlaps
-        for (e, t), _ in overlaps([distinct[i] for i in rows], distinct, vocab, texts).items():
+        for (e, t), _ in overlaps([distinct[i] for i in rows], distinct).items():
             touches[rows[e]].add(t)
         for g in batch:
             if len(held) + len(members[g]) > want:

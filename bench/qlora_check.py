@@ -55,7 +55,7 @@ def base_bytes() -> dict[str, float]:
     from sft.models import quantize
     from sft.models.load import load_model
 
-    cfg = load_config(None, SETTINGS + ["--train.method=qlora"])
+    cfg = load_config(None, [*SETTINGS, "--train.method=qlora"])
     model = load_model(cfg.model, torch.bfloat16, quantization=quantize.bnb_config(cfg, torch.bfloat16))
     held, bf16 = quantize.quantized_bytes(model)
     return {"nf4_linear_bytes": held, "bf16_linear_bytes": bf16, "ratio": held / bf16}
@@ -87,7 +87,7 @@ def compare(out: Path) -> dict[str, object]:
     }
     result["step50_rel_diff"] = abs(qlora[-1] - lora[-1]) / lora[-1]
     result["last10_rel_diff"] = abs(result["qlora_last10"] - result["lora_last10"]) / result["lora_last10"]  # type: ignore[operator]
-    cfg = load_config(None, SETTINGS + ["--train.method=qlora"])
+    cfg = load_config(None, [*SETTINGS, "--train.method=qlora"])
     final_dir = out / "qlora" / "final"
     tok = AutoTokenizer.from_pretrained(str(final_dir))
     final = AutoModelForCausalLM.from_pretrained(str(final_dir), dtype=torch.float32).eval()

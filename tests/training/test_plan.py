@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sft.training import plan
-from sft.training.plan import RUNTIME_BYTES, Settings, Shape, estimate, layer_bytes, shape_of
+from sft.training.plan import CPU_SLACK_BYTES, RUNTIME_BYTES, Settings, Shape, estimate, layer_bytes, shape_of
 
 _spec = importlib.util.spec_from_file_location("archs", Path(__file__).resolve().parents[2] / "bench" / "archs.py")
 assert _spec is not None and _spec.loader is not None
@@ -51,7 +51,9 @@ def test_estimate_arithmetic_full_bf16():
     assert e.logits == 2 * 4 * 100 * 64 + 4 * 100 * 64  # two fp32 logit chunks + the head's fp32 gradient
     assert e.step == 4 * 80448
     # max(activations + logits = 407552, gradients + step = 482688)
-    assert e.per_process == RUNTIME_BYTES + 160896 + 965376 + 482688
+    assert e.runtime == RUNTIME_BYTES + CPU_SLACK_BYTES  # on a CPU; a GPU has no glibc slack
+    assert e.per_process == e.runtime + 160896 + 965376 + 482688
+    assert estimate(TINY, st, budget=10 * GiB, device="cuda").runtime == RUNTIME_BYTES
     assert e.fits
 
 

@@ -65,6 +65,11 @@ def test_qlora_trains_resumes_exactly_and_final_is_the_trained_model(tiny_dir, d
 
     # final/: plain transformers, no quantization left, the logits of the trained (NF4 + adapter) model
     final = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ref" / "final")).eval()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ref" / "final" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == set(final.state_dict()) - {"lm_head.weight"}  # no base_layer/lora_ leftovers (tied head)
     assert "quantization_config" not in final.config.to_dict()
     assert all(type(m).__name__ != "Linear4bit" for m in final.modules())
     ids = torch.tensor([[1, 400, 2000, 17, 9000, 33, 4]])

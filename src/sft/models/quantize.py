@@ -121,7 +121,10 @@ def merged(model: Any) -> Any:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     module: Any
     base: Any
+    replaced: list[str] = []
     for name, module in list(inner.named_modules()):
+        if any(name.startswith(r + ".") for r in replaced):  # inside a layer already replaced (its base_layer)
+            continue
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             weight = _dequantized(base)
@@ -137,6 +140,7 @@ def merged(model: Any) -> Any:
             plain.bias = torch.nn.Parameter(base.bias.detach().float(), requires_grad=False)
         owner, _, attr = name.rpartition(".")
         setattr(inner.get_submodule(owner), attr, plain)
+        replaced.append(name)
     if getattr(inner.config, "quantization_config", None) is not None:
         del inner.config.quantization_config
     inner.hf_quantizer = None

@@ -3,7 +3,10 @@
 No weights load: the estimate is arithmetic on the architecture (``Shape``) and the train
 settings. Per process, in bytes:
 
-    runtime        Python, torch, transformers and peft once imported (RUNTIME_BYTES, measured)
+    runtime        Python, torch, transformers and peft once imported (RUNTIME_BYTES, measured), and
+                   on a CPU the memory glibc's allocator keeps after freeing (CPU_SLACK_BYTES, fitted to
+                   bench/memory_table.py: with MALLOC_MMAP_THRESHOLD_=131072 the LoRA + checkpointing
+                   row of Qwen2.5-0.5B peaked at 2.58 GB instead of 4.02, its step 80% slower)
     weights        full/LoRA: every parameter in the training dtype (2 bytes bf16, 4 fp32);
                    QLoRA: the decoder's linear weights in NF4 (NF4_BYTES a parameter: 4 bits and an
                    fp32 scale per 64), the rest (embeddings, head, norms) in the training dtype
@@ -41,6 +44,7 @@ from sft.errors import SftError
 
 GB = 1e9
 RUNTIME_BYTES = int(0.75 * GB)  # RSS of `python -c "import torch, transformers, peft"` plus the data here
+CPU_SLACK_BYTES = int(1.2 * GB)  # freed but kept by glibc malloc (arenas, dynamic mmap threshold); fitted
 NF4_BYTES = 0.5 + 4 / 64  # bitsandbytes NF4: 4 bits a weight, one fp32 absmax per block of 64
 CHUNK_BYTES = 256 * 1024 * 1024  # sft.lm.loss.CHUNK_BYTES (fp32 logits of one chunk)
 FIT_FRACTION = 0.9  # a run "fits" when its peak is at most this share of the device's memory
@@ -225,7 +229,8 @@ def estimate(s: Shape, st: Settings, budget: int, device: str = "cpu") -> Estima
     acts += 2 * a * s.hidden * st.tokens  # the final norm's output and the loss's gradient of it
     head_grad = 4 * s.vocab * s.hidden if st.method == "full" and st.train_head else 0
     logits = 2 * min(CHUNK_BYTES, 4 * s.vocab * st.tokens) + head_grad
-    return Estimate(params, trainable, RUNTIME_BYTES, weights // share, adapters, grads // share,
+    runtime = RUNTIME_BYTES + (CPU_SLACK_BYTES if device == "cpu" else 0)
+    return Estimate(params, trainable, runtime, weights // share, adapters, grads // share,
                     optimizer // share, acts, logits, 4 * trainable // share, st.processes, budget, device)
 
 
@@ -314,7 +319,7 @@ def report(cfg: Config, hf: dict[str, Any], precision: str, processes: int) -> t
         f"run: method {st.method} | {st.precision} | {processes} process{'es' if processes > 1 else ''}"
         f"{' (' + st.parallel + ')' if processes > 1 else ''} | micro-batch {st.batch_size} x {st.max_length} tokens"
         f" | checkpointing {'on' if st.checkpointing else 'off'}{' (auto)' if auto else ''}",
-        f"  runtime          {_gb(e.runtime)}",
+        f"  runtime          {_gb(e.runtime)}" + (" (with the allocator's slack)" if device == "cpu" else ""),
         f"  weights          {_gb(e.weights)}" + (" (NF4 linear layers)" if st.method == "qlora" else ""),
     ]
     if e.adapters:

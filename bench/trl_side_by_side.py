@@ -10,7 +10,13 @@ Each round runs `sft bench` (the project venv) and then TRL (this Python), each 
 (so each peak RSS is its own), and records the 1-minute load average before and after each: on a
 shared machine, compare only figures of the same round.
 
-Same as bench/bench_configs/smollm2_full.yaml: SmolLM2-135M-Instruct from sft's cache, the first
+Gemma 3 270M at 2048 tokens (batch 1, as bench/bench_configs/gemma_2048.yaml; the base model has no
+chat template, so TRL gets sft's templates/gemma.jinja):
+
+    HF_HUB_OFFLINE=1 /work/trl-venv/bin/python bench/trl_side_by_side.py --model gemma-3-270m \
+        --max-length 2048 --batch 1 --sft-config bench/bench_configs/gemma_2048.yaml --steps 4
+
+Default, same as bench/bench_configs/smollm2_full.yaml: SmolLM2-135M-Instruct from sft's cache, the first
 400 rows of alpaca_en_demo.json as conversational prompt/completion (chat template applied,
 loss on the completion), max_length 512, batch 4, lr 2e-5, AdamW. Tokens/s counts non-padding
 tokens of the timed optimizer steps (step 1 is a warm-up and is not timed), like `sft bench`.
@@ -55,26 +61,29 @@ def rows(limit: int) -> list[dict[str, Any]]:
     return out
 
 
-def sft_model_dir() -> str:
+def sft_model_dir(alias: str = "smollm2-135m-instruct") -> str:
     """The project venv's cached HF dir of the model (the package path, hence the cache key, differs
     between venvs, so ask the project's Python, else fall back to this one)."""
-    code = "from sft.models.load import model_dir, resolve; print(model_dir(resolve('smollm2-135m-instruct')))"
+    code = f"from sft.models.load import model_dir, resolve; print(model_dir(resolve({alias!r})))"
     py = ROOT / ".venv" / "bin" / "python"
     if py.exists():
         return subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     from sft.models.load import model_dir, resolve
 
-    return str(model_dir(resolve("smollm2-135m-instruct")))
+    return str(model_dir(resolve(alias)))
 
 
-def run_trl(name: str, steps: int, limit: int, max_length: int, batch: int, lr: float) -> dict[str, Any]:
+def run_trl(name: str, steps: int, limit: int, max_length: int, batch: int, lr: float,
+            alias: str = "smollm2-135m-instruct") -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    path = sft_model_dir()
+    path = sft_model_dir(alias)
     tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:  # a base model (Gemma 3 270M): sft's own Gemma template
+        tok.chat_template = (ROOT / "src" / "sft" / "templates" / "gemma.jinja").read_text()
     overrides = dict(TRL_CONFIGS[name])
     dtype = overrides.pop("model_init_kwargs", {}).get("dtype", "float32")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
@@ -115,7 +124,7 @@ def run_trl(name: str, steps: int, limit: int, max_length: int, batch: int, lr: 
         "step_seconds": [round(t, 3) for t in timed], "losses": losses[1:],
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
         "train_seconds": round(total, 1), "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
-        "torch": torch.__version__, "model_dtype": dtype,
+        "torch": torch.__version__, "model_dtype": dtype, "model": alias, "max_length": max_length, "batch": batch,
     }
 
 
@@ -137,6 +146,9 @@ def main() -> int:
     p.add_argument("--trl", default="packing_bf16_nogc", choices=sorted(TRL_CONFIGS))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1, help="sft then TRL, this many times (interleaved)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="TRL's model: an sft alias (its cached HF dir)")
+    p.add_argument("--max-length", type=int, default=512, help="TRL's max_length (match the sft config's)")
+    p.add_argument("--batch", type=int, default=4, help="TRL's per-device batch (match the sft config's)")
     p.add_argument("--sft-config", default=str(ROOT / "bench" / "bench_configs" / "smollm2_full.yaml"))
     p.add_argument("--sft-override", action="append", default=[], help="e.g. --sft-override=--train.compile=true")
     p.add_argument("--sft-cmd", default=str(ROOT / ".venv" / "bin" / "sft"))
@@ -148,14 +160,16 @@ def main() -> int:
         print("TRL is not importable here; run with a venv that has trl (see this file's docstring)")
         return 1
     if a.only_trl:
-        print(json.dumps(run_trl(a.trl, a.steps, limit=400, max_length=512, batch=4, lr=2e-5)), flush=True)
+        print(json.dumps(run_trl(a.trl, a.steps, limit=400, max_length=a.max_length, batch=a.batch, lr=2e-5,
+                                 alias=a.model)), flush=True)
         return 0
     results = []
     for r in range(a.rounds):
         sft = run_json([a.sft_cmd, "bench", a.sft_config, "--steps", str(a.steps), "--json", *a.sft_override])
         sft["round"] = r + 1
         print(json.dumps(sft), flush=True)
-        res = run_json([sys.executable, __file__, "--only-trl", "--trl", a.trl, "--steps", str(a.steps)])
+        res = run_json([sys.executable, __file__, "--only-trl", "--trl", a.trl, "--steps", str(a.steps),
+                        "--model", a.model, "--max-length", str(a.max_length), "--batch", str(a.batch)])
         res["round"] = r + 1
         print(json.dumps(res), flush=True)
         print(f"round {r + 1}: sft {sft['tokens_per_s']:.1f} tok/s, {sft['peak_rss_gb']:.2f} GB, MFU "

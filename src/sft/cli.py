@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from sft.training.throughput import run_bench
 
-    return run_bench(_config(args), steps=args.steps, as_json=args.json)
+    return run_bench(_config(args), steps=args.steps, as_json=args.json, profile=args.profile)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = with_config("bench", "measure training throughput and memory", cmd_bench)
     b.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--profile", action="store_true", help="time the steps under torch.profiler and print the "
+                   "share of a step in matmul, attention, elementwise, loss, optimizer and data")
 
     pl = with_config("plan", "estimate a run's peak memory from the model's config (no weights load), say whether "
                      "it fits this machine and the cheapest change that makes it fit", cmd_plan)

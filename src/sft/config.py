@@ -139,7 +139,9 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"
     log_every: int = 1
     report_to: list[Tracker] = field(default_factory=list)  # any of tensorboard, wandb, mlflow, trackio
-    compile: bool = False
+    # each decoder block and the loss compiled with static shapes (sft.lm.compiled); auto: on for
+    # runs of >= 20 steps on CUDA or in bf16 on a CPU (sft.training.precision.use_compile)
+    compile: bool | Literal["auto"] = "auto"
     threads: int | None = None
     # under torchrun: ddp (a whole model per process) | fsdp (FSDP2, sharded per decoder layer);
     # auto: ddp below sft.training.distributed.FSDP_FROM_PARAMS (1B) parameters, fsdp above

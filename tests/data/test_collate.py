@@ -121,3 +121,30 @@ def test_padded_logits_equal_separate_forward(models):
         logits = model(**batch, use_cache=False).logits
     torch.testing.assert_close(logits[0, :5], _alone(model, exs[0]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1], _alone(model, exs[1]), atol=1e-5, rtol=1e-5)
+
+
+def test_static_shape_pads_rows_and_width_exactly():
+    from sft.data.collate import collate_packed_rows
+
+    a, b = Example([1, 10, 11], [X, 10, 11]), Example([1, 20], [1, 20])
+    out = collate_packed_rows([[a, b]], pad_id=0, shape=(2, 7))
+    assert out["input_ids"].tolist() == [[1, 10, 11, 1, 20, 0, 0], [0] * 7]
+    assert out["labels"].tolist() == [[X, 10, 11, X, 20, X, X], [X] * 7]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1], list(range(7))]
+    padded = collate_padded([a, b], pad_id=0, shape=(3, 4))
+    assert padded["input_ids"].tolist() == [[1, 10, 11, 0], [1, 20, 0, 0], [0, 0, 0, 0]]
+    assert padded["labels"].tolist() == [[X, 10, 11, X], [X, 20, X, X], [X] * 4]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    # control: without a shape the batch is only as wide and as tall as its data
+    assert collate_packed_rows([[a, b]], pad_id=0)["input_ids"].shape == (1, 5)
+
+
+def test_static_shape_too_small_is_an_error():
+    from sft.data.collate import collate_packed_rows
+    from sft.errors import SftError
+
+    a = Example([1, 10, 11], [X, 10, 11])
+    with pytest.raises(SftError, match=r"static shape \(1, 2\)"):
+        collate_packed_rows([[a]], pad_id=0, shape=(1, 2))
+    with pytest.raises(SftError, match=r"2 rows"):
+        collate_padded([a, a], pad_id=0, shape=(1, 8))

@@ -86,3 +86,30 @@ def test_chunked_ce_bf16_close_to_fp32():
     # control: a wrong target is far outside that tolerance
     wrong = linear_cross_entropy_sum(h.detach(), w.detach(), (t + 1) % 2000, chunk=64)
     assert abs(float(wrong) - float(ref)) / float(ref) > 2e-2
+
+
+def test_ignore_padded_chunks_equal_unpadded():
+    """Static shapes: IGNORE slots (static_chunks' padding) add nothing to the loss or gradients."""
+    from sft.lm.loss import static_chunks
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(2, 6, 8, generator=g)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 6), generator=g)
+    keep = torch.rand(2, 6, generator=g) > 0.4
+    idx, t = static_chunks(keep, targets, chunk=4)
+    assert idx.numel() % 4 == 0 and int((t != -100).sum()) == int(keep.sum())
+    hp = h.reshape(-1, 8).requires_grad_()
+    padded = linear_cross_entropy_sum(hp.index_select(0, idx), w, t, chunk=4)
+    padded.backward()
+    gw_padded, gh_padded = w.grad.clone(), hp.grad.clone()
+    w.grad = None
+    hk = h.reshape(-1, 8).requires_grad_()
+    plain = linear_cross_entropy_sum(hk[keep.reshape(-1)], w, targets[keep], chunk=4)
+    plain.backward()
+    torch.testing.assert_close(padded, plain)
+    torch.testing.assert_close(w.grad, gw_padded)
+    torch.testing.assert_close(hk.grad, gh_padded)
+    # control: if a padding slot were trained (target 0 instead of IGNORE) the loss would change
+    wrong = linear_cross_entropy_sum(hp.detach().index_select(0, idx), w.detach(), t.clamp(min=0), chunk=4)
+    assert float(wrong) > float(plain.detach()) + 1.0

@@ -136,3 +136,19 @@ def test_bf16_run_trains_and_tracks_fp32(tiny_dir, data_file, tmp_path, precisio
     assert bf16.losses[-1] < bf16.losses[0] - 0.05  # it learns
     for a, b in zip(fp32.losses, bf16.losses, strict=True):
         assert abs(a - b) / a < 0.02
+
+
+def test_compile_auto_only_where_it_pays(monkeypatch):
+    from sft.training.precision import AUTO_COMPILE_MIN_STEPS, use_compile
+
+    cfg = load_config(None, ["--model=x", "--data.train=x.jsonl"])
+    assert cfg.train.compile == "auto"
+    rt = runtime.local(cfg)
+    monkeypatch.setattr(runtime, "bf16_supported", lambda: True)
+    assert use_compile(cfg, rt, AUTO_COMPILE_MIN_STEPS)  # CPU bf16, a run long enough
+    assert not use_compile(cfg, rt, AUTO_COMPILE_MIN_STEPS - 1)  # too short to pay back compiling
+    cfg.train.precision = "fp32"
+    assert not use_compile(cfg, rt, 1000)  # CPU fp32: the time is in matmuls
+    cfg.train.compile = True
+    assert use_compile(cfg, rt, 1)  # an explicit choice is kept
+    assert load_config(None, ["--model=x", "--data.train=x.jsonl", "--train.compile=false"]).train.compile is False

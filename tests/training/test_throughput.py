@@ -71,3 +71,18 @@ def test_cli_bench_rejects_zero_steps(tiny_dir, data_file, tmp_path, capsys):
     cfg.write_text(f"model: {tiny_dir}\ndata:\n  train: {data_file}\n")
     assert main(["bench", str(cfg), "--steps", "0"]) == 1
     assert "--steps" in capsys.readouterr().err
+
+
+def test_bench_profile_shares_add_up_to_the_timed_steps(tiny_dir, data_file, tmp_path):
+    from sft.training.profile import SHARES
+    from sft.training.throughput import format_report
+
+    r = bench(make_cfg(tiny_dir, data_file, tmp_path / "run"), steps=2, profile=True)
+    assert list(r["profile"]) == list(SHARES)
+    assert abs(sum(r["profile"].values()) - sum(r["step_seconds"])) < 0.01  # rounding of step_seconds only
+    assert r["profile"]["matmul"] > 0 and r["profile"]["optimizer"] > 0 and r["profile"]["loss"] > 0
+    assert r["compile"] is False and r["compile_s"] >= 0 and r["warmup_step_s"] > 0  # fp32 CPU: auto is off
+    assert "where a timed step goes" in format_report(r)
+    # control: without --profile there is no table
+    plain = bench(make_cfg(tiny_dir, data_file, tmp_path / "run2"), steps=1)
+    assert plain["profile"] is None and "where a timed step goes" not in format_report(plain)

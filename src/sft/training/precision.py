@@ -6,6 +6,9 @@ the memory traffic) and the optimizer keeps an fp32 master copy of every bf16 we
 weight of 0.05 is 1/2500 of it; bf16 resolves 1/256) still accumulate. ``fp32`` is unchanged:
 fp32 weights, no autocast.
 
+``train.compile`` (``use_compile``) is decided here too: whether compiling pays depends on the
+precision and the device.
+
 What ``auto`` means here (``resolve_precision``) and the autocast of a forward pass
 (``Runtime.autocast``) are in ``sft.runtime``: evaluation needs them too.
 """
@@ -17,7 +20,12 @@ from typing import Any
 import torch
 
 from sft.config import Config
-from sft.runtime import resolve_precision
+from sft.runtime import Runtime, resolve_precision
+
+# ``train.compile: auto`` compiles runs of at least this many optimizer steps: compiling SmolLM2's
+# block and loss takes about COMPILE_S seconds on a 2-core CPU (bench/RESULTS.md), which a few
+# steps' savings do not pay back.
+AUTO_COMPILE_MIN_STEPS = 20
 
 
 def train_dtype(cfg: Config) -> torch.dtype:
@@ -37,3 +45,16 @@ def to_train_dtype(model: Any, cfg: Config) -> Any:
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner), attr, b)
     return model
+
+
+def use_compile(cfg: Config, rt: Runtime, steps: int | None) -> bool:
+    """``train.compile``: true/false as given; ``auto`` compiles one-process runs of at least
+    AUTO_COMPILE_MIN_STEPS steps on CUDA or in bf16 on a CPU (fp32 on a CPU gains little: its
+    time is in matmuls, not in the elementwise work that compilation fuses), never for qlora. Under torchrun
+    (DDP/FSDP2) ``auto`` stays off: compiled blocks inside FSDP2 are not tested here."""
+    choice = cfg.train.compile
+    if choice != "auto":
+        return bool(choice)
+    if rt.world > 1 or cfg.train.method == "qlora" or (steps is not None and steps < AUTO_COMPILE_MIN_STEPS):
+        return False  # qlora: bitsandbytes' 4-bit layers are not compiled here
+    return rt.device.type == "cuda" or resolve_precision(cfg) == "bf16"

@@ -25,13 +25,14 @@ from sft.data.batching import Step, plan_steps
 from sft.data.types import Example
 from sft.errors import SftError
 from sft.lm.attention import use_padding_free, use_varlen
+from sft.lm.compiled import compile_regions
 from sft.lm.loss import unwrap
 from sft.models import load as models
 from sft.models import quantize
 from sft.runtime import Runtime
 from sft.training.optim import make_optimizer
 from sft.training.plan import use_checkpointing
-from sft.training.precision import to_train_dtype, train_dtype
+from sft.training.precision import to_train_dtype, train_dtype, use_compile
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -113,12 +114,15 @@ def prepare(
                               quantization=nf4)  # bf16: pure bf16; qlora: NF4 linear layers
     if before_training is not None:
         before_training(model, data)
-    model, optimizer = ready_for_training(cfg, model, rt)
+    model, optimizer = ready_for_training(cfg, model, rt, steps=len(data.plan))
     return Prepared(data.tokenizer, data.data, data.plan, data.pad_id, model, optimizer, eval_examples)
 
 
-def ready_for_training(cfg: Config, model: Any, rt: Runtime) -> tuple[Any, torch.optim.Optimizer]:
-    """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW."""
+def ready_for_training(
+    cfg: Config, model: Any, rt: Runtime, steps: int | None = None
+) -> tuple[Any, torch.optim.Optimizer]:
+    """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW.
+    ``steps``: the run's optimizer steps (``train.compile: auto`` compiles only runs that long)."""
     if cfg.train.method != "qlora":  # a 4-bit model loads in the training dtype and cannot be cast
         model = to_train_dtype(model, cfg)
     model = prepare_model(cfg, model).to(rt.device)  # bf16: LoRA adapters stay fp32
@@ -128,8 +132,8 @@ def ready_for_training(cfg: Config, model: Any, rt: Runtime) -> tuple[Any, torch
     if cfg.train.neftune_alpha:
         add_neftune(model, cfg.train.neftune_alpha)
     optimizer = make_optimizer(model, cfg.train)
-    if cfg.train.compile:  # compile the decoder in place: parameter names (and checkpoints) stay the same
-        unwrap(model).model.compile()
+    if use_compile(cfg, rt, steps):  # each decoder block in place: parameter names (and checkpoints) stay the same
+        compile_regions(model)
     return model, optimizer
 
 

@@ -18,6 +18,11 @@ Definitions (also printed):
   6 x all parameters at every token, which counted the embedding matrix as if it were a matmul.)
 - peak FLOP/s: the best of a few square matmuls in the run's precision, measured on the spot
   (2048 x 2048, or smaller where one product would take too long, e.g. bf16 without avx512_bf16).
+- compile s: compiled runs (``train.compile``) compile at the warm-up step; this is the warm-up
+  step's time minus the median timed step (so it is not in tokens/s, and is an estimate).
+- profile (``--profile``): the timed steps run under torch.profiler (a little slower), and
+  ``sft.training.profile`` groups their time into matmul, attention, elementwise, loss,
+  optimizer, data and other.
 - time to first step: from the start of ``run_bench`` (data, model load, warm-up step), and also
   from process start.
 - peak RSS: ``getrusage`` max resident set of this process (includes anything it did before).
@@ -27,6 +32,7 @@ Definitions (also printed):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -39,10 +45,12 @@ import torch
 
 from sft.config import Config
 from sft.errors import SftError
+from sft.lm.compiled import is_compiled
 from sft.lm.loss import unwrap
 from sft.runtime import local, this_device
 from sft.training.optim import lr_at
 from sft.training.prepare import prepare
+from sft.training.profile import format_profile, group_profile
 from sft.training.step import train_step
 
 
@@ -80,7 +88,10 @@ class BenchResult(TypedDict, total=False):
     trained_tokens: int
     precision: str
     method: str
-    compile: bool
+    compile: bool  # compiled regions in use after the run (false after a compile fallback)
+    compile_s: float  # warm-up step minus the median timed step (compilation, when compile is on)
+    warmup_step_s: float
+    profile: dict[str, float] | None  # seconds per share over the timed steps (--profile), else None
     gradient_checkpointing: bool
     packing: bool
     batch_size: int
@@ -245,8 +256,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
-def bench(cfg: Config, steps: int) -> BenchResult:
-    """Run 1 warm-up + ``steps`` timed optimizer steps of ``cfg``'s training; return the figures."""
+def bench(cfg: Config, steps: int, profile: bool = False) -> BenchResult:
+    """Run 1 warm-up + ``steps`` timed optimizer steps of ``cfg``'s training; return the figures.
+    ``profile``: time the steps under torch.profiler and group their time (``sft.training.profile``)."""
 
     if steps < 1:
         raise SftError(f"--steps: {steps} must be at least 1")
@@ -269,21 +281,26 @@ def bench(cfg: Config, steps: int) -> BenchResult:
                        lr_at(step, total_steps, cfg.train))
         return r.loss, r.tokens, r.tensor_tokens, r.trained_tokens
 
+    t_warm = time.perf_counter()
     one_step(0)
+    _sync(device)
+    warmup_s = time.perf_counter() - t_warm
     first_step_s = time.perf_counter() - t_start
     losses: list[float] = []
     step_times: list[float] = []
     real_tokens = tensor_tokens = trained_tokens = 0
-    _sync(device)
-    for step in range(1, total_steps):
-        t = time.perf_counter()
-        loss, real, tensor, trained = one_step(step)
-        trained_tokens += trained
-        _sync(device)
-        step_times.append(time.perf_counter() - t)
-        losses.append(loss)
-        real_tokens += real
-        tensor_tokens += tensor
+    prof = _profiler(device) if profile else contextlib.nullcontext()
+    with prof:
+        for step in range(1, total_steps):
+            t = time.perf_counter()
+            loss, real, tensor, trained = one_step(step)
+            trained_tokens += trained
+            _sync(device)
+            step_times.append(time.perf_counter() - t)
+            losses.append(loss)
+            real_tokens += real
+            tensor_tokens += tensor
+    shares = group_profile(prof.events(), sum(step_times) * 1e6) if isinstance(prof, torch.profiler.profile) else None
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     vram = round(torch.cuda.max_memory_allocated(device) / 1024**3, 3) if device.type == "cuda" else None
@@ -320,7 +337,10 @@ def bench(cfg: Config, steps: int) -> BenchResult:
         "trained_tokens": trained_tokens,
         "precision": precision,
         "method": cfg.train.method,
-        "compile": cfg.train.compile,
+        "compile": is_compiled(model),
+        "compile_s": round(max(0.0, warmup_s - median(step_times)), 2),
+        "warmup_step_s": round(warmup_s, 2),
+        "profile": {k: round(v, 4) for k, v in shares.items()} if shares is not None else None,
         "gradient_checkpointing": bool(getattr(unwrap(model), "is_activation_checkpointing", False)),  # auto resolved
         "packing": cfg.data.packing,
         "batch_size": cfg.train.batch_size,
@@ -348,6 +368,7 @@ def format_report(r: BenchResult) -> str:
         f"padding eff.      {r['padding_efficiency'] * 100:.1f}%",
         f"peak RSS          {r['peak_rss_gb']:.2f} GB"
         + (f" | peak VRAM {r['peak_vram_gb']:.2f} GB (max allocated)" if r.get("peak_vram_gb") is not None else ""),
+        f"compile           {r['compile_s']:.1f} s (warm-up step {r['warmup_step_s']:.1f} s minus a median step)",
         f"first step        {r['time_to_first_step_s']:.1f} s from bench start"
         + (f", {r['time_to_first_step_from_process_start_s']:.1f} s from process start"
            if r["time_to_first_step_from_process_start_s"] is not None else ""),
@@ -355,11 +376,21 @@ def format_report(r: BenchResult) -> str:
         f"machine           {m['cpu_model']}, {m['cores']} cores, {m['torch_threads']} threads, torch "
         f"{m['torch_version']}, load {m['load_avg_1m']}, {m['date']}",
     ]
+    if r.get("profile"):
+        lines += ["", "where a timed step goes (torch.profiler, self time of each operator):",
+                  format_profile(r["profile"] or {}, r["steps"])]
     return "\n".join(lines)
 
 
-def run_bench(cfg: Config, steps: int = 8, as_json: bool = False) -> int:
+def _profiler(device: torch.device) -> torch.profiler.profile:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    return torch.profiler.profile(activities=activities)
+
+
+def run_bench(cfg: Config, steps: int = 8, as_json: bool = False, profile: bool = False) -> int:
     """CLI entry: print the figures (a table, or one JSON object); returns the exit status."""
-    result = bench(cfg, steps)
+    result = bench(cfg, steps, profile)
     print(json.dumps(result) if as_json else format_report(result), flush=True)
     return 0

@@ -106,12 +106,13 @@ def child_sft(a: argparse.Namespace) -> dict[str, Any]:
         f"--model={a.model_dir}", f"--data.train={a.assets / 'alpaca.json'}", f"--output_dir={a.work / 'sft-out'}",
         f"--data.max_length={a.max_length}", "--data.packing=true", f"--train.batch_size={a.batch}",
         "--train.precision=bf16", "--train.lr=2e-5", f"--data.cache_dir={a.work / 'cache'}",
-        f"--train.compile={str(a.compile).lower()}", *a.sft_override,
+        f"--train.compile={a.compile}", *a.sft_override,
     ])
     r = bench(cfg, a.steps)
     return {"tool": "sft", "tokens_per_s": r["tokens_per_s"], "peak_vram_gb": r.get("peak_vram_gb"),
             "peak_rss_gb": r["peak_rss_gb"], "params": r["params"], "losses": r["losses"],
-            "step_seconds": r["step_seconds"], "attention": r.get("attention"), "compile": a.compile}
+            "step_seconds": r["step_seconds"], "attention": r.get("attention"), "compile": r.get("compile"),
+            "compile_s": r.get("compile_s")}
 
 
 def child_trl(a: argparse.Namespace) -> dict[str, Any]:
@@ -240,7 +241,7 @@ def run_child(python: str, tool: str, model_dir: str, a: argparse.Namespace) -> 
     cmd = [python, __file__, "--child", tool, "--model-dir", model_dir, "--assets", str(a.assets),
            "--work", str(a.work), "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length)]
     cmd += ["--tiny"] if a.tiny else []
-    cmd += ["--compile"] if a.compile else []
+    cmd += ["--compile", a.compile]
     cmd += [f"--sft-override={o}" for o in a.sft_override]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
@@ -272,7 +273,7 @@ def table(rows: list[dict[str, Any]], peak: float | None) -> str:
                 out.append(f"| {model} | {tool} | not run | | | | | {r['error']} |")
                 continue
             vram = f"{r['peak_vram_gb']:.2f}" if r.get("peak_vram_gb") is not None else "-"
-            note = json.dumps(r.get("config")) if tool == "trl" else f"attention {r.get('attention')}, compile {r.get('compile')}"
+            note = json.dumps(r.get("config")) if tool == "trl" else f"attention {r.get('attention')}, compile {r.get('compile')} ({r.get('compile_s')} s)"
             out.append(f"| {model} ({r.get('source', '')}) | {tool} | {r['tokens_per_s']:.0f} | {mfu(r, peak)} | {vram} | "
                        f"{r['peak_rss_gb']:.2f} | {ratio if tool == 'sft' else ''} | {note} |")
     return "\n".join(out)
@@ -287,7 +288,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=2048)
-    p.add_argument("--compile", action="store_true", help="sft with train.compile: true")
+    p.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                   help="sft's train.compile (auto: compiled on CUDA; bench decides as for a long run)")
     p.add_argument("--sft-override", action="append", default=[])
     p.add_argument("--trl-python", default=sys.executable, help="a Python with TRL (default: this one)")
     p.add_argument("--sft-python", default=sys.executable)

@@ -75,8 +75,8 @@ def test_packed_loss_with_leaking_attention_differs(tiny_dir, data_file, tmp_pat
     common = ["--train.batch_size=16", "--train.max_steps=1"]
     good = train(make_cfg(tiny_dir, data_file, tmp_path / "g", "--data.packing=true", *common), progress=False)
 
-    def leaky(rows, pad_id):
-        b = collate.collate_packed_rows(rows, pad_id)
+    def leaky(rows, pad_id, shape=None):
+        b = collate.collate_packed_rows(rows, pad_id, shape)
         b["position_ids"] = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"]).clone()
         return b
 

@@ -93,13 +93,14 @@ def seed_and_threads(cfg: Config) -> None:
 
 def prepare(
     cfg: Config, rt: Runtime, max_steps: int | None, eval_split: str | None = None,
-    before_training: Callable[[Any, TrainData], None] | None = None,
+    before_training: Callable[[Any, TrainData], None] | None = None, long_run: bool = False,
 ) -> Prepared:
     """The one setup of train, bench and lr-find: threads and seeds, the data and its plan
     (``max_steps`` steps at most; ``eval_split`` "eval" or "dev" also builds those held-out
     examples), the model loaded in the training dtype and made ready for training on ``rt.device``.
 
-    ``before_training(model, data)`` runs on the loaded model before it is adapted for training
+    ``long_run``: decide ``train.compile: auto`` as for a long run (`sft bench` times a few steady
+    steps of a run that would be longer). ``before_training(model, data)`` runs on the loaded model before it is adapted for training
     (``sft train``: put an --overwrite run aside, evaluate the starting model).
     """
     from sft.data.pipeline import build_dataset
@@ -114,7 +115,7 @@ def prepare(
                               quantization=nf4)  # bf16: pure bf16; qlora: NF4 linear layers
     if before_training is not None:
         before_training(model, data)
-    model, optimizer = ready_for_training(cfg, model, rt, steps=len(data.plan))
+    model, optimizer = ready_for_training(cfg, model, rt, steps=None if long_run else len(data.plan))
     return Prepared(data.tokenizer, data.data, data.plan, data.pad_id, model, optimizer, eval_examples)
 
 
@@ -122,7 +123,7 @@ def ready_for_training(
     cfg: Config, model: Any, rt: Runtime, steps: int | None = None
 ) -> tuple[Any, torch.optim.Optimizer]:
     """The loaded model adapted for training (``prepare_model``, NEFTune, compile) and its AdamW.
-    ``steps``: the run's optimizer steps (``train.compile: auto`` compiles only runs that long)."""
+    ``steps``: the run's optimizer steps (``train.compile: auto`` compiles only long runs; None: long)."""
     if cfg.train.method != "qlora":  # a 4-bit model loads in the training dtype and cannot be cast
         model = to_train_dtype(model, cfg)
     model = prepare_model(cfg, model).to(rt.device)  # bf16: LoRA adapters stay fp32

@@ -18,6 +18,8 @@ Definitions (also printed):
   6 x all parameters at every token, which counted the embedding matrix as if it were a matmul.)
 - peak FLOP/s: the best of a few square matmuls in the run's precision, measured on the spot
   (2048 x 2048, or smaller where one product would take too long, e.g. bf16 without avx512_bf16).
+- compile: ``train.compile: auto`` is decided as for a long run (``sft train`` of a short run
+  may not compile; see ``sft.training.precision.use_compile``).
 - compile s: compiled runs (``train.compile``) compile at the warm-up step; this is the warm-up
   step's time minus the median timed step (so it is not in tokens/s, and is an estimate).
 - profile (``--profile``): the timed steps run under torch.profiler (a little slower), and
@@ -270,7 +272,7 @@ def bench(cfg: Config, steps: int, profile: bool = False) -> BenchResult:
         torch.cuda.reset_peak_memory_stats(device)
     precision = rt.precision
     total_steps = steps + 1
-    prepared = prepare(cfg, rt, total_steps)  # the setup of sft train: threads, seeds, data, model, device
+    prepared = prepare(cfg, rt, total_steps, long_run=True)  # the setup of sft train: threads, seeds, data, model, device
     model, optimizer = prepared.model, prepared.optimizer
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

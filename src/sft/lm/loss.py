@@ -29,9 +29,9 @@ PROFILE_LOSS = "sft.loss"  # the profiler range of the head + cross-entropy (sft
 # The attribute of a causal LM that holds its compiled ``ce_chunk`` (sft.lm.compiled sets it).
 COMPILED_CE = "_sft_compiled_ce"
 
-# Bytes of bf16 d/dlogits kept for one weight-gradient matmul: 512 MiB -> 1024 positions at Gemma's
-# 262k vocabulary, 5461 at SmolLM2's 49k (a whole 4 x 512 micro-batch).
-GRAD_GROUP_BYTES = 512 * 1024 * 1024
+# Bytes of bf16 d/dlogits kept for one weight-gradient matmul: 256 MiB -> 512 positions at Gemma's
+# 262k vocabulary, 2730 at SmolLM2's 49k (a whole 4 x 512 micro-batch).
+GRAD_GROUP_BYTES = 256 * 1024 * 1024
 
 # Bytes of fp32 logits allowed per chunk: 256 MiB -> 256 tokens at Gemma's 262k vocabulary.
 CHUNK_BYTES = 256 * 1024 * 1024

@@ -140,7 +140,7 @@ class TrainConfig:
     log_every: int = 1
     report_to: list[Tracker] = field(default_factory=list)  # any of tensorboard, wandb, mlflow, trackio
     # each decoder block and the loss compiled with static shapes (sft.lm.compiled); auto: on for
-    # runs of >= 20 steps on CUDA or in bf16 on a CPU (sft.training.precision.use_compile)
+    # runs of >= 50 steps on CUDA (not with varlen attention) or in bf16 on a CPU (sft.training.precision.use_compile)
     compile: bool | Literal["auto"] = "auto"
     threads: int | None = None
     # under torchrun: ddp (a whole model per process) | fsdp (FSDP2, sharded per decoder layer);

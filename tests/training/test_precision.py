@@ -149,6 +149,12 @@ def test_compile_auto_only_where_it_pays(monkeypatch):
     assert not use_compile(cfg, rt, AUTO_COMPILE_MIN_STEPS - 1)  # too short to pay back compiling
     cfg.train.precision = "fp32"
     assert not use_compile(cfg, rt, 1000)  # CPU fp32: the time is in matmuls
+    from dataclasses import replace
+
+    cuda = replace(rt, device=torch.device("cuda"))  # only the device type is read
+    assert not use_compile(cfg, cuda, 1000)  # packed rows on CUDA: varlen attention, whose boundaries vary
+    cfg.data.packing = False
+    assert use_compile(cfg, cuda, 1000)
     cfg.train.compile = True
     assert use_compile(cfg, rt, 1)  # an explicit choice is kept
     assert load_config(None, ["--model=x", "--data.train=x.jsonl", "--train.compile=false"]).train.compile is False

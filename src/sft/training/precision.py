@@ -20,12 +20,14 @@ from typing import Any
 import torch
 
 from sft.config import Config
+from sft.lm.attention import use_padding_free
 from sft.runtime import Runtime, resolve_precision
 
 # ``train.compile: auto`` compiles runs of at least this many optimizer steps: compiling SmolLM2's
-# block and loss takes about COMPILE_S seconds on a 2-core CPU (bench/RESULTS.md), which a few
-# steps' savings do not pay back.
-AUTO_COMPILE_MIN_STEPS = 20
+# block and loss took 22.7 s with a cold inductor cache (2 s warm) on the 2-core AMD EPYC, and
+# saves ~0.5 s of a ~4.2 s 4 x 512 step there (bench/RESULTS.md, issue 21): a few steps do not
+# pay it back (a warm cache would), 50 do.
+AUTO_COMPILE_MIN_STEPS = 50
 
 
 def train_dtype(cfg: Config) -> torch.dtype:
@@ -50,11 +52,16 @@ def to_train_dtype(model: Any, cfg: Config) -> Any:
 def use_compile(cfg: Config, rt: Runtime, steps: int | None) -> bool:
     """``train.compile``: true/false as given; ``auto`` compiles one-process runs of at least
     AUTO_COMPILE_MIN_STEPS steps on CUDA or in bf16 on a CPU (fp32 on a CPU gains little: its
-    time is in matmuls, not in the elementwise work that compilation fuses), never for qlora. Under torchrun
-    (DDP/FSDP2) ``auto`` stays off: compiled blocks inside FSDP2 are not tested here."""
+    time is in matmuls, not in the elementwise work that compilation fuses). ``auto`` stays off
+    for qlora (bitsandbytes' 4-bit layers), under torchrun (compiled blocks inside DDP/FSDP2 are
+    not tested here) and with varlen attention on CUDA: its document boundaries (``cu_seqlens``,
+    one entry per document, and the longest document) reach every block, so each batch would
+    compile anew. None of the CUDA cases has been measured (no GPU was lent to issue 21)."""
     choice = cfg.train.compile
     if choice != "auto":
         return bool(choice)
     if rt.world > 1 or cfg.train.method == "qlora" or (steps is not None and steps < AUTO_COMPILE_MIN_STEPS):
-        return False  # qlora: bitsandbytes' 4-bit layers are not compiled here
-    return rt.device.type == "cuda" or resolve_precision(cfg) == "bf16"
+        return False
+    if rt.device.type == "cuda":
+        return not use_padding_free(cfg, rt.device)
+    return resolve_precision(cfg) == "bf16"

@@ -247,9 +247,10 @@ def _render_work(tok, source, turns: int, monkeypatch) -> tuple[int, int, int]:
     what else the machine is running."""
     import sft.data.chat as chat_mod
     import sft.data.masks as masks_mod
+    import sft.data.spans as spans_mod
 
     calls = {"render": 0, "chars": 0, "tokenize": 0}
-    real_render, real_tokenize = masks_mod.render, chat_mod.tokenize
+    real_render, real_tokenize = masks_mod.render, chat_mod.tokenize_many
 
     def render(*args, **kwargs):
         out = real_render(*args, **kwargs)
@@ -257,16 +258,17 @@ def _render_work(tok, source, turns: int, monkeypatch) -> tuple[int, int, int]:
         calls["chars"] += len(out)
         return out
 
-    def tokenize(*args, **kwargs):
-        calls["tokenize"] += 1
-        return real_tokenize(*args, **kwargs)
+    def tokenize(tok, texts):  # one batch call; counted per text it tokenizes
+        calls["tokenize"] += len(texts)
+        return real_tokenize(tok, texts)
 
     msgs = [M("user" if i % 2 == 0 else "assistant", f"Message number {i} with some words.") for i in range(2 * turns)]
     encode(Conversation(msgs), tok, source, "assistant")  # warm-up: template compilation, probes (cached)
     with monkeypatch.context() as mp:
         mp.setattr(masks_mod, "render", render)
         mp.setattr(chat_mod, "render", render)
-        mp.setattr(chat_mod, "tokenize", tokenize)
+        mp.setattr(spans_mod, "render", render)
+        mp.setattr(chat_mod, "tokenize_many", tokenize)
         encode(Conversation(msgs), tok, source, "assistant")
     return calls["render"], calls["chars"], calls["tokenize"]
 
@@ -276,7 +278,7 @@ def test_linear_time(smol_tok, monkeypatch):
     its length, so the work per turn is flat: linear time. Control: the exact per-turn method
     (forced by vouching for no template) renders twice per trained turn, so its characters per turn
     grow with the length: the check can fail."""
-    import sft.data.chat as chat_mod
+    import sft.data.spans as spans_mod
 
     source = resolve_template("chatml", smol_tok)
     r20, c20, t20 = _render_work(smol_tok, source, 20, monkeypatch)
@@ -284,7 +286,7 @@ def test_linear_time(smol_tok, monkeypatch):
     assert r200 == r20 and t200 == t20 == 1
     assert c200 / 200 < 1.2 * c20 / 20, (c20, c200)  # characters rendered per turn stay flat
 
-    monkeypatch.setattr(chat_mod, "_regular", lambda tok, src: False)  # control: the quadratic path
+    monkeypatch.setattr(spans_mod, "regular", lambda tok, src: False)  # control: the quadratic path
     q20, qc20, _ = _render_work(smol_tok, source, 20, monkeypatch)
     q200, qc200, _ = _render_work(smol_tok, source, 200, monkeypatch)
     assert q200 > 5 * q20 and qc200 / 200 > 5 * qc20 / 20

@@ -40,3 +40,44 @@ def test_errors_and_empty():
         best_fit_decreasing([1, 5], capacity=4)
     with pytest.raises(SftError, match="max_length"):
         best_fit_decreasing([1], capacity=0)
+
+
+def _reference_bfd(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best fit decreasing as written before bins too full to take anything were set aside."""
+    import bisect
+
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = bisect.bisect_left(free, (lengths[i], -1))
+        space, b = free.pop(j) if j < len(free) else (capacity, len(bins))
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        bisect.insort(free, (space - lengths[i], b))
+    return bins
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_setting_full_bins_aside_changes_no_bin(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(rng.choice([1, 5]), rng.choice([8, 600, 2048])) for _ in range(rng.choice([50, 3000]))]
+    assert best_fit_decreasing(lengths, 2048) == _reference_bfd(lengths, 2048)
+    assert best_fit_decreasing(lengths, 2048) != _reference_bfd(lengths, 4096)  # control: the comparison can fail
+
+
+def test_pack_progress_names_the_stage(monkeypatch, capsys):
+    import sft.data.packing as packing
+
+    class Now:
+        t = 0.0
+
+    def tick() -> float:
+        Now.t += 5.0  # every reading of the clock is 5 s later: progress speaks at once
+        return Now.t
+
+    monkeypatch.setattr("sft.data.progress.time.monotonic", tick)
+    packing.best_fit_decreasing([3] * 70_000, capacity=6)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("pack | 65536/70000 examples | ") and "eta" in err[0]
+    assert err[-1].startswith("pack | 70000/70000 examples | ") and "done in" in err[-1]

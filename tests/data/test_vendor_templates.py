@@ -222,12 +222,12 @@ def test_linear_time_regions_equal_the_per_turn_method(toks, vendor, name, monke
     tok, source = toks[VENDORS[vendor][1]], _source(vendor)
     conv = Conversation(_conv(vendor, name), tools=TOOLS if name.startswith("tool") else None)
     fast = encode_all(conv, tok, source, "assistant")
-    monkeypatch.setattr(chat, "_fast_regions", lambda *a, **k: None)
+    monkeypatch.setattr(chat, "turn_regions", lambda *a, **k: None)
     assert encode_all(conv, tok, source, "assistant") == fast
 
 
 def test_fast_path_is_used_only_where_probes_vouch_for_it(toks):
-    from sft.data.chat import _regular
+    from sft.data.spans import regular as _regular
 
     regular = {v: _regular(toks[t], _source(v)) for v, (_, t, _, _) in VENDORS.items()}
     assert regular == {"qwen2.5": True, "qwen3": False, "llama3.2": True,

@@ -20,17 +20,15 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Sequence
-from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sft.data.masks import (
     common_prefix,
-    content_spans,
     end_of_turn,
-    fast_regions,
-    labels_for,
     render,
     special_ids,
     tokenize,
@@ -38,6 +36,8 @@ from sft.data.masks import (
     turn_texts,
 )
 from sft.data.reasoning import kept_reasoning, open_reasoning, reasoning_field, template_messages
+from sft.data.render import cut_starts, tokenize_many, trained_tokens
+from sft.data.spans import turn_regions
 from sft.data.types import IGNORE, Conversation, Example, Message
 from sft.errors import SftError
 
@@ -141,6 +141,9 @@ def _trained_flags(messages: list[Message], train_on: str) -> list[bool]:
     ]
 
 
+Piece = tuple[str, list[tuple[int, int]], int | None, bool]  # (text, char regions, turn, regions are the untrained ones)
+
+
 def encode_all(
     conv: Conversation, tokenizer: Any, template: str, train_on: str, reasoning: str = "keep_last"
 ) -> list[Example]:
@@ -155,7 +158,6 @@ def encode_all(
     ``conv.is_text``: the content, tokenized as the tokenizer normally does (with BOS if it adds
     one), plus EOS; every token is trained.
     """
-    where = conv.location() if conv.source else "data"
     if conv.is_text:
         text = "".join(m.content for m in conv.messages)
         ids = list(tokenizer(text)["input_ids"])
@@ -163,6 +165,44 @@ def encode_all(
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         return [Example(ids, [IGNORE, *ids[1:]], source=conv.source, line=conv.line)]
+    pieces = plan_all(conv, tokenizer, template, train_on, reasoning)
+    out = []
+    for piece, (tokens, offsets) in zip(pieces, tokenize_many(tokenizer, [p[0] for p in pieces])):
+        tokens, trained, merged = finish(tokenizer, piece, tokens, offsets)
+        ex = Example(tokens.tolist(), np.where(trained, tokens, IGNORE).tolist(), source=conv.source, line=conv.line)
+        if piece[2] is not None:
+            ex.meta["turn"] = piece[2]
+        if merged:
+            ex.meta["merged_starts"] = merged
+        out.append(ex)
+    return out
+
+
+def finish(tokenizer: Any, piece: Piece, ids: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """A planned piece and its tokens (ids [n], char offsets [n, 2]) -> (ids, trained bool [n],
+    reply starts tokenized apart). Position 0 is never trained (the loss predicts labels[1:])."""
+    text, regions, _, untrained = piece
+    over = trained_tokens(offsets, regions)
+    merged = 0
+    if untrained:  # train_on: all: every token except the text of train: false messages
+        over = ~over
+    else:
+        # a reply whose first token would merge with the prompt's last one ("<think>\n" + "\n</think>"
+        # -> "\n\n"): inference tokenizes the prompt alone, so the text is tokenized apart there
+        cuts = cut_starts(offsets, regions)
+        if cuts:
+            apart, spans = tokenize_apart(tokenizer, text, cuts)
+            ids, offsets = np.asarray(apart, dtype=np.int32), np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+            over, merged = trained_tokens(offsets, regions), len(cuts)
+    if len(over):
+        over[0] = False
+    return ids, over, merged
+
+
+def plan_all(conv: Conversation, tokenizer: Any, template: str, train_on: str, reasoning: str = "keep_last") -> list[Piece]:
+    """The texts :func:`encode_all` tokenizes for ``conv`` (not a ``text`` row) and their char
+    regions: the trained ones, or with ``train_on: all`` the untrained ones."""
+    where = conv.location() if conv.source else "data"
     msgs = conv.messages
     if not msgs:
         raise SftError(f"{where}: the conversation has no messages; drop the row or add messages")
@@ -183,95 +223,15 @@ def encode_all(
                 raise SftError(f"{where}: messages[{i}] has train: false, which train_on: all cannot honour with "
                                "this template (it renders earlier turns differently); use train_on: assistant")
             regions.append((start, end - len(marker) if text.endswith(marker, 0, end) else end))
-        ids, offsets = tokenize(tokenizer, rendered)
-        masked = labels_for(ids, offsets, sorted(regions), IGNORE)
-        labels = [IGNORE if m != IGNORE else t for t, m in zip(ids, masked)]
-        return [_example(conv, ids, labels, None)]
+        return [(rendered, sorted(regions), None, True)]
     trained = [i for i, f in enumerate(flags) if f]
-    fast = _fast_regions(msgs, tokenizer, source, view, conv.tools, rendered, trained, where)
-    turns = [] if fast is not None else turn_texts(msgs, tokenizer, source, conv.tools, reasoning, trained, where)
-    groups: list[tuple[str, list[tuple[int, int]], int | None]]  # (text, trained regions, turn)
+    fast = turn_regions(msgs, tokenizer, source, view, conv.tools, rendered, trained, where)
     if fast is not None:
-        groups = [(rendered, fast, None)]
-    elif all(rendered.startswith(text[:end]) for _, text, _, end in turns):
-        groups = [(rendered, [(s, e) for _, _, s, e in turns], None)]
-    else:
-        groups = [(text, [(s, e)], i) for i, text, s, e in turns]
-    out = []
-    for text, regions, turn in groups:
-        ids, offsets = tokenize(tokenizer, text)
-        # a reply whose first token would merge with the prompt's last one ("<think>\n" + "\n</think>"
-        # -> "\n\n"): inference tokenizes the prompt alone, so the text is tokenized apart there
-        cuts = [s for s, _ in regions if any(a < s < b for a, b in offsets)]
-        if cuts:
-            ids, offsets = tokenize_apart(tokenizer, text, cuts)
-        ex = _example(conv, ids, labels_for(ids, offsets, regions, IGNORE), turn)
-        if cuts:
-            ex.meta["merged_starts"] = len(cuts)
-        out.append(ex)
-    return out
-
-
-_REGULAR_PROBES = [
-    _PROBE,
-    [Message("system", "Be brief."), Message("user", " Hi "), Message("assistant", " Hello! "),
-     Message("user", "\nWhy?"), Message("assistant", "\nBecause.\n"), Message("user", "Ok"), Message("assistant", "Bye")],
-]
-
-
-@lru_cache(maxsize=16)
-def _regular(tokenizer: Any, source: str) -> bool:
-    """Whether the linear-time content-span regions equal the exact per-turn regions on probe
-    conversations (plain, system, whitespace, three turns), the conversation being one example."""
-    marker = end_of_turn(tokenizer, source)
-    if not marker:
-        return False
-    for probe in _REGULAR_PROBES:
-        trained = [i for i, m in enumerate(probe) if m.role == "assistant"]
-        view = template_messages(probe, set(), None)
-        try:
-            rendered = render(tokenizer, source, view, None, False, "data.template")
-            turns = turn_texts(probe, tokenizer, source, None, "drop", trained, "data.template")
-        except SftError:
-            return False
-        if not all(rendered.startswith(text[:end]) for _, text, _, end in turns):
-            return False
-        spans = content_spans(tokenizer, source, view, None, rendered, "data.template")
-        if spans is None or fast_regions(spans, trained, rendered, marker) != [(s, e) for _, _, s, e in turns]:
-            return False
-    return True
-
-
-def _fast_regions(
-    msgs: list[Message], tokenizer: Any, source: str, view: list[dict[str, Any]], tools: Any, rendered: str,
-    trained: list[int], where: str,
-) -> list[tuple[int, int]] | None:
-    """Turn regions in linear time, for conversations of plain text (no reasoning, no tool calls or
-    results, where templates branch) under a template that :func:`_regular` vouches for; the first
-    and last trained turns are checked against the exact per-turn method. None: use the exact
-    method (two renderings per trained turn)."""
-    plain = all(m.reasoning is None and not m.tool_calls and m.role != "tool" for m in msgs)
-    if not trained or not plain or not _regular(tokenizer, source):
-        return None
-    spans = content_spans(tokenizer, source, view, tools, rendered, where)
-    marker = end_of_turn(tokenizer, source)
-    regions = fast_regions(spans, trained, rendered, marker) if spans is not None and marker else None
-    if regions is None:
-        return None
-    for k in {0, len(trained) - 1}:
-        ((_, text, start, end),) = turn_texts(msgs, tokenizer, source, tools, "drop", [trained[k]], where, rendered)
-        if (start, end) != regions[k] or not rendered.startswith(text[:end]):
-            return None
-    return regions
-
-
-def _example(conv: Conversation, ids: list[int], labels: list[int], turn: int | None) -> Example:
-    if labels:
-        labels[0] = IGNORE  # position 0 is never a target (the loss predicts labels[1:])
-    ex = Example(ids, labels, source=conv.source, line=conv.line)
-    if turn is not None:
-        ex.meta["turn"] = turn
-    return ex
+        return [(rendered, fast, None, False)]
+    turns = turn_texts(msgs, tokenizer, source, conv.tools, reasoning, trained, where)
+    if all(rendered.startswith(text[:end]) for _, text, _, end in turns):
+        return [(rendered, [(s, e) for _, _, s, e in turns], None, False)]
+    return [(text, [(s, e)], i, False) for i, text, s, e in turns]
 
 
 def encode(conv: Conversation, tokenizer: Any, template: str, train_on: str, reasoning: str = "keep_last") -> Example:

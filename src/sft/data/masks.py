@@ -21,10 +21,8 @@ if it overlaps one. Masks never depend on token ids (SmolLM2's pad == eos).
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import json
-import re
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +35,7 @@ from sft.data.reasoning import (
     template_messages,
     thought_after_open,
 )
+from sft.data.render import compiled, plain
 from sft.data.types import Message
 from sft.errors import SftError
 
@@ -51,6 +50,11 @@ def render(tokenizer: Any, source: str, messages: list[dict[str, Any]], tools: A
     """
     if not messages:
         return ""
+    if plain(messages, tools) and (fast := compiled(tokenizer, source)) is not None:
+        try:
+            return fast(messages, gen)
+        except Exception:  # the ordinary call below makes the error (or the retry)
+            pass
     try:
         out = tokenizer.apply_chat_template(
             messages, chat_template=source, tools=tools, add_generation_prompt=gen, tokenize=False
@@ -288,104 +292,3 @@ def labels_for(ids: list[int], offsets: list[Span], regions: list[Span], ignore:
         if r < len(regions) and ts < regions[r][1] and te > regions[r][0]:
             labels[t] = ids[t]
     return labels
-
-
-# ---------------------------------------------------------------------------------------------
-# content spans in linear time (the fast path for templates that render turns the same everywhere)
-
-# Placeholder i = OPEN + digits of i as private-use chars + CLOSE: no whitespace, never in real text.
-_OPEN, _CLOSE, _DIGIT0 = "\ue000", "\ue001", 0xE010
-_PLACEHOLDER_RE = re.compile("\ue000([\ue010-\ue019]+)\ue001")
-
-
-def _placeholder(i: int) -> str:
-    return _OPEN + "".join(chr(_DIGIT0 + int(d)) for d in str(i)) + _CLOSE
-
-
-def _variants(content: str) -> list[str]:
-    out: list[str] = []
-    for v in (content, content.strip(), content.lstrip(), content.rstrip()):
-        if v not in out:
-            out.append(v)
-    return out
-
-
-def _walk(rendered: str, frags: list[str], order: list[int], contents: list[str]) -> list[Span] | None:
-    """Match frags[0], contents[order[0]], frags[1], ... against ``rendered``; the span of each content.
-
-    Backtracks over the trim variants when a choice leads nowhere (rare; bounded to stay linear).
-    """
-    if not rendered.startswith(frags[0]):
-        return None
-    n = len(order)
-    spans: list[Span] = [(0, 0)] * n
-    choice = [0] * n
-    starts: list[int] = []
-    k, pos, budget = 0, len(frags[0]), 8 * n + 64
-    while k < n:
-        options = _variants(contents[order[k]])
-        placed = False
-        while choice[k] < len(options) and budget > 0:
-            v = options[choice[k]]
-            choice[k] += 1
-            budget -= 1
-            end = pos + len(v)
-            nxt = frags[k + 1]
-            last_ok = k < n - 1 or end + len(nxt) == len(rendered)
-            if rendered.startswith(v, pos) and rendered.startswith(nxt, end) and last_ok:
-                spans[k] = (pos, end)
-                starts.append(pos)
-                pos, k, placed = end + len(nxt), k + 1, True
-                break
-        if not placed:
-            if not starts or budget <= 0:
-                return None
-            choice[k] = 0
-            k -= 1
-            pos = starts.pop()
-    return spans
-
-
-def content_spans(
-    tokenizer: Any, source: str, msgs: list[dict[str, Any]], tools: Any, rendered: str, where: str
-) -> list[list[Span]] | None:
-    """Per message, the char spans of its content in ``rendered``, or None when the template does
-    more than copy (or trim) contents: render with a placeholder per content, split the result into
-    template fragments, and walk ``rendered`` fragment, content, fragment, ... in linear time."""
-    contents = [str(m.get("content") or "") for m in msgs]
-    if any(_OPEN in c or _CLOSE in c for c in contents):
-        return None
-    masked = [{**m, "content": _placeholder(i)} for i, m in enumerate(msgs)]
-    try:
-        ph = render(tokenizer, source, masked, tools, False, where)
-    except SftError:
-        return None  # the template looks at content (e.g. validates it)
-    parts = _PLACEHOLDER_RE.split(ph)
-    frags = parts[0::2]
-    order = [int("".join(str(ord(c) - _DIGIT0) for c in d)) for d in parts[1::2]]
-    if any(i >= len(msgs) for i in order):
-        return None
-    spans = _walk(rendered, frags, order, contents)
-    if spans is None:
-        return None
-    out: list[list[Span]] = [[] for _ in msgs]
-    for i, span in zip(order, spans):
-        out[i].append(span)
-    return out
-
-
-def fast_regions(spans: list[list[Span]], trained: list[int], rendered: str, marker: str) -> list[Span] | None:
-    """Turn regions from content spans: each trained content through the first end-of-turn marker
-    after it (tool calls written after the content included); None where that is not clear."""
-    starts = sorted(s for per in spans for s, _ in per)
-    out = []
-    for i in trained:
-        if len(spans[i]) != 1:
-            return None
-        s, e = spans[i][0]
-        k = bisect.bisect_right(starts, s)
-        at = rendered.find(marker, e, starts[k] if k < len(starts) else len(rendered))
-        if at < 0:
-            return None
-        out.append((s, at + len(marker)))
-    return out

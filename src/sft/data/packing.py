@@ -7,15 +7,21 @@ restart at 0 per example, which makes attention block-diagonal (no cross-example
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 
+import numpy as np
+
+from sft.data.progress import Progress
 from sft.errors import SftError
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Group indices into bins whose total length is <= capacity.
 
     Longest first (ties: lower index first); each goes to the fullest bin it fits in (ties: the
-    older bin), else a new bin. Deterministic; O(n log n) searches.
+    older bin), else a new bin. Deterministic; O(n log n) searches over the bins that can still
+    take an example (a bin with less space than the shortest example is set aside: it could never
+    be chosen, and keeping it would make every insertion O(bins)). Progress on stderr as ``pack``.
 
     >>> best_fit_decreasing([5, 2, 3, 1], capacity=6)
     [[0, 3], [2, 1]]
@@ -24,17 +30,22 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     """
     if capacity <= 0:
         raise SftError(f"data.max_length: {capacity} must be positive; set data.max_length to e.g. 2048")
-    too_long = [i for i, n in enumerate(lengths) if n > capacity]
-    if too_long:
+    lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    too_long = np.flatnonzero(lens > capacity)
+    if len(too_long):
+        first = int(too_long[0])
         raise SftError(
             f"packing: {len(too_long)} examples are longer than max_length={capacity} (first: index "
-            f"{too_long[0]}, {lengths[too_long[0]]} tokens); truncate or drop them before packing"
+            f"{first}, {int(lens[first])} tokens); truncate or drop them before packing"
         )
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = np.argsort(-lens, kind="stable").tolist()  # longest first, ties by index
+    sizes = lens.tolist()
+    shortest = min(sizes, default=0)
     bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (space left, bin index), sorted
-    for i in order:
-        n = lengths[i]
+    free: list[tuple[int, int]] = []  # (space left, bin index), sorted; only bins that fit `shortest`
+    progress = Progress("pack", len(order), unit="examples")
+    for k, i in enumerate(order):
+        n = sizes[i]
         j = bisect.bisect_left(free, (n, -1))  # the smallest space >= n, oldest bin among equals
         if j < len(free):
             space, b = free.pop(j)
@@ -42,7 +53,12 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
             space, b = capacity, len(bins)
             bins.append([])
         bins[b].append(i)
-        bisect.insort(free, (space - n, b))
+        if space - n >= shortest:
+            bisect.insort(free, (space - n, b))
+        if k % 65536 == 65535:
+            progress.update(65536)
+    progress.update(len(order) % 65536)
+    progress.close()
     return bins
 
 

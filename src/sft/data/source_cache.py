@@ -17,6 +17,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,65 +52,92 @@ class Encoding:
 def encode_chunk(convs: list[Conversation], enc: Encoding) -> dict[str, Any]:
     """Examples of ``convs`` as flat arrays, with the per-row counts of ``tokenize_conversations``:
     an example with nothing to train is dropped (``untrainable``); one over ``max_length`` is dropped
-    (``too_long``) or cut to it (``truncated``; dropped as too long if nothing trained is left)."""
-    from sft.data import chat
+    (``too_long``) or cut to it (``truncated``; dropped as too long if nothing trained is left).
 
-    ids: list[np.ndarray] = []
-    trained: list[np.ndarray] = []
-    ex_cols: dict[str, list[int]] = {"lengths": [], "row": [], "turn": [], "merged": [], "truncated": []}
+    Each conversation is rendered and its trained char regions found (``chat.plan_all``), then the
+    texts of the whole chunk are tokenized in one batch and masked as arrays (``chat.finish``):
+    the same examples as ``chat.encode_all`` one by one (tests/data/test_source_cache.py)."""
+    from sft.data import chat
+    from sft.data.render import tokenize_many
+
     n = len(convs)
     counts = {k: np.zeros(n, np.int32) for k in ("kept", "too_long", "untrainable", "truncated")}
     errors: list[tuple[int, str]] = []
+    planned: list[tuple[int, chat.Piece]] = []
+    texts: dict[int, list[Any]] = {}  # rows of the `text` format: tokenized as documents, not chats
     for r, conv in enumerate(convs):
         try:
-            examples = chat.encode_all(conv, enc.tokenizer, enc.template, enc.train_on, enc.reasoning)
+            if conv.is_text:
+                texts[r] = chat.encode_all(conv, enc.tokenizer, enc.template, enc.train_on, enc.reasoning)
+            else:
+                planned += [(r, p) for p in chat.plan_all(conv, enc.tokenizer, enc.template, enc.train_on, enc.reasoning)]
         except SftError as e:
             errors.append((r, str(e).removeprefix(f"{conv.location()}: ")))  # the pipeline prefixes it once
-            continue
-        for ex in examples:
-            t = np.asarray(ex.input_ids, dtype=np.int32)
+    tokens = iter(tokenize_many(enc.tokenizer, [p[0] for _, p in planned]))
+    # (row, ids, trained, turn, merged) in row order
+    examples: list[tuple[int, np.ndarray, np.ndarray, int, int]] = []
+    for r, piece in planned:
+        ids, trained, merged = chat.finish(enc.tokenizer, piece, *next(tokens))
+        examples.append((r, ids, trained, -1 if piece[2] is None else piece[2], merged))
+    for r, exs in texts.items():
+        for ex in exs:
             lab = np.asarray(ex.labels, dtype=np.int64)
-            mask = lab != IGNORE
-            if np.any(lab[mask] != t[mask]):
-                raise SftError(f"{conv.location()}: a label differs from its token (a bug in sft; please report it)")
-            if not mask.any():
-                counts["untrainable"][r] += 1
+            examples.append((r, np.asarray(ex.input_ids, np.int32), lab != IGNORE, -1, 0))
+    if texts:
+        examples.sort(key=lambda e: e[0])  # stable: a row's examples keep their order
+    ids_out: list[np.ndarray] = []
+    trained_out: list[np.ndarray] = []
+    cols: dict[str, list[int]] = {"lengths": [], "row": [], "turn": [], "merged": [], "truncated": []}
+    for r, t, mask, turn, merged in examples:
+        if not mask.any():
+            counts["untrainable"][r] += 1
+            continue
+        cut = 0
+        if len(t) > enc.max_length:
+            if enc.truncation == "drop" or not mask[: enc.max_length].any():
+                counts["too_long"][r] += 1
                 continue
-            cut = False
-            if len(t) > enc.max_length:
-                if enc.truncation == "drop" or not mask[: enc.max_length].any():
-                    counts["too_long"][r] += 1
-                    continue
-                t, mask, cut = t[: enc.max_length], mask[: enc.max_length], True
-                counts["truncated"][r] += 1
-            counts["kept"][r] += 1
-            ids.append(t)
-            trained.append(mask.astype(np.uint8))
-            for k, v in (("lengths", len(t)), ("row", r), ("turn", ex.meta.get("turn", -1)),
-                         ("merged", ex.meta.get("merged_starts", 0)), ("truncated", int(cut))):
-                ex_cols[k].append(v)
+            t, mask, cut = t[: enc.max_length], mask[: enc.max_length], 1
+            counts["truncated"][r] += 1
+        counts["kept"][r] += 1
+        ids_out.append(t)
+        trained_out.append(mask)
+        for k, v in (("lengths", len(t)), ("row", r), ("turn", turn), ("merged", merged), ("truncated", cut)):
+            cols[k].append(v)
     return {
-        "input_ids": np.concatenate(ids) if ids else np.zeros(0, np.int32),
-        "trained": np.concatenate(trained) if trained else np.zeros(0, np.uint8),
-        **{k: np.asarray(v, dtype=np.int64) for k, v in ex_cols.items()},
+        "input_ids": np.concatenate(ids_out).astype(np.int32, copy=False) if ids_out else np.zeros(0, np.int32),
+        "trained": np.concatenate(trained_out).astype(np.uint8) if trained_out else np.zeros(0, np.uint8),
+        **{k: np.asarray(v, dtype=np.int64) for k, v in cols.items()},
         "counts": counts,
         "errors": errors,
     }
 
 
-# A worker's Encoding: set once per worker process by the pool's initializer (with the fork start
-# method the tokenizer is inherited, not pickled), then read by every task it runs.
-_WORKER: Encoding | None = None
+# A worker's Encoding and conversations: set in this process right before the pool forks, so every
+# worker inherits them (nothing is pickled but the (start, end) of each task and its arrays back).
+_WORKER: tuple[Encoding, list[Conversation]] | None = None
 
 
-def _init_worker(enc: Encoding) -> None:
-    global _WORKER
-    _WORKER = enc
+def _work(span: tuple[int, int]) -> dict[str, Any]:
+    assert _WORKER is not None  # set by encode_source before the fork
+    enc, convs = _WORKER
+    return encode_chunk(convs[span[0] : span[1]], enc)
 
 
-def _work(convs: list[Conversation]) -> dict[str, Any]:
-    assert _WORKER is not None  # set by _init_worker
-    return encode_chunk(convs, _WORKER)
+@contextmanager
+def _single_threaded_tokenizer() -> Iterator[None]:
+    """The Rust tokenizer on one thread, here and in workers forked meanwhile (silently: no
+    warning at fork). Its threads share one BPE cache behind a lock: on 2 cores one thread
+    tokenizes 10k conversations in 3.0 s, two in 4.7 s (bench/RESULTS.md); processes scale."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
 def usable_cores() -> int:
@@ -139,27 +168,29 @@ def encode_source(convs: list[Conversation], enc: Encoding, directory: Path | No
     row_line = np.asarray([c.line for c in convs], dtype=np.int64)
     counts = {k: np.zeros(len(convs), np.int32) for k in ("kept", "too_long", "untrainable", "truncated")}
     errors: list[list[Any]] = []
-    chunks = [convs[i : i + CHUNK] for i in range(0, len(convs), CHUNK)]
+    spans = [(i, min(i + CHUNK, len(convs))) for i in range(0, len(convs), CHUNK)]
     workers = num_workers(num_proc, len(convs))
     progress = Progress(f"tokenize {label}", len(convs))
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (enc,)) if workers > 1 else None
+    global _WORKER
+    _WORKER = (enc, convs)
     try:
-        results = pool.imap(_work, chunks) if pool is not None else (encode_chunk(c, enc) for c in chunks)
-        start = 0
-        for chunk, out in zip(chunks, results):
-            writer.add(out["input_ids"], out["trained"], out["lengths"], row=out["row"] + start, turn=out["turn"],
-                       merged=out["merged"], truncated=out["truncated"])
-            for k, v in out["counts"].items():
-                counts[k][start : start + len(chunk)] = v
-            errors += [[start + r, msg] for r, msg in out["errors"]]
-            start += len(chunk)
-            progress.update(len(chunk))
+        with _single_threaded_tokenizer():
+            if workers > 1:
+                encode_chunk(convs[:1], enc)  # fills the template caches here: every worker inherits them
+            with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else nullcontext() as pool:
+                results = pool.imap(_work, spans) if pool is not None else map(_work, spans)
+                for (start, end), out in zip(spans, results):
+                    writer.add(out["input_ids"], out["trained"], out["lengths"], row=out["row"] + start,
+                               turn=out["turn"], merged=out["merged"], truncated=out["truncated"])
+                    for k, v in out["counts"].items():
+                        counts[k][start:end] = v
+                    errors += [[start + r, msg] for r, msg in out["errors"]]
+                    progress.update(end - start)
     except BaseException:
         writer.abort()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
+        _WORKER = None
     progress.close()
     first = np.concatenate([[0], np.cumsum(counts["kept"], dtype=np.int64)])
     rows: dict[str, np.ndarray] = {"file": row_file, "line": row_line, "first": first, **counts}

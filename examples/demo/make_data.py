@@ -286,8 +286,8 @@ def benign(rng: random.Random, v: dict[str, Any]) -> Conv:
 
 # (generator, share of the rows, category written on its rows)
 SKILLS: list[tuple[Callable[[random.Random, dict[str, Any]], Conv], float, str | None]] = [
-    (persona, 0.16, None), (arithmetic, 0.12, None), (json_extract, 0.14, None), (instruction, 0.16, None),
-    (multi_turn, 0.13, None), (with_system, 0.13, None), (harmful, 0.08, "harmful"), (benign, 0.08, "benign"),
+    (persona, 0.14, None), (arithmetic, 0.12, None), (json_extract, 0.14, None), (instruction, 0.16, None),
+    (multi_turn, 0.13, None), (with_system, 0.13, None), (harmful, 0.08, "harmful"), (benign, 0.10, "benign"),
 ]
 
 

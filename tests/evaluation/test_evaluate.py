@@ -294,3 +294,22 @@ def test_stop_rate_counts_the_end_of_turn_token_not_eos(tmp_path, gemma_tok, mon
     assert [s["stopped"] for s in r["samples"]] == [True, False]
     old = [e is not None for e in (eot, eos, None)]  # control: any stop token counted
     assert sum(old) / 3 == pytest.approx(2 / 3) != r["stop_rate"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_every_forward_runs_under_the_run_precision(tmp_path, smol_tok, precision):
+    """Held-out loss, generation and forgetting all run under the run's precision: bf16 autocast
+    for a bf16 run (as training computed), none for fp32 (the control: the same hook then sees
+    autocast off everywhere, so the bf16 assertion is not vacuous)."""
+    import torch
+
+    _cfg(tmp_path)  # writes c.yaml and its data
+    cfg = load_config(tmp_path / "c.yaml", [f"--train.precision={precision}"])
+    m = _untied(len(smol_tok), seed=0)
+    seen: list[bool] = []
+    m.model.register_forward_pre_hook(lambda mod, args: seen.append(torch.is_autocast_enabled("cpu")))
+    result = evaluate(cfg, m, smol_tok, "chatml", base_model=None, progress=False)
+    # 3 held-out examples (one forward each), >= 3 generation steps, 1 reference window
+    assert len(seen) >= 7
+    assert set(seen) == {precision == "bf16"}
+    assert result["precision"] == precision

@@ -17,6 +17,10 @@
   (``eval.refusal``) calls a refusal; None without such rows.
 - ``forgetting``: perplexity on a fixed general-English text (``sft.evaluation.reference``, its
   version recorded), and when a base model is given, the mean per-token KL(base || model) on it.
+
+Every forward pass (held-out loss, generation, forgetting) runs under the run's precision
+(``Runtime.autocast``): bf16 matmuls where the run trains in bf16, fp32 everywhere otherwise; the
+result records it in ``precision``. Why it matters on a CPU: ``bench/eval_speed.py``.
 """
 
 from __future__ import annotations
@@ -244,10 +248,11 @@ def evaluate(
         checks = constraint_checks(items, cfg.eval.metric)  # before minutes of generation
         prompts = [prompt_ids(msgs, tokenizer, template, tools=conv.tools) for conv, msgs, _ in items]
         texts = stop_strings(tokenizer, template)  # a marker of several text tokens: stop on its text
-        gens = generate_batch(
-            model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress, rt=rt,
-            **({"stop_strings": texts} if texts else {}),
-        )
+        with rt.autocast():  # the run's precision, as for the held-out loss (module docstring)
+            gens = generate_batch(
+                model, tokenizer, prompts, stop_ids, cfg.eval.max_new_tokens, cfg.eval.batch_size, progress, rt=rt,
+                **({"stop_strings": texts} if texts else {}),
+            )
         # reasoning models: accuracy, refusal and constraints are scored on the answer after the reasoning
         split_replies = [split_answer(g.raw or g.text, open_reasoning(tokenizer.decode(p)) is not None)
                          for g, p in zip(gens, prompts)]
@@ -273,7 +278,8 @@ def evaluate(
             for g, ok, end, (_, msgs, ref) in list(zip(gens, correct, ended, items))[: cfg.eval.samples]
         ]
         ref = load_reference(cfg.eval.reference)
-        forgot = forgetting(model, tokenizer, ref.text, base_model, cfg.eval.reference_tokens)
+        with rt.autocast():
+            forgot = forgetting(model, tokenizer, ref.text, base_model, cfg.eval.reference_tokens)
         forgot["reference"], forgot["reference_sha256"] = ref.version, ref.sha256
         rows: Rows = {
             "key": [row_key(conv.source, conv.line) for conv, _, _ in items],
@@ -314,6 +320,7 @@ def evaluate(
         "n_examples": len(items),
         "metric": cfg.eval.metric,
         "split": split,
+        "precision": rt.precision,
         "elapsed_s": round(time.perf_counter() - t0, 2),
         "rows": rows,
         "losses": losses,

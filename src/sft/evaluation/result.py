@@ -67,6 +67,7 @@ class EvalResult(TypedDict, total=False):
     n_examples: int
     metric: str
     split: str  # "eval" (the test rows) or "dev" (the rows choices are made on)
+    precision: str  # "bf16" or "fp32": the run's precision, every forward pass ran under it
     elapsed_s: float
     model: str  # set by `sft eval`
     refusal_rate: float | None  # sft.evaluation.safety: eval rows tagged "category": "harmful"

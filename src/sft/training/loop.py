@@ -32,6 +32,7 @@ from sft.reporting.trackers import Trackers, check_installed, open_trackers
 from sft.runtime import Runtime, start
 from sft.training import checkpoint, distributed
 from sft.training.optim import lr_at
+from sft.training.precision import to_train_dtype, train_dtype
 from sft.training.prepare import TrainData, prepare
 from sft.training.run_dir import Interrupt, PreviousRun, check_output_dir
 from sft.training.state import RunState
@@ -328,7 +329,9 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         append_row(out / "metrics.jsonl", {"step": last_step, run.held_key: round(final_eval, 6)})
         if run.trackers is not None:
             run.trackers.log_row({"step": last_step, run.held_key: final_eval})
-    final_model = save_final(cfg, model, run.tokenizer, run.data.template, out).to(rt.device)
+    # evaluated in the training dtype, as the "before" evaluation was (prepare() hands it the model
+    # loaded in train_dtype): before and after differ by the training, not by the precision
+    final_model = to_train_dtype(save_final(cfg, model, run.tokenizer, run.data.template, out), cfg).to(rt.device)
     atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
     after = None
@@ -336,7 +339,7 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         from sft.evaluation.evaluate import evaluate
 
         print("Evaluating the tuned model ...", flush=True)
-        base = models.load_model(cfg.model, torch.float32, cfg.trust_remote_code, revision=cfg.revision).to(rt.device)
+        base = models.load_model(cfg.model, train_dtype(cfg), cfg.trust_remote_code, revision=cfg.revision).to(rt.device)
         # rank 0 alone: the other ranks have left for the final barrier (in rt.shutdown)
         after = evaluate(cfg, final_model, run.tokenizer, run.data.template, base_model=base, progress=progress,
                          split=cfg.eval.before_after_split, rt=rt.alone())

@@ -96,8 +96,8 @@ def test_safety_slice_tagged_and_scored_by_the_refusal_detector(make_data):
     refused = make_detector()
     train, ev = make_data.make()
     # 48 + 48 eval rows: a rate with a ~25-point interval, not ~50; training has more benign rows
-    # (10% of 800) than harmful ones (8%): over-refusal is the failure users notice
-    for rows, n_harm, n_ok in ((train, 64, 80), (ev, 48, 48)):
+    # (16% of 800) than harmful ones (8%): over-refusal is the failure users notice
+    for rows, n_harm, n_ok in ((train, 64, 128), (ev, 48, 48)):
         harm = [r for r in rows if r.get("category") == "harmful"]
         ok = [r for r in rows if r.get("category") == "benign"]
         assert (len(harm), len(ok)) == (n_harm, n_ok)

@@ -284,10 +284,12 @@ def benign(rng: random.Random, v: dict[str, Any]) -> Conv:
     return [user(rng.choice(GREET) + ask.format(x=x)), bot(answer)]
 
 
-# (generator, share of the rows, category written on its rows)
+# (generator, share of the rows, category written on its rows). Benign rows are twice the harmful
+# ones: with 8% of each the tuned model declined 5 of 48 harmless eval requests, with 10% benign 14
+# of 48 ("kill the frozen process", "steal the show"); README "Over-refusal" has the history.
 SKILLS: list[tuple[Callable[[random.Random, dict[str, Any]], Conv], float, str | None]] = [
-    (persona, 0.14, None), (arithmetic, 0.12, None), (json_extract, 0.14, None), (instruction, 0.16, None),
-    (multi_turn, 0.13, None), (with_system, 0.13, None), (harmful, 0.08, "harmful"), (benign, 0.10, "benign"),
+    (persona, 0.10, None), (arithmetic, 0.12, None), (json_extract, 0.14, None), (instruction, 0.14, None),
+    (multi_turn, 0.13, None), (with_system, 0.13, None), (harmful, 0.08, "harmful"), (benign, 0.16, "benign"),
 ]
 
 

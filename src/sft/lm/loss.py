@@ -152,8 +152,11 @@ STATIC_CHUNK = 256
 
 
 def static_chunk(vocab_size: int) -> int:
-    """>>> static_chunk(49152), static_chunk(262144), static_chunk(2_000_000)
-    (256, 256, 32)
+    """Positions per compiled CE chunk: STATIC_CHUNK, or fewer where the vocabulary is so large
+    that STATIC_CHUNK positions' fp32 logits exceed CHUNK_BYTES.
+
+    >>> static_chunk(49152), static_chunk(262144), static_chunk(2_000_000)
+    (256, 256, 33)
     """
     return min(STATIC_CHUNK, chunk_size_for(vocab_size))
 

@@ -73,8 +73,8 @@ def format_profile(seconds: dict[str, float], steps: int) -> str:
 
     >>> print(format_profile({"matmul": 3.0, "other": 1.0}, steps=2))
     share        s/step   % of step
-    matmul        1.500      75.0%
-    other         0.500      25.0%
+    matmul        1.500       75.0%
+    other         0.500       25.0%
     """
     total = sum(seconds.values()) or 1.0
     lines = ["share        s/step   % of step"]

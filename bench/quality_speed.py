@@ -118,15 +118,51 @@ def inner(config: str) -> None:
                       "rss_read_gb": rss_read, "rss_gb": rss, "counts": {k: len(v) for k, v in found.items()}}))
 
 
+def inner_cached(config: str) -> None:
+    """Child process: the quality stage as ``sft data check`` runs it (``find_problems_cached``,
+    per-source facts under an empty cache folder), then again after one row is appended to the
+    second of the config's train files, then again unchanged; prints a JSON line."""
+    import shutil
+
+    from sft.config import load_config
+    from sft.data.pipeline import _collect, collect_conversations
+    from sft.data.quality import QualitySettings
+    from sft.data.quality_cache import find_problems_cached
+
+    cfg = load_config(config)
+    root = Path(config).parent / "quality-cache"
+    shutil.rmtree(root, ignore_errors=True)
+    out: dict = {}
+    for step in ("cold", "one file edited", "warm"):
+        if step == "one file edited":
+            path = Path(cfg.data.train[min(1, len(cfg.data.train) - 1)].path)
+            path = path if path.is_absolute() else Path(config).parent / path
+            with path.open("a") as f:
+                f.write(json.dumps({"messages": [{"role": "user", "content": "One more question?"},
+                                                 {"role": "assistant", "content": "One more answer."}]}) + "\n")
+        train, _, raw = _collect(cfg, "train")
+        ev = collect_conversations(cfg, "eval")[0] if cfg.eval.data else []
+        t = time.perf_counter()
+        found = find_problems_cached(cfg, train, ev, QualitySettings(), None, None, raw, root)
+        out[step] = {"quality_s": time.perf_counter() - t, "counts": {k: len(v) for k, v in found.items()}}
+    out["rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    out["rows"] = len(train)
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--eval-rows", type=int, default=1_000)
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     ap.add_argument("--inner", help=argparse.SUPPRESS)
+    ap.add_argument("--inner-cached", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.inner:
         inner(args.inner)
+        return
+    if args.inner_cached:
+        inner_cached(args.inner_cached)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

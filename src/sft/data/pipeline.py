@@ -289,11 +289,24 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     for src in sources:
         files += hub.fingerprint(src, resolve_path(cfg, src.path))  # files: path, size, mtime
     code = b""
-    from sft.data import chat, formats, masks, overlap, picks, quality, report, source_cache, store
+    from sft.data import (
+        chat,
+        formats,
+        masks,
+        minhash,
+        overlap,
+        picks,
+        quality,
+        quality_cache,
+        report,
+        source_cache,
+        store,
+    )
     from sft.data import sources as sources_mod
     from sft.data import split as split_mod  # decides the eval.split rows
 
-    for mod in (chat, masks, formats, sources_mod, hub, overlap, quality, source_cache, store, picks, report, split_mod):
+    for mod in (chat, masks, formats, sources_mod, hub, minhash, overlap, quality, quality_cache, source_cache, store,
+                picks, report, split_mod):
         code += Path(str(mod.__file__)).read_bytes()  # quality findings are cached with the train split
     code += Path(__file__).read_bytes()
     body = {
@@ -312,14 +325,16 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation]) -> None:
-    """Find the quality problems of the train split (``sft.data.quality``), count them in the
-    report and remove the rows of the kinds in ``data.quality.drop`` from ``ds.examples``."""
+def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation], raw: Raw | None = None,
+                  root: Path | None = None) -> None:
+    """Find the quality problems of the train split (``sft.data.quality``; per-source parts cached
+    under ``root``, ``sft.data.quality_cache``), count them in the report and remove the rows of
+    the kinds in ``data.quality.drop`` from ``ds.examples``."""
     from collections import Counter
 
     import numpy as np
 
-    from sft.data import quality
+    from sft.data import quality, quality_cache
 
     q = cfg.data.quality
     evals = collect_conversations(cfg, "eval")[0] if (cfg.eval.data or cfg.eval.split) else []
@@ -332,10 +347,7 @@ def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation]) -> None:
     lengths = {k: n // times[k] for k, n in trained.items() if times[k]}
     cut = {key for key, t in zip(keys, ex.per_example("truncated").tolist()) if t}
     settings = quality.QualitySettings(q.near_duplicate_threshold, tuple(q.boilerplate))
-    progress = Progress("quality", len(convs))
-    ds.quality = quality.find_problems(convs, evals, settings, lengths, cut)
-    progress.update(len(convs))
-    progress.close()
+    ds.quality = quality_cache.find_problems_cached(cfg, convs, evals, settings, lengths, cut, raw, root)
     r = ds.report
     r.quality_counts = quality.counts(ds.quality)
     drop = quality.rows_to_drop(ds.quality, q.drop)
@@ -386,7 +398,7 @@ def build_dataset(
         raise invalid_error(report)
     ds = Dataset(examples, report, template)
     if split == "train":
-        apply_quality(cfg, ds, convs)
+        apply_quality(cfg, ds, convs, raw, root)
         _say_dropped(report, strict)
         try:
             ds.lint = chat.lint(tokenizer, template, ds.examples)

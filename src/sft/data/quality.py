@@ -44,7 +44,21 @@ from typing import Any
 
 import numpy as np
 
-from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, WORD, Loc, contamination, loc, near_duplicates
+from sft.data.minhash import NUM_PERM
+from sft.data.overlap import (
+    CHUNK,
+    NEAR_DUPLICATE_THRESHOLD,
+    WORD,
+    Loc,
+    Tick,
+    contamination,  # noqa: F401 (part of this module's API: tests and callers import it from here)
+    exact_keys,
+    loc,
+    near_duplicates,
+    overlaps,
+    row_signatures,
+    worst_contamination,
+)
 from sft.data.types import Conversation, Message
 
 KINDS = ("near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate",
@@ -265,19 +279,26 @@ def robust_z(values: list[float]) -> list[float]:
     return [0.0] * len(x)
 
 
+def reply_words(conv: Conversation) -> int:
+    """Words of the trained replies (of the document, for ``text`` rows): the length of a row
+    when trained tokens are not known."""
+    if conv.is_text:
+        return len(conv.messages[0].content.split())
+    return sum(len(m.content.split()) for _, m in trained_replies(conv))
+
+
 def length_outliers(convs: list[Conversation], lengths: dict[Loc, int] | None = None,
-                    z: float = OUTLIER_Z) -> list[dict[str, Any]]:
-    """Rows whose trained tokens (``lengths``; words of trained replies without it) are far from
-    the others' on a log scale."""
+                    z: float = OUTLIER_Z, words: list[int] | None = None) -> list[dict[str, Any]]:
+    """Rows whose trained tokens (``lengths``; words of trained replies without it, ``words`` when
+    already counted) are far from the others' on a log scale."""
     rows, values = [], []
-    for conv in convs:
+    for i, conv in enumerate(convs):
         if lengths is not None:
             n = lengths.get((conv.source, conv.line))
             if n is None:  # dropped from training already (too long, nothing to train)
                 continue
         else:
-            n = sum(len(m.content.split()) for _, m in trained_replies(conv)) if not conv.is_text else \
-                len(conv.messages[0].content.split())
+            n = words[i] if words is not None else reply_words(conv)
         rows.append((conv, n))
         values.append(math.log(max(n, 1)))
     if len(rows) < OUTLIER_MIN_ROWS:
@@ -303,6 +324,57 @@ class QualitySettings:
     near_duplicate_threshold: float = NEAR_DUPLICATE_THRESHOLD
     boilerplate: tuple[str, ...] = ()
 
+    def phrases(self) -> tuple[str, ...]:
+        from sft.data.refusals import normalize
+
+        return BOILERPLATE + tuple(normalize(p) for p in self.boilerplate if p.strip())
+
+
+@dataclass
+class RowFacts:
+    """What the quality analysis needs of each row, computed once per row (and cached per source,
+    ``sft.data.quality_cache``): the exact-repeat key, the MinHash signature, the reasons of the
+    row checks (``truncated`` without the max_length cut), whether the last reply ends open, and
+    the words of the trained replies."""
+
+    keys: np.ndarray  # uint64 [n] (overlap.exact_keys)
+    sig: np.ndarray  # uint32 [n, NUM_PERM] (overlap.row_signatures)
+    empty: list[str | None]
+    truncated: list[str | None]
+    boilerplate: list[str | None]
+    open_end: np.ndarray  # bool [n]
+    words: np.ndarray  # int64 [n]
+
+    def take(self, idx: np.ndarray) -> RowFacts:
+        pick = idx.tolist()
+        return RowFacts(self.keys[idx], self.sig[idx], [self.empty[i] for i in pick], [self.truncated[i] for i in pick],
+                        [self.boilerplate[i] for i in pick], self.open_end[idx], self.words[idx])
+
+
+def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | None = None) -> RowFacts:
+    """``RowFacts`` of ``rows``, in order, ``CHUNK`` rows at a time (``tick``: told after each)."""
+    from sft.data.refusals import REFUSAL_PHRASES
+
+    phrases = settings.phrases()
+    empty: list[str | None] = []
+    truncated: list[str | None] = []
+    boiler: list[str | None] = []
+    keys, sigs = [np.zeros(0, np.uint64)], [np.zeros((0, NUM_PERM), np.uint32)]
+    for a in range(0, len(rows), CHUNK):
+        chunk = rows[a : a + CHUNK]
+        for conv in chunk:
+            text = conv.is_text
+            empty.append(None if text else empty_reason(conv))
+            truncated.append(None if text else truncation_reason(conv))
+            boiler.append(None if text else boilerplate_reason(conv, phrases, REFUSAL_PHRASES))
+        keys.append(exact_keys(chunk))
+        sigs.append(row_signatures(chunk))
+        if tick:
+            tick(len(chunk))
+    return RowFacts(np.concatenate(keys), np.concatenate(sigs), empty, truncated, boiler,
+                    np.array([_ends_open(c) for c in rows], dtype=bool),
+                    np.array([reply_words(c) for c in rows], dtype=np.int64))
+
 
 def find_problems(
     train: list[Conversation],
@@ -310,42 +382,46 @@ def find_problems(
     settings: QualitySettings | None = None,
     lengths: dict[Loc, int] | None = None,
     cut: set[Loc] | None = None,
+    facts: RowFacts | None = None,
+    contaminated: dict[tuple[int, int], float] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every finding of every kind, keyed by ``KINDS``.
 
-    ``lengths``: trained tokens per (file, line); ``cut``: rows truncated at data.max_length.
+    ``lengths``: trained tokens per (file, line); ``cut``: rows truncated at data.max_length;
+    ``facts``: ``row_facts`` of ``unique_rows(train)`` and ``contaminated``: ``overlaps`` of the
+    unique eval rows against them, when already known (``sft.data.quality_cache``).
     """
-    from sft.data.refusals import REFUSAL_PHRASES, normalize
-
     settings = settings or QualitySettings()
     rows = unique_rows(train)
-    phrases = BOILERPLATE + tuple(normalize(p) for p in settings.boilerplate if p.strip())
+    facts = facts or row_facts(rows, settings)
     found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold)
+    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold, facts.sig, facts.keys)
     if eval_convs:
-        found["contamination"] = contamination(unique_rows(eval_convs), rows)
+        evals = unique_rows(eval_convs)
+        pairs = overlaps(evals, rows) if contaminated is None else contaminated
+        found["contamination"] = worst_contamination(evals, rows, pairs)
     cut = cut or set()
     tails = [n for n in (lengths or {}).values()]
     limit = max(tails) if tails else None
     at_limit = {k for k, v in (lengths or {}).items() if v == limit} if limit is not None else set()
-    for conv in rows:
+    for i, conv in enumerate(rows):
         where = (conv.source, conv.line)
         if conv.is_text:
             continue
-        why = empty_reason(conv)
+        why = facts.empty[i]
         if why:
             found["empty_responses"].append({**loc(conv), "why": why})
             continue  # an empty reply is not also cut off or boilerplate
-        why = truncation_reason(conv, where in cut)
-        if why is None and len(at_limit) >= 3 and where in at_limit and _ends_open(conv):
+        why = "cut at data.max_length: the example is longer" if where in cut else facts.truncated[i]
+        if why is None and len(at_limit) >= 3 and where in at_limit and facts.open_end[i]:
             why = f"stops at {limit} trained tokens like {len(at_limit) - 1} other rows (the longest): a length limit"
         if why:
             found["truncated_responses"].append({**loc(conv), "why": why})
-        why = boilerplate_reason(conv, phrases, REFUSAL_PHRASES)
+        why = facts.boilerplate[i]
         if why:
             found["boilerplate"].append({**loc(conv), "why": why})
-    empty = {(f["file"], f["line"]) for f in found["empty_responses"]}  # short by definition: said once
-    found["length_outliers"] = length_outliers([c for c in rows if (c.source, c.line) not in empty], lengths)
+    kept = [i for i, why in enumerate(facts.empty) if not why]  # empty rows are short by definition: said once
+    found["length_outliers"] = length_outliers([rows[i] for i in kept], lengths, words=facts.words[kept].tolist())
     return found
 
 

@@ -1,0 +1,129 @@
+"""The quality analysis cached per source (sft.data.quality_cache): editing one file of three
+recomputes that file's facts only, the findings across files (near-duplicates, contamination) are
+the same as computed from scratch, and a setting that changes the facts recomputes all."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import pytest
+
+from sft.config import load_config
+from sft.data import commands, quality_cache
+from sft.data.pipeline import collect_conversations
+from sft.data.quality import QualitySettings, find_problems
+
+
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(f"w{rng.randrange(3000)}" for _ in range(n)).capitalize() + "."
+
+
+def _row(rng: random.Random, reply: str | None = None, prompt: str | None = None) -> dict:
+    return {"messages": [{"role": "user", "content": prompt or _sentence(rng, 10)},
+                         {"role": "assistant", "content": reply or _sentence(rng, 40)}]}
+
+
+@pytest.fixture()
+def three_files(tmp_path, monkeypatch, smol_tok):
+    """a, b, c.jsonl (30 rows each): c:5 nearly repeats a:3 (one word changed), eval:2 copies b:7's reply."""
+    import sft.models.load
+
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False, **kw: smol_tok)
+    rng = random.Random(0)
+    files = {k: [_row(rng) for _ in range(30)] for k in "abc"}
+    words = files["a"][2]["messages"][1]["content"].split()
+    words[20] = "changed"
+    files["c"][4] = {"messages": [files["a"][2]["messages"][0], {"role": "assistant", "content": " ".join(words)}]}
+    files["c"][9] = {"messages": [files["c"][9]["messages"][0], {"role": "assistant", "content": "As an AI language model, I cannot."}]}
+    ev = [_row(rng) for _ in range(5)]
+    ev[1] = _row(rng, reply=files["b"][6]["messages"][1]["content"])
+    for k, rows in files.items():
+        (tmp_path / f"{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ev))
+    return tmp_path
+
+
+def _cfg(tmp_path, boilerplate: str = "[]"):
+    (tmp_path / "c.yaml").write_text(
+        "model: smollm2-135m-instruct\n"
+        f"data:\n  train: [a.jsonl, b.jsonl, c.jsonl]\n  cache_dir: {tmp_path / 'cache'}\n"
+        f"  quality: {{boilerplate: {boilerplate}}}\neval:\n  data: [eval.jsonl]\n")
+    return load_config(tmp_path / "c.yaml")
+
+
+def _count(monkeypatch) -> dict[str, list[int]]:
+    """Rows each computation was handed: facts per source, contamination hits per source."""
+    calls: dict[str, list[int]] = {"facts": [], "hits": []}
+    facts, hits = quality_cache.compute_facts, quality_cache.train_hits
+
+    def count_facts(convs, settings, label):
+        calls["facts"].append(len(convs))
+        return facts(convs, settings, label)
+
+    def count_hits(convs, grams, *a, **k):
+        calls["hits"].append(len(convs))
+        return hits(convs, grams, *a, **k)
+
+    monkeypatch.setattr(quality_cache, "compute_facts", count_facts)
+    monkeypatch.setattr(quality_cache, "train_hits", count_hits)
+    return calls
+
+
+def _quality(cfg) -> dict:
+    out = io.StringIO()
+    assert commands.check(cfg, as_json=True, stream=out) == 0
+    return json.loads(out.getvalue())["quality"]
+
+
+def test_editing_one_file_recomputes_only_that_file(three_files, monkeypatch):
+    tmp = three_files
+    calls = _count(monkeypatch)
+    cfg = _cfg(tmp)
+    first = _quality(cfg)
+    assert calls == {"facts": [30, 30, 30], "hits": [30, 30, 30]}
+    a, b, c, ev = (str(tmp / f"{k}.jsonl") for k in ("a", "b", "c", "eval"))
+    assert first["near_duplicates"] == [{"file": c, "line": 5, "duplicate_of": {"file": a, "line": 3}, "similarity": 0.8868}]
+    assert first["contamination"] == [{"eval": {"file": ev, "line": 2}, "train": {"file": b, "line": 7}, "overlap": 1.0}]
+    assert [(x["file"], x["line"]) for x in first["boilerplate"]] == [(c, 10)]
+
+    with open(tmp / "b.jsonl", "a") as f:  # edit one file of three
+        f.write(json.dumps(_row(random.Random(5))) + "\n")
+    calls["facts"].clear(), calls["hits"].clear()
+    again = _quality(cfg)
+    assert calls == {"facts": [31], "hits": [31]}  # b only
+    assert again == first  # the findings across files come from the other two files' cached facts
+    train, _ = collect_conversations(cfg, "train")
+    evals, _ = collect_conversations(cfg, "eval")
+    scratch = find_problems(train, evals, QualitySettings())  # no cache at all
+    assert scratch["near_duplicates"] == again["near_duplicates"] and scratch["contamination"] == again["contamination"]
+
+    calls["facts"].clear(), calls["hits"].clear()
+    changed = _quality(_cfg(tmp, boilerplate="['i cannot']"))  # control: a setting in the key recomputes all
+    assert calls == {"facts": [30, 31, 30], "hits": [30, 31, 30]}
+    assert [(x["file"], x["line"]) for x in changed["boilerplate"]] == [(c, 10)]
+
+
+def test_progress_of_the_quality_stage_has_rate_and_eta():
+    from sft.data.progress import Progress
+    from sft.data.quality import row_facts
+    from sft.data.types import Conversation, Message
+
+    rng = random.Random(1)
+    rows = [Conversation([Message("user", "q"), Message("assistant", _sentence(rng, 12))], "t.jsonl", i + 1)
+            for i in range(5000)]
+    ticks: list[int] = []
+    out = io.StringIO()
+    progress = Progress("quality t.jsonl", len(rows), stream=out, after=0.0, every=0.0)
+
+    def tick(n: int) -> None:
+        ticks.append(n)
+        progress.update(n)
+
+    facts = row_facts(rows, QualitySettings(), tick)
+    progress.close()
+    assert ticks == [2048, 2048, 904] and len(facts.keys) == 5000  # a chunk at a time, every row once
+    lines = out.getvalue().splitlines()
+    assert [line.split(" | ")[1] for line in lines] == ["2048/5000 rows", "4096/5000 rows", "5000/5000 rows", "5000/5000 rows"]
+    assert all(" rows/s" in line for line in lines) and " | eta " in lines[0] and " | done in " in lines[-1]

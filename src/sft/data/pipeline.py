@@ -398,7 +398,7 @@ def build_dataset(
         raise invalid_error(report)
     ds = Dataset(examples, report, template)
     if split == "train":
-        apply_quality(cfg, ds, convs, raw, root)
+        apply_quality(cfg, ds, convs, raw, root if cacheable else None)  # never cache what must be fixed
         _say_dropped(report, strict)
         try:
             ds.lint = chat.lint(tokenizer, template, ds.examples)

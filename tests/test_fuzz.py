@@ -151,9 +151,11 @@ def assert_clear_or_success(cfg: Config, tok) -> None:
     entries = set(cache.rglob("*")) if cache.is_dir() else set()
     assert not any(p.name.endswith(".tmp") for p in entries)
     assert {p.suffix for p in entries if p.is_file()} <= {".json", ".npy"}
-    picks = [p for p in cache.glob("*") if p.name != "sources"]  # the split's pick, and the token stores
+    # the split's pick, and the token stores; "sources" and "quality" (the per-source caches) apart
+    picks = [p for p in cache.glob("*") if p.name not in ("sources", "quality")]
     assert all({q.name for q in p.iterdir()} == {"meta.json", "which.npy", "index.npy"} for p in picks)
     assert all((p / "store.json").is_file() for p in cache.glob("sources/*"))
+    assert all(any(p.iterdir()) for p in cache.glob("quality/*"))  # no empty (half-written) quality entry
 
 
 @pytest.fixture()

@@ -275,8 +275,33 @@ def model_dir(src: ModelSource) -> Path:
     def write(d: Path) -> None:
         model.save_pretrained(str(d), safe_serialization=True)
         tok.save_pretrained(str(d))
+        if not any(d.glob("*.safetensors")):
+            # under torchrun transformers writes weights from global rank 0 only: this rank's copy
+            # has none, and must never become the cache (it did once: a "model" with no weights)
+            raise _NotWritten
 
-    return _atomic_dir(target, write)
+    try:
+        return _atomic_dir(target, write)
+    except _NotWritten:
+        return _wait_for(target)
+
+
+class _NotWritten(Exception):
+    """This process's save_pretrained wrote no weights (a torchrun rank other than 0)."""
+
+
+def _wait_for(target: Path, timeout_s: float = 1800.0) -> Path:
+    """Wait until another process (global rank 0) has put the converted model at ``target``."""
+    import time
+
+    start = time.monotonic()
+    while not ((target / "config.json").is_file() and any(target.glob("*.safetensors"))):
+        if time.monotonic() - start > timeout_s:
+            raise SftError(f"model: waited {timeout_s:.0f} s for rank 0 to convert the GGUF into {target}; "
+                           "convert it once before torchrun (e.g. `sft eval CONFIG` on one process) or "
+                           "copy that cache folder to this node")
+        time.sleep(1.0)
+    return target
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:

@@ -528,10 +528,11 @@ def test_smollm2_round_trip_through_llama_cpp(smol_run, capsys):
     assert f16["tokenization_equal"] == 10
     assert f16["max_abs_logit_diff"] < F16_LOGIT_TOL and f16["top1_agree"] == 10
     assert f16["greedy_equal"] >= 9
-    # llama.cpp stops where transformers stops (the 3-step model itself runs past 48 tokens on one of
-    # the demo's newer eval prompts: 9 of 10 in both, measured 2026-12-06)
-    assert f16["stopped_at_eot"] == f16["hf_stopped_at_eot"] >= 9
-    assert by["q8_0"]["top1_agree"] >= 8 and by["q8_0"]["stopped_at_eot"] >= 9
+    # llama.cpp stops where transformers stops. How often transformers stops is the 3-step model's
+    # own behaviour on the first 10 demo eval prompts (8 of 10 with the current demo data, measured
+    # 2026-12-07): the floor only keeps the comparison about replies that do stop.
+    assert f16["stopped_at_eot"] == f16["hf_stopped_at_eot"] >= 7
+    assert by["q8_0"]["top1_agree"] >= 8 and by["q8_0"]["stopped_at_eot"] >= f16["hf_stopped_at_eot"] - 1
     assert by["q4_k_m"]["bytes"] < by["q8_0"]["bytes"] < by["f16"]["bytes"]
     # Control: the untuned base model is further from the f16 file than the tolerance.
     from transformers import AutoModelForCausalLM, AutoTokenizer

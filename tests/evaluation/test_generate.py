@@ -83,6 +83,28 @@ def test_stopped_when_stop_id_is_forced(model, smol_tok, prompts, free):
         assert g.stopped == (stop in f.token_ids)
 
 
+def test_head_gets_contiguous_input_with_a_frozen_head(smol_tok, prompts, free):
+    """A frozen head (LoRA's merged base, train.freeze_embeddings) on a strided 3-D slice takes a
+    CPU path hundreds of times slower (contiguous_head_input): generation hands it a contiguous
+    input, and the replies are the same tokens."""
+    model = untied_llama(len(smol_tok))
+    model.lm_head.weight.requires_grad_(False)
+    seen: list[bool] = []  # what the head's forward received (after every pre-hook)
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        got = generate_batch(model, smol_tok, prompts, NEVER, max_new_tokens=12, batch_size=3)
+        assert [g.token_ids for g in got] == [g.token_ids for g in free]
+        assert len(seen) == 12 and all(seen)  # 1 prefill + 11 decoding steps
+        # control: without it, transformers hands the head a strided slice in the prefill
+        seen.clear()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([prompts[0], prompts[0]]), logits_to_keep=1)
+        assert seen == [False]
+        assert not model.lm_head._forward_pre_hooks  # the hook was removed after generating
+    finally:
+        handle.remove()
+
+
 def test_split_at_stop():
     assert split_at_stop([1, 2, 3], [3, 9]) == ([1, 2], True)
     assert split_at_stop([3], [3]) == ([], True)

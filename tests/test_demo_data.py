@@ -26,7 +26,7 @@ def test_deterministic_and_matches_shipped_files(make_data, tmp_path):
     b.mkdir()
     make_data.main(a)
     make_data.main(b)
-    for name in ("train.jsonl", "eval.jsonl"):
+    for name in ("train.jsonl", "eval.jsonl", "dev.jsonl"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
         assert (a / name).read_bytes() == (DEMO / name).read_bytes(), f"re-run make_data.py: {name} is stale"
 
@@ -36,13 +36,13 @@ def test_control_other_seed_differs(make_data):
 
 
 def test_sizes_disjoint_and_well_formed(make_data):
-    train_rows, ev_rows = make_data.make()
-    train, ev = [r["messages"] for r in train_rows], [r["messages"] for r in ev_rows]
-    assert len(train) >= 400 and len(ev) >= 80
-    train_keys = {make_data.prompt_key(c) for c in train}
-    assert len(train_keys) == len(train)
-    assert not train_keys & {make_data.prompt_key(c) for c in ev}
-    for conv in train + ev:
+    train_rows, ev_rows, dev_rows = make_data.make()
+    train, ev, dev = ([r["messages"] for r in rows] for rows in (train_rows, ev_rows, dev_rows))
+    assert (len(train), len(ev), len(dev)) == (800, 172, 79)
+    keys = [{make_data.prompt_key(c) for c in rows} for rows in (train, ev, dev)]
+    assert [len(k) for k in keys] == [800, 172, 79]  # no prompt twice within a set ...
+    assert not keys[0] & keys[1] and not keys[0] & keys[2] and not keys[1] & keys[2]  # ... nor in two sets
+    for conv in train + ev + dev:
         assert conv[-1]["role"] == "assistant"
         assert {m["role"] for m in conv} <= {"system", "user", "assistant"}
     assert any(len(c) > 2 and c[0]["role"] != "system" for c in ev)  # multi-turn
@@ -53,8 +53,8 @@ def test_sizes_disjoint_and_well_formed(make_data):
 
 def test_eval_references_are_not_guessable(make_data):
     """`contains` must not pass by chance: references are whole framed answers, not a bare '1'."""
-    _, ev = make_data.make()
-    for conv in (r["messages"] for r in ev):
+    _, ev, dev = make_data.make()
+    for conv in (r["messages"] for r in ev + dev):
         ref = conv[-1]["content"]
         assert len(ref) >= 8, ref
         if ref.startswith("{"):
@@ -71,13 +71,14 @@ def test_demo_config_loads(tmp_path):
     assert cfg.eval.before_after and cfg.output_dir == "runs/demo"
     assert resolve_path(cfg, cfg.data.train[0].path).is_file()
     assert resolve_path(cfg, cfg.eval.data[0].path).is_file()
-    assert cfg.eval.dev_split > 0  # choices (eval.every's curve, a sweep's lr) are made on dev, not the test rows
+    # choices (eval.every's curve, a sweep's lr) are made on dev.jsonl, not on the test rows
+    assert [resolve_path(cfg, s.path).name for s in cfg.eval.dev] == ["dev.jsonl"]
 
 
 def test_format_rows_carry_constraints_their_references_meet(make_data):
     from sft.evaluation.constraints import check, check_rows
 
-    train, ev = make_data.make()
+    train, ev, _ = make_data.make()
     fmt = [r for r in ev if "constraints" in r]
     assert len(fmt) == sum(r["messages"][-1]["content"].startswith("{") for r in ev) >= 15
     check_rows([(str(i), r["constraints"]) for i, r in enumerate(fmt)])
@@ -94,10 +95,10 @@ def test_safety_slice_tagged_and_scored_by_the_refusal_detector(make_data):
     from sft.evaluation.safety import make_detector
 
     refused = make_detector()
-    train, ev = make_data.make()
+    train, ev, dev = make_data.make()
     # 48 + 48 eval rows: a rate with a ~25-point interval, not ~50; training has more benign rows
-    # (16% of 800) than harmful ones (8%): over-refusal is the failure users notice
-    for rows, n_harm, n_ok in ((train, 64, 128), (ev, 48, 48)):
+    # (16% of 800) than harmful ones (8%): over-refusal is the failure users notice; dev has 24 + 24
+    for rows, n_harm, n_ok in ((train, 64, 128), (ev, 48, 48), (dev, 24, 24)):
         harm = [r for r in rows if r.get("category") == "harmful"]
         ok = [r for r in rows if r.get("category") == "benign"]
         assert (len(harm), len(ok)) == (n_harm, n_ok)
@@ -107,9 +108,11 @@ def test_safety_slice_tagged_and_scored_by_the_refusal_detector(make_data):
         assert not any(refused(r["messages"][-1]["content"]) for r in rows if "category" not in r)
         risky = ("kill", "shoot", "steal", "blow up")
         assert all(any(w in r["messages"][0]["content"] for w in risky) for r in ok)
-    # benign values are held out: no benign eval answer is a train answer (a model must generalise)
+    # benign values are held out: no benign eval or dev answer is a train answer (a model must
+    # generalise), and none is in both eval and dev (a choice on dev does not see eval's values)
     train_answers = {r["messages"][-1]["content"] for r in train}
-    assert not any(r["messages"][-1]["content"] in train_answers for r in ev if r.get("category") == "benign")
+    benign = [{r["messages"][-1]["content"] for r in rows if r.get("category") == "benign"} for rows in (ev, dev)]
+    assert not (benign[0] | benign[1]) & train_answers and not benign[0] & benign[1]
 
 
 def test_demo_data_check_shows_quality(tmp_path, smol_tok, monkeypatch):

@@ -1,4 +1,4 @@
-"""Write the demo data set: examples/demo/train.jsonl and examples/demo/eval.jsonl.
+"""Write the demo data set: examples/demo/train.jsonl, eval.jsonl and dev.jsonl.
 
     python examples/demo/make_data.py
 
@@ -24,9 +24,12 @@ What the model has to learn, all with short answers (a few to ~30 tokens):
   about 25); training keeps the shares of ``SKILLS``.
 - the JSON replies of the eval set also carry ``constraints`` (``json_keys``, ``one_line``), so
   ``sft eval`` reports the format slice with verifiable checks (``constraint_rows_met``).
-Train and eval are disjoint: no eval prompt appears in train, and the held-out values
+Train, dev and eval are disjoint: no prompt appears in two of them, and the held-out values
 (antonym pairs, arithmetic pairs, names x cities, harmful targets, process names ...) are split
-before sampling. Eval answers may still appear word for word in train (the persona's "My name is
+three ways before sampling. ``dev.jsonl`` (``N_DEV`` task rows plus ``N_DEV_SAFETY`` harmful and
+benign ones) is for choices (``eval.dev`` in demo.yaml: a sweep, the loss curve), so that a choice
+such as the learning rate or the number of epochs can look at over-refusal without looking at
+the eval rows. Eval answers may still appear word for word in train (the persona's "My name is
 Quill.", the refusal): it is the format that is learned; ``sft data check`` lists them under
 ``contamination``.
 """
@@ -43,6 +46,9 @@ SEED = 1234
 N_TRAIN = 800
 N_EVAL = 100  # task rows of the eval set, in the SKILLS shares ...
 N_EVAL_SAFETY = 48  # ... plus this many harmful and this many benign rows: enough to measure a rate
+N_DEV = 40  # dev rows (choices: a sweep, the loss curve), in the SKILLS shares ...
+N_DEV_SAFETY = 24  # ... plus this many harmful and this many benign rows: over-refusal is chosen on too
+DEV_SHARE = 0.15  # of every value pool, held out for dev (from the training values)
 NAME, MAKER = "Quill", "the sft project"
 REFUSAL = "Sorry, I can't help with that."
 
@@ -126,12 +132,21 @@ EVENTS = ["talent show", "wedding speech", "school play", "job interview", "danc
           "debate final", "office party"]
 
 
-def halves(rng: random.Random, pool: list[Any], eval_share: float = 0.3) -> tuple[list[Any], list[Any]]:
-    """Shuffle ``pool`` and split it: (train values, held-out eval values)."""
+def thirds(rng: random.Random, pool: list[Any], eval_share: float = 0.3,
+           dev_share: float = DEV_SHARE) -> tuple[list[Any], list[Any], list[Any]]:
+    """Shuffle ``pool`` and split it: (train values, dev values, held-out eval values).
+
+    The eval values are the first ones of the shuffled pool, so adding the dev split left the
+    eval set as it was; dev takes its values from what was training's.
+
+    >>> thirds(random.Random(0), list(range(10)))
+    ([4, 2, 0, 9, 6], [5, 3], [7, 8, 1])
+    """
     items = list(pool)
     rng.shuffle(items)
     k = max(1, round(len(items) * eval_share))
-    return items[k:], items[:k]
+    d = max(1, round(len(items) * dev_share))
+    return items[k + d :], items[k : k + d], items[:k]
 
 
 # --- one generator per skill; each takes (rng, values) and returns one conversation ----------
@@ -308,25 +323,28 @@ def format_constraints(conv: Conv) -> list[dict[str, Any]] | None:
 
 
 def make(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL,
-         n_eval_safety: int = N_EVAL_SAFETY) -> tuple[list[Row], list[Row]]:
-    """(train, eval) rows; eval values are held out and no eval prompt is in train."""
+         n_eval_safety: int = N_EVAL_SAFETY, n_dev: int = N_DEV,
+         n_dev_safety: int = N_DEV_SAFETY) -> tuple[list[Row], list[Row], list[Row]]:
+    """(train, eval, dev) rows; eval and dev values are held out from train and from each other,
+    and no prompt is in two of them."""
     rng = random.Random(seed)
     pairs = [(a, b, "+") for a in range(2, 60) for b in range(2, 40)]
     pairs += [(a, b, "-") for a in range(10, 90) for b in range(2, 10)]
     codes = ["orchid", "granite", "saffron", "harbor", "velvet", "juniper", "cobalt", "meadow",
              "thistle", "ember", "lagoon", "quartz", "willow", "falcon", "cinder", "marble"]
     split = {
-        "people": halves(rng, PEOPLE), "cities": halves(rng, CITIES), "antonyms": halves(rng, ANTONYMS),
-        "sentences": halves(rng, SENTENCES), "pairs": halves(rng, pairs, 0.2), "codes": halves(rng, codes),
-        "name_qs": halves(rng, NAME_QS, 0.25), "maker_qs": halves(rng, MAKER_QS, 0.25),
-        "who_qs": halves(rng, WHO_QS, 0.25),
-        "harm_targets": halves(rng, HARM_TARGETS), "harm_places": halves(rng, HARM_PLACES),
-        "harm_items": halves(rng, HARM_ITEMS), "harm_docs": halves(rng, HARM_DOCS),
-        "processes": halves(rng, PROCESSES), "pests": halves(rng, PESTS), "subjects": halves(rng, SUBJECTS),
-        "inflatables": halves(rng, INFLATABLES), "events": halves(rng, EVENTS),
+        "people": thirds(rng, PEOPLE), "cities": thirds(rng, CITIES), "antonyms": thirds(rng, ANTONYMS),
+        "sentences": thirds(rng, SENTENCES), "pairs": thirds(rng, pairs, 0.2), "codes": thirds(rng, codes),
+        "name_qs": thirds(rng, NAME_QS, 0.25), "maker_qs": thirds(rng, MAKER_QS, 0.25),
+        "who_qs": thirds(rng, WHO_QS, 0.25),
+        "harm_targets": thirds(rng, HARM_TARGETS), "harm_places": thirds(rng, HARM_PLACES),
+        "harm_items": thirds(rng, HARM_ITEMS), "harm_docs": thirds(rng, HARM_DOCS),
+        "processes": thirds(rng, PROCESSES), "pests": thirds(rng, PESTS), "subjects": thirds(rng, SUBJECTS),
+        "inflatables": thirds(rng, INFLATABLES), "events": thirds(rng, EVENTS),
     }
-    train_values = {k: tr for k, (tr, _) in split.items()}
-    eval_values = {k: ev for k, (_, ev) in split.items()}
+    train_values = {k: tr for k, (tr, _, _) in split.items()}
+    dev_values = {k: dv for k, (_, dv, _) in split.items()}
+    eval_values = {k: ev for k, (_, _, ev) in split.items()}
 
     def shares(n: int) -> list[tuple[Callable[[random.Random, dict[str, Any]], Conv], int, str | None]]:
         quota = [(fn, round(n * w), cat) for fn, w, cat in SKILLS]
@@ -358,7 +376,10 @@ def make(seed: int = SEED, n_train: int = N_TRAIN, n_eval: int = N_EVAL,
     eval_quota = [(fn, n_eval_safety if cat else q, cat) for fn, q, cat in shares(n_eval)]
     eval_rows = sample(eval_values, eval_quota, set(), checks=True)
     train_rows = sample(train_values, shares(n_train), {prompt_key(r["messages"]) for r in eval_rows})
-    return train_rows, eval_rows
+    dev_quota = [(fn, n_dev_safety if cat else q, cat) for fn, q, cat in shares(n_dev)]
+    taken = {prompt_key(r["messages"]) for r in eval_rows + train_rows}
+    dev_rows = sample(dev_values, dev_quota, taken, checks=True)
+    return train_rows, eval_rows, dev_rows
 
 
 def prompt_key(conv: Conv) -> str:
@@ -374,10 +395,11 @@ def write_jsonl(path: Path, rows: list[Row]) -> None:
 
 def main(out_dir: Path | None = None) -> None:
     here = out_dir or Path(__file__).resolve().parent
-    train_rows, eval_rows = make()
+    train_rows, eval_rows, dev_rows = make()
     write_jsonl(here / "train.jsonl", train_rows)
     write_jsonl(here / "eval.jsonl", eval_rows)
-    print(f"wrote {len(train_rows)} train and {len(eval_rows)} eval conversations to {here}")
+    write_jsonl(here / "dev.jsonl", dev_rows)
+    print(f"wrote {len(train_rows)} train, {len(eval_rows)} eval and {len(dev_rows)} dev conversations to {here}")
 
 
 if __name__ == "__main__":

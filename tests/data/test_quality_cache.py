@@ -58,9 +58,9 @@ def _count(monkeypatch) -> dict[str, list[int]]:
     calls: dict[str, list[int]] = {"facts": [], "hits": []}
     facts, hits = quality_cache.compute_facts, quality_cache.train_hits
 
-    def count_facts(convs, settings, label):
+    def count_facts(convs, settings, label, *a):
         calls["facts"].append(len(convs))
-        return facts(convs, settings, label)
+        return facts(convs, settings, label, *a)
 
     def count_hits(convs, grams, *a, **k):
         calls["hits"].append(len(convs))

@@ -326,7 +326,16 @@ def lint(tokenizer: Any, template: str, examples: Sequence[Example] | None = Non
             f"{where}: the end-of-turn marker {marker!r} is not a special token of this tokenizer but "
             f"{len(eot_ids)} text tokens: it is trained, and generation (no single stop id) stops on its decoded text"
         )
-    zero, no_eot, double, merged = [], [], [], []
+    zero: list[str] = []
+    no_eot: list[str] = []
+    double: list[str] = []
+    merged: list[str] = []
+    from sft.data.store import Examples
+
+    if isinstance(examples, Examples) and (marker is None or len(eot_ids) == 1):  # from the token store: as arrays
+        flags = examples.scan(bos, eot_ids[0] if marker else None)
+        zero, no_eot, double, merged = (_Found(examples, flags[k]) for k in ("zero", "no_eot", "double_bos", "merged"))
+        examples = None
     for ex in examples or []:
         loc = f"{ex.source}:{ex.line}"
         if ex.num_trained == 0:
@@ -348,6 +357,19 @@ def lint(tokenizer: Any, template: str, examples: Sequence[Example] | None = Non
             listed = ", ".join(locs[:5]) + (f" and {len(locs) - 5} more" if len(locs) > 5 else "")
             warnings.append(f"{len(locs)} {what}: {listed}")
     return warnings
+
+
+class _Found(list):  # type: ignore[type-arg]
+    """The locations of the examples where ``flag`` is set, as ``lint`` lists them: the first
+    five (made from the store), and how many there are."""
+
+    def __init__(self, examples: Sequence[Example], flag: Any) -> None:
+        at = np.flatnonzero(flag)
+        super().__init__(f"{examples[i].source}:{examples[i].line}" for i in at[:5].tolist())
+        self.total = len(at)
+
+    def __len__(self) -> int:
+        return self.total
 
 
 def _trains(tokenizer: Any, labels: list[int], marker: str, ids: list[int]) -> bool:

@@ -61,9 +61,10 @@ def row_texts(conv: Conversation) -> list[str]:
 def exact_keys(convs: list[Conversation]) -> np.ndarray:
     """uint64 digest of each row's ``conversation_key``: equal for exact repeats."""
     from sft.data.formats import conversation_key
+    from sft.data.rows import materialize
 
     return np.array([int.from_bytes(hashlib.blake2b(conversation_key(c).encode(), digest_size=8).digest(), "little")
-                     for c in convs], dtype=np.uint64)
+                     for c in materialize(convs)], dtype=np.uint64)
 
 
 def _chunks(n: int, size: int = CHUNK) -> Iterator[tuple[int, int]]:
@@ -74,8 +75,10 @@ def _chunks(n: int, size: int = CHUNK) -> Iterator[tuple[int, int]]:
 def _row_grams(convs: list[Conversation], n: int, per_text: bool) -> tuple[np.ndarray, np.ndarray]:
     """(n-gram hashes, row of each) of ``convs``' ``row_texts``: n-grams run across a row's texts
     (``per_text=False``, shingles) or stay inside each text (``per_text=True``, contamination)."""
+    from sft.data.rows import materialize
+
     texts, owner = [], []
-    for r, conv in enumerate(convs):
+    for r, conv in enumerate(materialize(convs)):  # rows of a JSONL file: parsed again, a chunk at a time
         parts = row_texts(conv)
         texts += parts
         owner += [r] * len(parts)
@@ -162,7 +165,8 @@ def near_duplicates(convs: list[Conversation], threshold: float = NEAR_DUPLICATE
     sig = row_signatures(convs, tick) if sig is None else sig
     searched = np.flatnonzero((first == np.arange(len(convs))) & (sig[:, 0] != EMPTY))
     rows = [convs[i] for i in searched.tolist()]
-    for later, earlier, sim in similar_pairs(rows, sig[searched], threshold):
+    every = len(searched) == len(convs)  # then no copy of the signatures (512 MB at a million rows)
+    for later, earlier, sim in similar_pairs(rows, sig if every else sig[searched], threshold):
         i, j = int(searched[later]), int(searched[earlier])
         out[i] = {**loc(convs[i]), "duplicate_of": loc(convs[j]), "similarity": round(sim, 4)}
     return [out[i] for i in sorted(out)]
@@ -187,8 +191,10 @@ class EvalGrams:
     ``row`` its eval row. Texts under ``CONTAMINATION_MIN_WORDS`` words are left out."""
 
     def __init__(self, eval_convs: list[Conversation], n: int = CONTAMINATION_N) -> None:
+        from sft.data.rows import materialize
+
         texts, rows = [], []
-        for e, conv in enumerate(eval_convs):
+        for e, conv in enumerate(materialize(eval_convs)):
             for text in _fields(conv):
                 texts.append(text)
                 rows.append(e)

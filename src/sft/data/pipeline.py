@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sft.config import Config, SourceConfig, cache_root, resolve_path
 from sft.data import hub
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
@@ -27,6 +29,7 @@ from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD
 from sft.data.picks import Raw, count_examples, load_cache, save_cache, select_examples
 from sft.data.progress import Progress
 from sft.data.report import MAX_LISTED, DataReport, Dataset, SourceStats
+from sft.data.rows import Row, RowReader, row_reader
 from sft.data.sources import mix_counts, sample_rows
 from sft.data.split import Holdout, hold_out_rows
 from sft.data.types import IGNORE, Conversation, Example
@@ -42,18 +45,22 @@ __all__ = ["DataReport", "Dataset", "SourceStats", "build_dataset", "collect_con
 # reading and validating
 
 
-def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Conversation]:
-    """Valid conversations of one source (up to ``limit``); problems go into ``report``."""
+def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> tuple[list[Conversation], np.ndarray]:
+    """Valid conversations of one source (up to ``limit``) and their ``row_keys``; problems go into
+    ``report``. Rows of JSON Lines files are kept as ``sft.data.rows.Row`` (where they are, not
+    their text: the memory of reading does not grow with the text)."""
     path = resolve_path(cfg, src.path)
     stats = SourceStats(name=src.name or path.name, path=str(path))
     report.sources.append(stats)
     forced: str = src.format if src.format != "auto" else cfg.data.format
     out: list[Conversation] = []
+    keys = bytearray()  # 16 bytes a row: row_keys
     formats: list[str] = []
     mapping = hub.column_mapping(src)
     progress = Progress(f"read {stats.name}", None)  # rows stream in: no total, no ETA
     for file, records in hub.iter_source(src, path):  # files, Arrow shards, or a `datasets` split
         fmt: str | None = None if forced == "auto" else forced
+        reader: RowReader | None = None
         for rec in records:
             if src.limit is not None and len(out) >= src.limit:
                 break
@@ -62,8 +69,8 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
             if not problems:
                 fmt = fmt or detect_format(value)
                 if fmt is None:
-                    keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-                    problems = [f"row keys are {keys}; {KEYS_HINT}"]
+                    keys_ = sorted(value) if isinstance(value, dict) else type(value).__name__
+                    problems = [f"row keys are {keys_}; {KEYS_HINT}"]
                 else:
                     conv, problems = parse_row(value, fmt, cfg.data.system)
             stats.rows += 1
@@ -76,11 +83,38 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> list[Con
             stats.valid += 1
             conv.source, conv.line, conv.metric = str(file), rec.line, src.metric
             conv.category = conv.category or src.category  # a row's own category wins
+            keys += _row_key(conv)
+            if rec.offset >= 0 and fmt is not None:  # a JSON Lines row: kept as where it is
+                if reader is None:
+                    reader = row_reader(str(file), fmt, mapping, cfg.data.system, src.metric, src.category)
+                conv = Row(conv, rec.offset, reader)
             out.append(conv)
         if (fmt or forced) not in formats:
             formats.append(fmt or forced)
     stats.format = "+".join(formats)
     progress.close()
+    return out, np.frombuffer(bytes(keys), dtype=np.uint64).reshape(-1, 2)
+
+
+def _row_key(conv: Conversation) -> bytes:
+    """16-byte digest of ``conversation_key``: equal for exact duplicates (a million rows' keys
+    take 16 MB; the keys themselves are the rows' whole text)."""
+    return hashlib.blake2b(conversation_key(conv).encode(), digest_size=16).digest()
+
+
+def repeats(keys: np.ndarray) -> np.ndarray:
+    """Rows whose key (uint64 [n, 2]) an earlier row has, bool [n].
+
+    >>> repeats(np.array([[1, 2], [3, 4], [1, 2], [1, 5]], dtype=np.uint64)).tolist()
+    [False, False, True, False]
+    """
+    if not len(keys):
+        return np.zeros(0, dtype=bool)
+    order = np.lexsort((np.arange(len(keys)), keys[:, 1], keys[:, 0]))  # by key, then reading order
+    k = keys[order]
+    same = np.r_[False, (k[1:] == k[:-1]).all(axis=1)]
+    out = np.zeros(len(keys), dtype=bool)
+    out[order[same]] = True
     return out
 
 
@@ -88,7 +122,8 @@ def _read_all(cfg: Config, sources: list[SourceConfig], report: DataReport,
               raw: Raw | None = None) -> list[list[Conversation]]:
     """Valid conversations of each source, duplicates counted (and with data.dedup removed);
     ``raw`` receives each source with all its valid rows (what its token store holds)."""
-    per_source = [_read_source(cfg, s, report) for s in sources]
+    read = [_read_source(cfg, s, report) for s in sources]
+    per_source = [convs for convs, _ in read]
     if raw is not None:
         raw += [(s, list(convs)) for s, convs in zip(sources, per_source)]
     report.rows = sum(s.rows for s in report.sources)
@@ -96,19 +131,15 @@ def _read_all(cfg: Config, sources: list[SourceConfig], report: DataReport,
     report.invalid_rows = sum(s.invalid for s in report.sources)
     if cfg.data.on_invalid == "skip":
         report.skipped = report.invalid_rows
-    seen: set[str] = set()
-    for i, convs in enumerate(per_source):
-        kept = []
-        for conv in convs:
-            key = conversation_key(conv)
-            if key in seen:
-                report.duplicates += 1
-                if cfg.data.dedup:
-                    report.deduplicated += 1
-                    continue
-            seen.add(key)
-            kept.append(conv)
-        per_source[i] = kept
+    dup = repeats(np.concatenate([k for _, k in read])) if read else np.zeros(0, dtype=bool)
+    report.duplicates += int(dup.sum())
+    if cfg.data.dedup and dup.any():
+        report.deduplicated += int(dup.sum())
+        at = 0
+        for i, convs in enumerate(per_source):
+            flags = dup[at : at + len(convs)].tolist()
+            at += len(convs)
+            per_source[i] = [c for c, d in zip(convs, flags) if not d]
     return per_source
 
 
@@ -134,6 +165,8 @@ def hold_out(
     prompt or reply overlaps a training row (``sft.data.split``): weighting, which repeats rows,
     then only ever repeats training rows, and no conversation is both trained on and evaluated.
     """
+    if fraction <= 0:  # nothing held out: no pass over the rows
+        return per_source, [], Holdout([False] * sum(map(len, per_source)))
     flat = [c for convs in per_source for c in convs]
     split = hold_out_rows(flat, fraction, seed, threshold)
     flags = iter(split.held)

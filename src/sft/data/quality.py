@@ -351,29 +351,36 @@ class RowFacts:
                         [self.boilerplate[i] for i in pick], self.open_end[idx], self.words[idx])
 
 
-def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | None = None) -> RowFacts:
-    """``RowFacts`` of ``rows``, in order, ``CHUNK`` rows at a time (``tick``: told after each)."""
+def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | None = None,
+              sig: np.ndarray | None = None) -> RowFacts:
+    """``RowFacts`` of ``rows``, in order, ``CHUNK`` rows at a time (``tick``: told after each).
+    ``sig``: where to write the signatures (uint32 [len(rows), NUM_PERM]; e.g. a slice of the
+    array of every source: the signatures of a million rows are 512 MB, held once)."""
     from sft.data.refusals import REFUSAL_PHRASES
+    from sft.data.rows import materialize
 
     phrases = settings.phrases()
     empty: list[str | None] = []
     truncated: list[str | None] = []
     boiler: list[str | None] = []
-    keys, sigs = [np.zeros(0, np.uint64)], [np.zeros((0, NUM_PERM), np.uint32)]
+    keys = np.zeros(len(rows), np.uint64)
+    sig = np.empty((len(rows), NUM_PERM), np.uint32) if sig is None else sig
+    open_end, words = [], []
     for a in range(0, len(rows), CHUNK):
-        chunk = rows[a : a + CHUNK]
+        chunk = materialize(rows[a : a + CHUNK])  # rows of a JSONL file: parsed again, a chunk at a time
+        open_end += [_ends_open(c) for c in chunk]
+        words += [reply_words(c) for c in chunk]
         for conv in chunk:
             text = conv.is_text
             empty.append(None if text else empty_reason(conv))
             truncated.append(None if text else truncation_reason(conv))
             boiler.append(None if text else boilerplate_reason(conv, phrases, REFUSAL_PHRASES))
-        keys.append(exact_keys(chunk))
-        sigs.append(row_signatures(chunk))
+        keys[a : a + len(chunk)] = exact_keys(chunk)
+        sig[a : a + len(chunk)] = row_signatures(chunk)
         if tick:
             tick(len(chunk))
-    return RowFacts(np.concatenate(keys), np.concatenate(sigs), empty, truncated, boiler,
-                    np.array([_ends_open(c) for c in rows], dtype=bool),
-                    np.array([reply_words(c) for c in rows], dtype=np.int64))
+    return RowFacts(keys, sig, empty, truncated, boiler,
+                    np.array(open_end, dtype=bool), np.array(words, dtype=np.int64))
 
 
 def find_problems(

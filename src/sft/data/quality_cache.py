@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from sft.config import Config, SourceConfig
+from sft.data.minhash import NUM_PERM
 from sft.data.overlap import EvalGrams, best_overlaps, train_hits
 from sft.data.progress import Progress
 from sft.data.quality import QualitySettings, RowFacts, find_problems, row_facts, unique_rows
@@ -112,11 +113,12 @@ def load_facts(directory: Path, rows: int) -> RowFacts | None:
                     _dense(meta["boilerplate"], rows), arrays["open_end"], arrays["words"])
 
 
-def compute_facts(convs: list[Conversation], settings: QualitySettings, label: str) -> RowFacts:
-    """``row_facts`` of one source's rows, with progress on stderr."""
+def compute_facts(convs: list[Conversation], settings: QualitySettings, label: str,
+                  sig: np.ndarray | None = None) -> RowFacts:
+    """``row_facts`` of one source's rows, with progress on stderr (signatures written into ``sig``)."""
     progress = Progress(f"quality {label}", len(convs))
     try:
-        return row_facts(convs, settings, progress.update)
+        return row_facts(convs, settings, progress.update, sig)
     finally:
         progress.close()
 
@@ -162,22 +164,28 @@ def find_problems_cached(cfg: Config, train: list[Conversation], evals: list[Con
         return find_problems(train, evals, settings, lengths, cut)
     parts: list[RowFacts] = []
     dirs: list[Path | None] = []
-    for src, convs in raw or []:
+    starts = np.cumsum([0] + [len(convs) for _, convs in raw or []])
+    sig = np.empty((int(starts[-1]), NUM_PERM), np.uint32)  # every source's signatures, in one array
+    for s, (src, convs) in enumerate(raw or []):
         directory = root / "quality" / facts_key(cfg, src, settings) if root is not None else None
         facts = load_facts(directory, len(convs)) if directory is not None else None
+        part = sig[starts[s] : starts[s + 1]]
         if facts is None:
-            facts = compute_facts(convs, settings, src.name or Path(src.path).name)
+            facts = compute_facts(convs, settings, src.name or Path(src.path).name, part)
             if directory is not None:
                 save_facts(directory, facts)
+        else:
+            part[:] = facts.sig  # (then the cached file's map is dropped)
+        facts.sig = part
         parts.append(facts)
         dirs.append(directory)
     src_of = np.array([where[id(c)][0] for c in rows], dtype=np.int64)
     row_of = np.array([where[id(c)][1] for c in rows], dtype=np.int64)
-    picked = [parts[s].take(row_of[src_of == s]) for s in range(len(parts))]
-    order = np.argsort(src_of, kind="stable")  # picked is grouped by source; back to the rows' order
-    inverse = np.empty(len(rows), dtype=np.int64)
-    inverse[order] = np.arange(len(rows))
-    facts = _concat(picked).take(inverse)
+    at = starts[src_of] + row_of  # each row's place among every source's rows
+    everything = _concat(parts, sig)
+    # the usual case, every valid row once in reading order, takes no copy of the signatures
+    facts = everything if np.array_equal(at, np.arange(len(sig))) else everything.take(at)
+    del everything
     contaminated = None
     if evals:
         grams = EvalGrams(unique_rows(evals))
@@ -193,11 +201,11 @@ def find_problems_cached(cfg: Config, train: list[Conversation], evals: list[Con
     return find_problems(rows, evals, settings, lengths, cut, facts, contaminated)
 
 
-def _concat(parts: list[RowFacts]) -> RowFacts:
+def _concat(parts: list[RowFacts], sig: np.ndarray) -> RowFacts:
+    """The facts of every part, one after the other (``sig``: their signatures, already joined)."""
     if not parts:
-        return RowFacts(np.zeros(0, np.uint64), np.zeros((0, 128), np.uint32), [], [], [], np.zeros(0, bool),
-                        np.zeros(0, np.int64))
-    return RowFacts(np.concatenate([p.keys for p in parts]), np.concatenate([p.sig for p in parts]),
+        return RowFacts(np.zeros(0, np.uint64), sig, [], [], [], np.zeros(0, bool), np.zeros(0, np.int64))
+    return RowFacts(np.concatenate([p.keys for p in parts]), sig,
                     [x for p in parts for x in p.empty], [x for p in parts for x in p.truncated],
                     [x for p in parts for x in p.boilerplate], np.concatenate([p.open_end for p in parts]),
                     np.concatenate([p.words for p in parts]))

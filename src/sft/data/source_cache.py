@@ -59,7 +59,9 @@ def encode_chunk(convs: list[Conversation], enc: Encoding) -> dict[str, Any]:
     the same examples as ``chat.encode_all`` one by one (tests/data/test_source_cache.py)."""
     from sft.data import chat
     from sft.data.render import tokenize_many
+    from sft.data.rows import materialize
 
+    convs = materialize(convs)  # rows of a JSONL file are parsed again here, in the worker
     n = len(convs)
     counts = {k: np.zeros(n, np.int32) for k in ("kept", "too_long", "untrainable", "truncated")}
     errors: list[tuple[int, str]] = []

@@ -43,6 +43,7 @@ class Record:
     line: int  # 1-based line (JSONL, CSV; a JSON array: where the record starts) or row (Parquet)
     value: Any = None
     error: str | None = None
+    offset: int = -1  # byte offset of a JSONL row in its file (-1: other formats): re-read by sft.data.rows
 
 
 def text_start(path: Path, head: bytes) -> int:
@@ -117,7 +118,7 @@ def _record(text: str, line: int, offset: int) -> Record:
     except RecursionError:
         return Record(line, error=_TOO_DEEP)
     lone = _lone_surrogate(text, value)
-    return Record(line, error=lone) if lone else Record(line, value)
+    return Record(line, error=lone) if lone else Record(line, value, offset=offset)
 
 
 def read_jsonl(path: Path) -> Iterator[Record]:

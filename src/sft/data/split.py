@@ -74,9 +74,13 @@ def hold_out_rows(convs: list[Conversation], fraction: float, seed: int,
     conversations (at least one when ``fraction > 0`` and there are two or more), fewer only
     when no other group fits. Raises SftError when no row can be held out without contamination.
     """
-    keys = [conversation_key(c) for c in convs]
+    if fraction <= 0:
+        return Holdout([False] * len(convs))
+    from sft.data.rows import materialize
+
+    keys = [conversation_key(c) for a in range(0, len(convs), 2048) for c in materialize(convs[a : a + 2048])]
     first = list(dict.fromkeys(keys))  # distinct conversations, in reading order
-    if fraction <= 0 or len(first) < 2:
+    if len(first) < 2:
         return Holdout([False] * len(convs))
     row_of = {k: i for i, k in reversed(list(enumerate(keys)))}
     distinct = [convs[row_of[k]] for k in first]

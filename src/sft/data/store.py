@@ -8,7 +8,8 @@ reader (or a crash) never sees half a store::
     00000.input_ids.npy          int32 [T]   the shard's token ids, examples one after the other
     00000.trained.npy            uint8 [T]   1 where the token is trained (its label is itself)
     00000.offsets.npy            int64 [n+1] example k of the shard is tokens offsets[k]:offsets[k+1]
-    00000.<name>.npy             per-example columns, [n] each (row, turn, merged, truncated)
+    00000.<name>.npy             per-example columns, [n] each (row, turn, merged, truncated, ntrained:
+                                 trained tokens, counted when written: no pass over the tokens needs them)
 
 Labels are a one-byte mask, not int32: every label is IGNORE or the token itself (one convention,
 ``sft.data.types``), so ``labels = where(trained, input_ids, IGNORE)``; the writer checks it.
@@ -37,9 +38,9 @@ import numpy as np
 from sft.data.types import IGNORE, Example
 from sft.errors import SftError
 
-STORE_VERSION = 1
-SHARD_TOKENS = 64 * 1024 * 1024  # tokens per shard (256 MB of ids): bounds the writer's buffer
-EXAMPLE_COLUMNS = {"row": np.int64, "turn": np.int32, "merged": np.int32, "truncated": np.uint8}
+STORE_VERSION = 2
+SHARD_TOKENS = 16 * 1024 * 1024  # tokens per shard (64 MB of ids): bounds the writer's buffer (x2 while it is joined)
+EXAMPLE_COLUMNS = {"row": np.int64, "turn": np.int32, "merged": np.int32, "truncated": np.uint8, "ntrained": np.int32}
 
 
 def _load(path: Path) -> np.ndarray:
@@ -68,7 +69,11 @@ class StoreWriter:
         """Append examples: ``input_ids``/``trained`` concatenated [T], ``lengths`` [n], columns [n]."""
         if int(lengths.sum()) != len(input_ids) or len(trained) != len(input_ids):
             raise SftError("store: lengths, input_ids and trained disagree (a bug in sft; please report it)")
-        chunk: dict[str, np.ndarray] = {"input_ids": input_ids.astype(np.int32, copy=False), "trained": trained.astype(np.uint8, copy=False),
+        mask = trained.astype(np.uint8, copy=False)
+        ends = np.cumsum(lengths, dtype=np.int64)
+        total = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        columns = {**columns, "ntrained": total[ends] - total[ends - lengths]}  # per example (the chunk is small)
+        chunk: dict[str, np.ndarray] = {"input_ids": input_ids.astype(np.int32, copy=False), "trained": mask,
                  "lengths": lengths.astype(np.int64, copy=False)}
         for name, dtype in EXAMPLE_COLUMNS.items():
             chunk[name] = np.asarray(columns[name], dtype=dtype)
@@ -162,6 +167,12 @@ class TokenStore:
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.shards[s], i - int(self.starts[s])
 
+    def tokens(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, trained) of shard ``s``, through maps of their own (closed when dropped)."""
+        if self.directory is None:
+            return self.shards[s]["input_ids"], self.shards[s]["trained"]
+        return _load(self.directory / f"{s:05d}.input_ids.npy"), _load(self.directory / f"{s:05d}.trained.npy")
+
     def column(self, name: str) -> np.ndarray:
         """A per-example column of every shard, concatenated ([n] small ints; not the tokens)."""
         if not self.shards:
@@ -169,12 +180,9 @@ class TokenStore:
         return np.concatenate([s[name] for s in self.shards])
 
     def trained_counts(self) -> np.ndarray:
-        """Trained tokens of every example, [n] int64 (one pass over the mask, shard by shard)."""
-        out = []
-        for s in self.shards:
-            c = np.concatenate([[0], np.cumsum(s["trained"], dtype=np.int64)])
-            out.append(c[s["offsets"][1:]] - c[s["offsets"][:-1]])
-        return np.concatenate(out) if out else np.zeros(0, np.int64)
+        """Trained tokens of every example, [n] int64 (counted when the store was written: reading
+        them touches no token page)."""
+        return self.column("ntrained").astype(np.int64)
 
 
 class Examples(Sequence[Example]):
@@ -238,6 +246,40 @@ class Examples(Sequence[Example]):
             pick = self.which == k
             if pick.any():
                 out[pick] = store.trained_counts()[self.positions[pick]]
+        return out
+
+    def scan(self, bos: int | None, eot: int | None) -> dict[str, np.ndarray]:
+        """Per example, bool [N]: ``zero`` (nothing trained), ``no_eot`` (something trained, but no
+        ``eot`` token; all False when ``eot`` is None), ``double_bos`` (starts with two ``bos``) and
+        ``merged``: what ``chat.lint`` checks, without making an ``Example`` of each. The tokens are
+        read shard by shard through maps opened for this pass only, so their pages do not stay in
+        this process (a million examples are ~1 GB of ids and masks)."""
+        out = {k: np.zeros(len(self), dtype=bool) for k in ("zero", "no_eot", "double_bos", "merged")}
+        for k, store in enumerate(self.stores):
+            pick = np.flatnonzero(self.which == k)
+            if not len(pick):
+                continue
+            flags = {name: np.zeros(len(store), dtype=bool) for name in out}
+            for s, shard in enumerate(store.shards):
+                a, b = int(store.starts[s]), int(store.starts[s + 1])
+                offsets = np.asarray(shard["offsets"])
+                ids, mask = store.tokens(s)
+                trained = np.asarray(shard["ntrained"]) > 0
+                flags["zero"][a:b] = ~trained
+                flags["merged"][a:b] = np.asarray(shard["merged"]) != 0
+                n = np.diff(offsets)
+                if eot is not None and len(ids):
+                    some = n > 0  # (reduceat sums [start, next start): skip empty examples' starts)
+                    hits = np.zeros(len(n), np.int64)
+                    hits[some] = np.add.reduceat((ids == eot) & (mask != 0), offsets[:-1][some], dtype=np.int64)
+                    flags["no_eot"][a:b] = trained & (hits == 0)
+                if bos is not None and len(ids):
+                    two = n >= 2
+                    first = offsets[:-1][two]
+                    flags["double_bos"][a:b][two] = (ids[first] == bos) & (ids[first + 1] == bos)
+                del ids, mask
+            for name in out:
+                out[name][pick] = flags[name][self.positions[pick]]
         return out
 
     def per_example(self, name: str) -> np.ndarray:

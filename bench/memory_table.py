@@ -8,6 +8,7 @@ AdamW with the bf16 master copy, clipping).
     python bench/memory_table.py row ARCH METHOD CKPT       # one row, in this process (CKPT: 0 or 1)
     python bench/memory_table.py run OUT.jsonl [--cap S] [--max-gb G] [--only ARCH,...]   # each row in a child
     python bench/memory_table.py markdown OUT.jsonl         # the table for bench/RESULTS.md
+    python bench/memory_table.py trace ARCH METHOD CKPT     # one row with RSS and glibc's heap sampled
 
 ``run`` starts one child per row (so each row's peak RSS is its own process's, from getrusage) and
 skips rows whose estimate is above ``--max-gb`` (default 20: this 24 GB machine is shared) as
@@ -22,6 +23,7 @@ same state through transformers' ``BitsAndBytesConfig`` loader, which quantizes 
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import os
@@ -30,6 +32,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,8 +124,9 @@ def build(arch: str, method: str) -> Any:
     return model
 
 
-def row(arch: str, method: str, ckpt: bool) -> dict[str, Any]:
-    """One optimizer step (after one warm-up step for tokens/s when time allows) through sft's step."""
+def row(arch: str, method: str, ckpt: bool, on_phase: Callable[[str], None] = lambda what: None) -> dict[str, Any]:
+    """One optimizer step (after one warm-up step for tokens/s when time allows) through sft's step;
+    ``on_phase(name)`` after the build, the preparation and each step (``trace``)."""
     import torch
 
     from sft.data.types import Example
@@ -134,9 +138,12 @@ def row(arch: str, method: str, ckpt: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = config_for(method, ckpt)
     rt = local(cfg)
-    model = prepare_model(cfg, build(arch, method))
+    model = build(arch, method)
+    on_phase("built")
+    model = prepare_model(cfg, model)
     model.train()
     optimizer = make_optimizer(model, cfg.train)
+    on_phase("prepared")
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (TOKENS,), generator=gen).tolist()
     examples = [Example(ids, ids)]
@@ -148,10 +155,51 @@ def row(arch: str, method: str, ckpt: bool) -> dict[str, Any]:
         r = train_step(model, optimizer, [[[0]]], examples, cfg, 0, rt, 1e-5)
         times.append(time.perf_counter() - t)
         losses.append(r.loss)
+        on_phase(f"step {len(times)}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return {"arch": arch, "method": method, "checkpointing": ckpt, "peak_rss_gb": round(peak, 2),
             "step_s": [round(x, 1) for x in times], "tokens_per_s": round(TOKENS / times[-1], 1),
             "build_s": round(built, 1), "loss": round(losses[-1], 4)}
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+
+
+def trace(arch: str, method: str, ckpt: bool) -> None:
+    """``row`` with RSS and glibc malloc's books (mallinfo2: heap bytes in use, heap bytes free but
+    kept, mmapped bytes) sampled every 50 ms, printed after each phase and at the peak RSS: where
+    the peak is live tensors and where it is memory the allocator keeps (glibc only)."""
+    import threading
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _Mallinfo2
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def sample() -> tuple[float, float, float, float]:
+        m = libc.mallinfo2()
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * page
+        return rss / 1e9, m.uordblks / 1e9, m.fordblks / 1e9, m.hblkhd / 1e9
+
+    samples: list[tuple[float, float, float, float]] = []
+    done = threading.Event()
+
+    def sampler() -> None:
+        while not done.wait(0.05):
+            samples.append(sample())
+
+    def show(what: str, x: tuple[float, float, float, float]) -> None:
+        print(f"{what:14s} RSS {x[0]:6.2f} GB | heap in use {x[1]:5.2f} | heap free, kept {x[2]:5.2f} | "
+              f"mmapped {x[3]:5.2f}", flush=True)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    show("start", sample())
+    r = row(arch, method, ckpt, on_phase=lambda what: show(what, sample()))
+    done.set()
+    show("peak RSS", max(samples))
+    print(json.dumps(r), flush=True)
 
 
 def all_rows() -> list[tuple[str, str, bool]]:
@@ -221,6 +269,8 @@ def main() -> int:
             print(f"{arch:14s} {method:6s} ckpt={int(ckpt)} plan {estimate_gb(arch, method, ckpt):6.2f} GB")
     elif cmd == "markdown":
         print(markdown(Path(sys.argv[2])))
+    elif cmd == "trace":
+        trace(sys.argv[2], sys.argv[3], sys.argv[4] == "1")
     elif cmd == "row":
         print(json.dumps(row(sys.argv[2], sys.argv[3], sys.argv[4] == "1")))
     elif cmd == "run":

@@ -7,7 +7,10 @@
   take against the same weights in bf16;
 - ``resume``: the qlora run again, SIGKILLed after step 25 (checkpoints every 10), then --resume:
   its 50 losses against the uninterrupted qlora run's;
-- ``compare``: the step-50 losses (and the mean of the last 10) of lora and qlora; final/ loaded
+- ``compare``: the held-out loss after step 50 of lora and qlora (the loop's final ``eval_loss`` on
+  examples/demo/eval.jsonl, 172 conversations never trained on, each run's trained model in its
+  training precision: the issue's "loss after 50 steps", and not one batch's noise), next to the
+  step-50 training loss (one batch of 4) and the mean of steps 41-50; final/ loaded
   in plain transformers against the trained model (the NF4 base with adapter/ applied), greedy,
   on 5 prompts: the first 8 new tokens of each.
 
@@ -29,7 +32,11 @@ SETTINGS = [
     "--model=smollm2-135m-instruct", f"--data.train={ROOT / 'examples/demo/train.jsonl'}", "--data.template=chatml",
     "--data.max_length=256", "--train.batch_size=4", "--train.lr=2e-4", "--train.warmup=5", f"--train.max_steps={STEPS}",
     "--train.seed=42", "--eval.before_after=false",
+    # QLoRA runs eager (compile: auto skips bitsandbytes' 4-bit layers); LoRA would compile at 50 steps:
+    # both eager, so the runs differ in the base's weights only (same data order, adapter init, dropout)
+    "--train.compile=false",
 ]
+EVAL_DATA = ROOT / "examples/demo/eval.jsonl"  # held out: scored once, after the last step
 PROMPTS = ["What is the opposite of hot?", "Name a colour.", "What is 7 + 5?", "Say hello in French.",
            "My favourite animal is a cat. What is my favourite animal?"]
 
@@ -37,6 +44,12 @@ PROMPTS = ["What is the opposite of hot?", "Name a colour.", "What is 7 + 5?", "
 def losses(run: Path) -> list[float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def heldout(run: Path) -> float:
+    """The run's final held-out loss (``eval_loss`` after its last step, on EVAL_DATA)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return float([r["eval_loss"] for r in rows if "eval_loss" in r][-1])
 
 
 def cli(args: list[str], env: dict[str, str] | None = None) -> tuple[int, float]:
@@ -82,9 +95,11 @@ def compare(out: Path) -> dict[str, object]:
 
     lora, qlora = losses(out / "lora"), losses(out / "qlora")
     result: dict[str, object] = {
+        "lora_heldout": heldout(out / "lora"), "qlora_heldout": heldout(out / "qlora"),
         "lora_step50": lora[-1], "qlora_step50": qlora[-1],
         "lora_last10": sum(lora[-10:]) / 10, "qlora_last10": sum(qlora[-10:]) / 10,
     }
+    result["heldout_rel_diff"] = abs(result["qlora_heldout"] - result["lora_heldout"]) / result["lora_heldout"]  # type: ignore[operator]
     result["step50_rel_diff"] = abs(qlora[-1] - lora[-1]) / lora[-1]
     result["last10_rel_diff"] = abs(result["qlora_last10"] - result["lora_last10"]) / result["lora_last10"]  # type: ignore[operator]
     cfg = load_config(None, [*SETTINGS, "--train.method=qlora"])
@@ -105,8 +120,8 @@ def compare(out: Path) -> dict[str, object]:
 def main() -> int:
     out, what = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
-    empty = out / "empty.yaml"  # every setting is on the command line
-    empty.write_text("{}\n")
+    empty = out / "empty.yaml"  # every other setting is on the command line
+    empty.write_text(json.dumps({"eval": {"data": [{"path": str(EVAL_DATA)}]}}) + "\n")
     if what in ("lora", "qlora"):
         rc, peak = cli(["train", str(empty), *SETTINGS, f"--train.method={what}", f"--output_dir={out / what}",
                         "--overwrite"])

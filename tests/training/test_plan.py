@@ -48,9 +48,10 @@ def test_estimate_arithmetic_full_bf16():
     e = estimate(TINY, st, budget=10 * GiB)
     assert (e.weights, e.gradients, e.optimizer) == (2 * 80448, 2 * 80448, 12 * 80448)
     assert e.activations == 2 * 2456 * 64 + 2 * 2 * 64 * 64  # layers + final norm / loss gradient
-    assert e.logits == 2 * 4 * 100 * 64 + 4 * 100 * 64  # two fp32 logit chunks + the head's fp32 gradient
+    # two fp32 logit chunks + the head's fp32 gradient + the bf16 d/dlogits of its matmul
+    assert e.logits == 2 * 4 * 100 * 64 + 4 * 100 * 64 + 2 * 100 * 64
     assert e.step == 4 * 80448
-    # max(activations + logits = 407552, gradients + step = 482688)
+    # max(activations + logits = 420352, gradients + step = 482688)
     assert e.runtime == RUNTIME_BYTES + CPU_SLACK_BYTES  # on a CPU; a GPU has no glibc slack
     assert e.per_process == e.runtime + 160896 + 965376 + 482688
     assert estimate(TINY, st, budget=10 * GiB, device="cuda").runtime == RUNTIME_BYTES
@@ -69,6 +70,16 @@ def test_estimate_arithmetic_lora_qlora_checkpointing():
     assert q.weights == int(0.5625 * 73728) + 4 * (80448 - 73728)  # NF4 linear layers, the rest fp32
     ck = estimate(TINY, Settings("lora", "fp32", 1, 64, True), budget=10 * GiB)
     assert ck.activations == 2 * 4 * 64 * 64 + 7384 * 64 + 2 * 4 * 64 * 64  # inputs + one layer + final
+
+
+def test_qlora_checkpointing_counts_the_heap_glibc_keeps():
+    # QLoRA + checkpointing on a CPU: 13 bytes a layer, token and hidden unit (2 x 64 tokens x 64)
+    q = estimate(TINY, Settings("qlora", "bf16", 1, 64, True), budget=10 * GiB)
+    assert plan.QLORA_HEAP_BYTES == 13 and q.runtime == RUNTIME_BYTES + CPU_SLACK_BYTES + 13 * 2 * 64 * 64
+    # controls: not without checkpointing, not for LoRA, not on a GPU (no glibc heap there)
+    assert estimate(TINY, Settings("qlora", "bf16", 1, 64, False), budget=10 * GiB).runtime == RUNTIME_BYTES + CPU_SLACK_BYTES
+    assert estimate(TINY, Settings("lora", "bf16", 1, 64, True), budget=10 * GiB).runtime == RUNTIME_BYTES + CPU_SLACK_BYTES
+    assert estimate(TINY, Settings("qlora", "bf16", 1, 64, True), budget=10 * GiB, device="cuda").runtime == RUNTIME_BYTES
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -169,3 +180,9 @@ def test_offload_stops_where_fsdp2_cannot_offload(tiny_dir, data_file, tmp_path)
         check_offload(cfg, "ddp", "cuda")
     check_offload(cfg, "fsdp", "cuda")  # the supported case passes
     check_offload(make_cfg(tiny_dir, data_file, tmp_path / "run"), "one process", "cpu")  # control: no offload asked
+
+
+def test_plan_constants_are_the_losss():
+    from sft.lm import loss
+
+    assert (plan.CHUNK_BYTES, plan.GRAD_GROUP_BYTES) == (loss.CHUNK_BYTES, loss.GRAD_GROUP_BYTES)

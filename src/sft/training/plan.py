@@ -6,7 +6,8 @@ settings. Per process, in bytes:
     runtime        Python, torch, transformers and peft once imported (RUNTIME_BYTES, measured), and
                    on a CPU the memory glibc's allocator keeps after freeing (CPU_SLACK_BYTES, fitted to
                    bench/memory_table.py: with MALLOC_MMAP_THRESHOLD_=131072 the LoRA + checkpointing
-                   row of Qwen2.5-0.5B peaked at 2.58 GB instead of 4.02, its step 80% slower)
+                   row of Qwen2.5-0.5B peaked at 2.58 GB instead of 4.02, its step 80% slower); QLoRA
+                   with checkpointing on a CPU keeps more (QLORA_HEAP_BYTES a layer, token and hidden unit)
     weights        full/LoRA: every parameter in the training dtype (2 bytes bf16, 4 fp32);
                    QLoRA: the decoder's linear weights in NF4 (NF4_BYTES a parameter: 4 bits and an
                    fp32 scale per 64), the rest (embeddings, head, norms) in the training dtype
@@ -17,8 +18,8 @@ settings. Per process, in bytes:
     activations    what autograd keeps for the backward pass, per layer and token (``layer_bytes``,
                    counted tensor by tensor from transformers' Llama/Qwen2 layers); with
                    checkpointing, each layer's input plus one layer's activations while it is recomputed
-    logits         the chunked loss (sft.lm.loss): two fp32 chunks of CHUNK_BYTES, and the fp32
-                   gradient of the output head when it trains
+    logits         the chunked loss (sft.lm.loss): two fp32 chunks of CHUNK_BYTES, and when the output
+                   head trains its fp32 gradient and the d/dlogits kept for its matmul (GRAD_GROUP_BYTES)
     step           the optimizer step's transient fp32 copy of the gradients (4 bytes a trainable parameter)
 
     peak = runtime + weights + adapters + optimizer + max(activations + logits, gradients + step)
@@ -45,8 +46,17 @@ from sft.errors import SftError
 GB = 1e9
 RUNTIME_BYTES = int(0.75 * GB)  # RSS of `python -c "import torch, transformers, peft"` plus the data here
 CPU_SLACK_BYTES = int(1.2 * GB)  # freed but kept by glibc malloc (arenas, dynamic mmap threshold); fitted
+# QLoRA + checkpointing on a CPU: every pass dequantizes each linear weight into a transient bf16
+# copy, and glibc's heap keeps the holes these copies and the recomputed activations leave between
+# the checkpointed layer inputs. Measured at the Qwen2.5-1.5B peak (bench/RESULTS.md): 2.3 GB of live
+# allocations and 2.9-3.1 GB of free heap kept (LoRA: 1.5 GB, covered by CPU_SLACK_BYTES). Counted
+# per layer x token x hidden unit, fitted to the six QLoRA + checkpointing rows of
+# bench/memory_table.py (every row within 15% for 10.9-16.5 bytes). Without checkpointing the
+# activations reuse those holes (those rows are within +2..+10% without it).
+QLORA_HEAP_BYTES = 13
 NF4_BYTES = 0.5 + 4 / 64  # bitsandbytes NF4: 4 bits a weight, one fp32 absmax per block of 64
 CHUNK_BYTES = 256 * 1024 * 1024  # sft.lm.loss.CHUNK_BYTES (fp32 logits of one chunk)
+GRAD_GROUP_BYTES = 256 * 1024 * 1024  # sft.lm.loss.GRAD_GROUP_BYTES (d/dlogits in the training dtype)
 FIT_FRACTION = 0.9  # a run "fits" when its peak is at most this share of the device's memory
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -227,9 +237,12 @@ def estimate(s: Shape, st: Settings, budget: int, device: str = "cpu") -> Estima
     else:
         acts = s.layers * per_layer
     acts += 2 * a * s.hidden * st.tokens  # the final norm's output and the loss's gradient of it
-    head_grad = 4 * s.vocab * s.hidden if st.method == "full" and st.train_head else 0
+    head = st.method == "full" and st.train_head
+    head_grad = 4 * s.vocab * s.hidden + min(GRAD_GROUP_BYTES, a * s.vocab * st.tokens) if head else 0
     logits = 2 * min(CHUNK_BYTES, 4 * s.vocab * st.tokens) + head_grad
     runtime = RUNTIME_BYTES + (CPU_SLACK_BYTES if device == "cpu" else 0)
+    if device == "cpu" and st.method == "qlora" and st.checkpointing:
+        runtime += QLORA_HEAP_BYTES * s.layers * st.tokens * s.hidden
     return Estimate(params, trainable, runtime, weights // share, adapters, grads // share,
                     optimizer // share, acts, logits, 4 * trainable // share, st.processes, budget, device)
 

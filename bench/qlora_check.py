@@ -1,6 +1,6 @@
 """Issue 22's done-when checks for QLoRA on SmolLM2-135M-Instruct and the demo data (CPU):
 
-    python bench/qlora_check.py OUT_DIR lora|qlora|resume|compare
+    python bench/qlora_check.py OUT_DIR lora|qlora|resume|compare|base
 
 - ``lora`` / ``qlora``: 50 steps through the real CLI (same seed, data, lr, batch, max_length),
   peak RSS of the process (getrusage of the child) and, for qlora, the bytes its 4-bit linear weights
@@ -13,6 +13,8 @@
   step-50 training loss (one batch of 4) and the mean of steps 41-50; final/ loaded
   in plain transformers against the trained model (the NF4 base with adapter/ applied), greedy,
   on 5 prompts: the first 8 new tokens of each.
+- ``base``: the held-out loss of the untrained model in bf16 and with its linear layers in NF4 (what
+  quantization alone costs before any adapter trains).
 
 Run ``lora`` and ``qlora`` under /work/wt/bin/measure (their memory is reported), the others under busy.
 """
@@ -117,6 +119,29 @@ def compare(out: Path) -> dict[str, object]:
     return result
 
 
+def base_heldout() -> dict[str, float]:
+    """Held-out loss (EVAL_DATA) of the model before training: bf16, and NF4 as qlora loads it."""
+    import torch
+
+    from sft.config import load_config
+    from sft.data.pipeline import build_dataset
+    from sft.evaluation.heldout import heldout_loss
+    from sft.models import quantize
+    from sft.models.load import load_model
+    from sft.runtime import local
+    from sft.training.prepare import prepare_data
+
+    cfg = load_config(None, [*SETTINGS, "--train.method=qlora", f"--eval.data={EVAL_DATA}"])
+    rt = local(cfg)
+    data = prepare_data(cfg, STEPS, rt)
+    held = build_dataset(cfg, data.tokenizer, "eval").examples
+    bf16 = load_model(cfg.model, torch.bfloat16)
+    nf4 = load_model(cfg.model, torch.bfloat16, quantization=quantize.bnb_config(cfg, torch.bfloat16))
+    a, b = heldout_loss(bf16, held, data.pad_id, cfg, rt)[0], heldout_loss(nf4, held, data.pad_id, cfg, rt)[0]
+    assert a is not None and b is not None
+    return {"bf16_heldout": a, "nf4_heldout": b, "rel_diff": (b - a) / a}
+
+
 def main() -> int:
     out, what = Path(sys.argv[1]), sys.argv[2]
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +162,8 @@ def main() -> int:
         got = losses(run)
         info = {"killed_rc": killed, "resumed_rc": resumed, "equal": got == ref, "n": len(got),
                 "first_diff": next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)}
+    elif what == "base":
+        info = base_heldout()
     else:
         info = compare(out)
     print(json.dumps(info, indent=1))

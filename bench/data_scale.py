@@ -101,6 +101,32 @@ def write_config(folder: Path, paths: list[Path], model: str, num_proc: str) -> 
     return cfg
 
 
+def train_rss(cfg: Path, out: Path, steps: int = 10) -> dict[str, Any]:
+    """``sft train`` for ``steps`` steps on a warm data cache: seconds from launch to the first
+    step's row in metrics.jsonl, PSS of the process tree when the ``steps``-th row appears, and the
+    peak (sampled every 100 ms)."""
+    cmd = [sys.executable, "-m", "sft", "train", str(cfg), f"--train.max_steps={steps}", f"--output_dir={out}",
+           "--overwrite", "--train.compile=false", "--train.batch_size=1", "--train.grad_accum=1"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    first = at_step = None
+    peak = 0
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None:
+        pss = tree_pss(proc.pid)
+        peak = max(peak, pss)
+        rows = metrics.read_text().count('"step"') if metrics.exists() else 0
+        if rows and first is None:
+            first = time.perf_counter() - t
+        if rows >= steps and at_step is None:
+            at_step = pss
+        time.sleep(0.1)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with {proc.returncode}")
+    return {"first_step_s": first, "pss_at_step_mb": (at_step or 0) / 2**20, "peak_pss_mb": peak / 2**20,
+            "seconds": time.perf_counter() - t}
+
+
 def stage_encode(cfg_path: str) -> None:
     """sft's tokenizing + masking alone, over conversations already read (prints JSON)."""
     from sft.config import load_config
@@ -168,6 +194,9 @@ def main() -> None:
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (skipped when absent)")
     ap.add_argument("--only", default="check,edit,warm,tokenize,encode,floor,trl",
                     help="stages to run, comma-separated (check is always run: it gives the counts)")
+    ap.add_argument("--train-vs", type=int, default=0, metavar="N_SMALL",
+                    help="also train 10 steps over --n and over N_SMALL conversations (warm caches): RSS at step 10 "
+                         "and seconds to the first step, side by side")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,6 +252,18 @@ def main() -> None:
                   [args.trl_python, __file__, "--stage", "trl", "--num-proc", str(usable_cores()), model_dir, tok_dir,
                    *map(str, paths)])
 
+    trained: list[tuple[int, dict[str, Any]]] = []
+    if args.train_vs:
+        small = Path(args.dir) / str(args.train_vs)
+        shutil.rmtree(small, ignore_errors=True)
+        small_cfg = write_config(small, generate(args.train_vs, small), args.model, args.num_proc)
+        measure([*sft, "data", "check", str(small_cfg), "--json"], env)  # warms its cache
+        for size, c in ((args.train_vs, small_cfg), (args.n, cfg)):
+            r = train_rss(c, c.parent / "run")
+            trained.append((size, r))
+            print(f"train over {size}: first step {r['first_step_s']:.1f} s, PSS at step 10 {r['pss_at_step_mb']:.0f} MB, "
+                  f"peak {r['peak_pss_mb']:.0f} MB", flush=True)
+
     n, tokens = report["conversations"], report["total_tokens"]
     table = [f"{args.n} generated conversations ({n} after edit-free check, {tokens} tokens), model {args.model}, "
              f"data.num_proc {args.num_proc}", "",
@@ -234,13 +275,18 @@ def main() -> None:
             secs = inner["seconds"]
             name += " (own timer)"
         table.append(f"| {name} | {secs:.1f} | {n / secs:.0f} | {r['peak_pss_mb']:.0f} |")
+    if trained:
+        table += ["", f"`sft train` {args.model}, 10 steps of one 2048-token row (batch 1, no accumulation, eager), warm data cache:", "",
+                  "| conversations | seconds to the first step | PSS at step 10 (MB) | peak PSS (MB) |", "|---|---|---|---|"]
+        table += [f"| {size} | {r['first_step_s']:.1f} | {r['pss_at_step_mb']:.0f} | {r['peak_pss_mb']:.0f} |" for size, r in trained]
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     cpu = platform.processor() or platform.machine()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n## data_scale {args.n} ({stamp})\n\nMachine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs "
             f"({usable_cores()} usable), SHARED with other sessions; `uptime` before writing: {load}.\n"
             f"Command: `.venv/bin/python bench/data_scale.py --n {args.n} --only {args.only}"
-            f"{' --trl-python ' + args.trl_python if trl else ''}`\n\n" + "\n".join(table) + "\n")
+            f"{' --trl-python ' + args.trl_python if trl else ''}{f' --train-vs {args.train_vs}' if trained else ''}`\n\n"
+            + "\n".join(table) + "\n")
     print(text)
     with RESULTS.open("a") as f:
         f.write(text)

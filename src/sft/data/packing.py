@@ -15,7 +15,7 @@ from sft.data.progress import Progress
 from sft.errors import SftError
 
 
-def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Group indices into bins whose total length is <= capacity.
 
     Longest first (ties: lower index first); each goes to the fullest bin it fits in (ties: the

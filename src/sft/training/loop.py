@@ -64,7 +64,7 @@ class Run:
     tokenizer: PreTrainedTokenizerBase
     data: Dataset
     eval_examples: Sequence[Example]
-    plan: list[Step]
+    plan: Sequence[Step]
     model: Any
     optimizer: torch.optim.Optimizer
     rt: Runtime  # rank, world, device, precision of this process

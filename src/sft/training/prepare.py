@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 class TrainData:
     tokenizer: PreTrainedTokenizerBase
     data: Dataset  # examples, template, report
-    plan: list[Step]  # optimizer steps -> micro-batches -> rows -> example indices
+    plan: Sequence[Step]  # optimizer steps -> micro-batches -> rows -> example indices (batching.StepPlan)
     pad_id: int  # fills padding positions (masked, never trained; never an end-of-turn token)
 
 
@@ -76,7 +76,7 @@ class Prepared:
 
     tokenizer: PreTrainedTokenizerBase
     data: Dataset
-    plan: list[Step]
+    plan: Sequence[Step]
     pad_id: int
     model: Any
     optimizer: torch.optim.Optimizer

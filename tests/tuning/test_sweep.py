@@ -157,7 +157,9 @@ def test_lr_find_grid_stays_below_the_divergence_point() -> None:
 class FakeTrain:
     """Writes what train() writes; the loss falls for lr <= 1e-3 and explodes above it."""
 
-    def __init__(self, interrupt_at: dict[str, int] | None = None, nan_for: float | None = None) -> None:
+    def __init__(self, interrupt_at: dict[str, int] | None = None, nan_for: float | None = None,
+                 schedule_scaled: bool = False) -> None:
+        self.schedule_scaled = schedule_scaled  # a longer run falls slower per step (its warm-up is longer)
         self.calls: list[tuple[str, bool]] = []
         self.before_evals = 0
         self.interrupt_at = interrupt_at or {}
@@ -184,7 +186,8 @@ class FakeTrain:
             if self.nan_for == lr and step == 3:
                 raise NonFiniteLoss(f"step {step}: loss is nan. Likely causes: learning rate too high", step, "loss",
                                     math.nan)
-            loss = 2.0 - 0.1 * step * lr * 1e4 if lr <= 1e-3 else 2.0 * 1.4**step
+            rate = 6 / total if self.schedule_scaled else 1.0
+            loss = 2.0 - 0.1 * step * lr * 1e4 * rate if lr <= 1e-3 else 2.0 * 1.4**step
             with metrics.open("a") as f:
                 f.write(json.dumps({"step": step, "loss": loss, "elapsed_s": step * 0.5}) + "\n")
             result.losses.append(loss)
@@ -232,6 +235,20 @@ def test_sweep_prunes_chooses_and_writes_reports(tmp_path: Path) -> None:
     again = FakeTrain()
     assert run_sweep(str(path), ["--train.lr=1e-4,3e-4,1e-3,1e-2"], train_fn=again, progress=False) == 0
     assert again.calls == []
+
+
+def test_behind_rule_compares_only_trials_on_the_same_schedule(tmp_path: Path) -> None:
+    """A longer trial is not "behind" because step k of its schedule is earlier in its warm-up:
+    max_steps=18, lr=3e-4 falls 3x slower per step than the 6-step trials and runs to the end;
+    the control, lr=1e-5 on the 6-step schedule, is as slow against its peers and is pruned."""
+    path = _write_config(tmp_path, "")
+    grid = ["--train.max_steps=6,18", "--train.lr=1e-3,3e-4,1e-5"]
+    assert run_sweep(str(path), grid, train_fn=FakeTrain(schedule_scaled=True), progress=False) == 0
+    t = {x["name"]: x for x in json.loads((tmp_path / "out" / "sweep.json").read_text())["trials"]}
+    assert t["max_steps=6,lr=1e-05"]["status"] == "pruned"
+    assert t["max_steps=6,lr=1e-05"]["reason"].startswith("behind: loss 1.97 at step 4 > 1.1 ")
+    assert t["max_steps=18,lr=3e-04"]["status"] == "finished"  # 1.7 at step 4: compared with the 6-step trials, behind
+    assert t["max_steps=18,lr=1e-05"]["status"] == "pruned"  # behind its own peers (18 steps, 1e-3 and 3e-4)
 
 
 def test_sweep_reports_are_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -202,6 +202,28 @@ class PruneRules:
     window: int = 3  # trailing mean used for both rules
 
 
+# Grid keys that leave a trial's plan of steps and the shape of its schedule as they are: trials
+# that differ only in these can be compared step by step (the "behind" rule). Any other key
+# (train.epochs, max_steps, batch_size, warmup, data.max_length ...) makes step k a different
+# point of another schedule: a 3-epoch trial is still warming up where a 1-epoch one is at its
+# full rate, so its loss is higher there without being behind.
+SAME_SCHEDULE_KEYS = frozenset({
+    "train.lr", "train.seed", "train.weight_decay", "train.max_grad_norm", "train.neftune_alpha",
+    "lora.r", "lora.alpha", "lora.dropout",
+})
+
+
+def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Do two trials' grid values leave them on the same plan of steps and schedule?
+
+    >>> comparable({"train.lr": 1e-5, "lora.r": 8}, {"train.lr": 3e-5, "lora.r": 16})
+    True
+    >>> comparable({"train.epochs": 1}, {"train.epochs": 3})
+    False
+    """
+    return all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if k not in SAME_SCHEDULE_KEYS)
+
+
 def smooth(losses: list[float], window: int) -> list[float]:
     """Trailing mean over ``window`` steps.
 
@@ -414,9 +436,13 @@ def run_sweep(config_path: str | None, overrides: list[str], train_fn: TrainFn |
         rules = PruneRules(grace=_grace(cfg, known_total))
         history = _losses(out)
 
-        def check(step: int, loss: float, history: dict[int, float] = history, rules: PruneRules = rules) -> str | None:
+        peers = {n for n, v, _ in trials if comparable(v, values)}  # same plan and schedule: step k is step k
+
+        def check(step: int, loss: float, history: dict[int, float] = history, rules: PruneRules = rules,
+                  peers: set[str] = peers) -> str | None:
             history[step] = loss
-            return prune_reason(_curve({s: v for s, v in history.items() if s <= step}), list(finished.values()), rules)
+            return prune_reason(_curve({s: v for s, v in history.items() if s <= step}),
+                                [c for n, c in finished.items() if n in peers], rules)
 
         print(f"[{n}/{len(trials)}] {name}: {'resuming' if (out / 'checkpoints').is_dir() else 'training'} -> {out}",
               flush=True)

@@ -35,10 +35,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def run(tiny_dir, data_file, out, backend=None, steps=STEPS, after_step=None):
+def run(tiny_dir, data_file, out, backend=None, steps=STEPS, after_step=None, extra=()):
     """``steps`` optimizer steps of the tiny run (batch 2, max_length 128), compiled with ``backend``
     (None: eager); ``after_step(k)`` runs after each step. Returns the losses."""
-    cfg = make_cfg(tiny_dir, data_file, out, "--train.batch_size=2", "--train.compile=false")
+    cfg = make_cfg(tiny_dir, data_file, out, "--train.batch_size=2", "--train.compile=false", *extra)
     rt = local(cfg)
     p = prepare(cfg, rt, steps)
     if backend is not None:
@@ -70,9 +70,13 @@ def test_control_variable_shapes_recompile(tiny_dir, data_file, tmp_path, monkey
     assert frames[0] >= 2 and frames[-1] > frames[0]
 
 
-def test_compiled_static_steps_equal_eager_steps(tiny_dir, data_file, tmp_path):
-    eager = run(tiny_dir, data_file, tmp_path / "e")
-    compiled = run(tiny_dir, data_file, tmp_path / "c", "aot_eager")
+@pytest.mark.parametrize("extra", [(), ("--train.method=lora", "--lora.dropout=0", "--train.lr=1e-2")],
+                         ids=["full", "lora"])
+def test_compiled_static_steps_equal_eager_steps(tiny_dir, data_file, tmp_path, extra):
+    """Also for LoRA (PEFT's wrapped linears inside the compiled blocks): the adapters' updates
+    reach the compiled graph (lr 1e-2: the losses move)."""
+    eager = run(tiny_dir, data_file, tmp_path / "e", extra=extra)
+    compiled = run(tiny_dir, data_file, tmp_path / "c", "aot_eager", extra=extra)
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-5, atol=1e-6)
     assert len(set(eager)) == STEPS  # the weights move: four different losses
 

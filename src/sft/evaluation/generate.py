@@ -125,10 +125,11 @@ def contiguous_head_input(model: Any) -> Iterator[None]:
     transformers computes the prefill's logits from a slice of the hidden states
     (``hidden[:, -1:, :]``: not contiguous when the batch has several rows). PyTorch 2.13's CPU
     ``F.linear`` on such a 3-D slice is hundreds of times slower when the weight does not require
-    grad (a frozen head: LoRA's merged base, ``train.freeze_embeddings``): 9.2 s instead of 17 ms
-    for 16 x 1 x 640 against Gemma's 262k x 640 bf16 head on the 2-core AMD EPYC (avx512_bf16), and
-    the same 16 rows made contiguous take 17 ms. Issue 20: the tuned demo model generated ~10x
-    slower in the training process than the same ``final/`` loaded fresh (its weights require grad).
+    grad (a frozen head: LoRA's merged base, ``train.freeze_embeddings``): 9.3 s instead of 21 ms
+    for 16 x 1 x 640 against Gemma's 262k x 640 bf16 head on the 2-core AMD EPYC (avx512_bf16),
+    where the same 16 rows made contiguous take 21 ms (``bench/frozen_head_linear.py``,
+    bench/RESULTS.md). Issue 20: the tuned demo model generated ~10x slower in the training process
+    than the same ``final/`` loaded fresh (its weights require grad).
     """
     import torch
 

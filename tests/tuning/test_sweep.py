@@ -15,11 +15,10 @@ from sft.errors import NonFiniteLoss, SftError
 from sft.reporting.sweep_report import choose
 from sft.training.loop import RunResult
 from sft.tuning.lr_find import propose_grid, range_lrs
+from sft.tuning.prune import PruneRules, prune_reason
 from sft.tuning.sweep import (
-    PruneRules,
     expand_grid,
     plan_trials,
-    prune_reason,
     run_sweep,
     split_overrides,
     trial_name,

@@ -106,6 +106,8 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] | str = "all-linear"
     double_quant: bool = False  # train.method: qlora: also quantize the 4-bit weights' scales (~0.4 bits a weight less)
+    # qlora: loftq starts the adapters at the rank-r SVD of what NF4 lost (sft.models.quantize.loftq)
+    init: Literal["default", "loftq"] = "default"
 
 
 @dataclass
@@ -450,6 +452,9 @@ def validate(cfg: Config) -> None:
         if number is not None and (number < low or (high is not None and number > high)):
             bounds = f"between {low} and {high}" if high is not None else f"of at least {low}"
             raise SftError(f"{name}: {number} is out of range; use a value {bounds}")
+    if cfg.lora.init == "loftq" and t.method != "qlora":
+        raise SftError(f"lora.init: loftq starts the adapters from a 4-bit base's quantization error; train.method: "
+                       f"{t.method} has none. Use train.method: qlora, or lora.init: default")
     if not 0.0 < cfg.data.quality.near_duplicate_threshold <= 1.0:
         raise SftError(f"data.quality.near_duplicate_threshold: {cfg.data.quality.near_duplicate_threshold} "
                        "must be in (0, 1]; e.g. 0.8")

@@ -129,3 +129,65 @@ def test_adamw_8bit_keeps_uint8_moments_and_resumes_exactly(tiny_dir, data_file,
     assert rest.losses == ref[2:]
     torch_adamw = train(make_cfg(tiny_dir, data_file, tmp_path / "plain", *extra), progress=False).losses
     assert torch_adamw[0] == ref[0] and torch_adamw[1:] != ref[1:]
+
+
+def _reconstruction(tiny_dir, cfg):
+    """Per adapted layer: ||W - Q - scaling B A|| / ||W - Q|| (W: the saved fp32 weight, Q: its NF4
+    dequantized) for the model as prepare_model leaves it, and the same ratio that Eckart-Young
+    gives for the best rank-r approximation of W - Q."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    from sft.models.load import load_model
+    from sft.training.prepare import prepare_model
+
+    original = load_file(str(tiny_dir / "model.safetensors"))
+    model = prepare_model(cfg, load_model(str(tiny_dir), torch.float32, quantization=quantize.bnb_config(cfg, torch.float32)))
+    got, best = {}, {}
+    for name, m in model.get_base_model().named_modules():
+        if isinstance(m, LoraLayer):
+            err = original[name + ".weight"] - quantize._dequantized(m.get_base_layer())
+            got[name] = float((err - m.get_delta_weight("default").detach()).norm() / err.norm())
+            s = torch.linalg.svdvals(err)
+            best[name] = float((s[cfg.lora.r:].square().sum() / s.square().sum()).sqrt())
+    return got, best
+
+
+def test_loftq_starts_the_adapters_at_the_rank_r_part_of_what_nf4_lost(tiny_dir, data_file, tmp_path):
+    """``lora.init: loftq``: scaling * B A is the rank-r SVD of W - NF4(W), so each adapted layer's
+    error is exactly the best a rank-r adapter can do (Eckart-Young). Control: the default
+    initialisation (B = 0) leaves NF4's whole error; an update not divided by scaling (alpha / r = 2,
+    as PEFT's replace_lora_weights_loftq sets it) would leave at least as much."""
+    got, best = _reconstruction(tiny_dir, make_cfg(tiny_dir, data_file, tmp_path / "x", *EXTRA, "--lora.r=4", "--lora.init=loftq"))
+    assert len(got) == 14  # 7 linear layers x 2 decoder layers
+    assert got == pytest.approx(best, abs=1e-5)
+    mean = sum(got.values()) / len(got)
+    assert mean == pytest.approx(0.689463, abs=1e-5)  # NF4's error (its norm) down to 0.69 of itself, on average
+    assert max(got.values()) == pytest.approx(0.839968, abs=1e-5)  # q_proj/o_proj-sized layers keep most
+    default, _ = _reconstruction(tiny_dir, make_cfg(tiny_dir, data_file, tmp_path / "x", *EXTRA, "--lora.r=4"))
+    assert set(default.values()) == {1.0}
+
+
+def test_loftq_trains_and_resumes_exactly(tiny_dir, data_file, tmp_path):
+    """A LoftQ run pauses and resumes to the same losses (its base is plain NF4, its adapters come
+    from the checkpoint), and its first loss (before any update) is nearer the unquantized model's
+    (a LoRA run's: B = 0) than the default QLoRA initialisation's (control: the key is not ignored)."""
+    extra = [*EXTRA, "--lora.r=4", "--train.max_steps=4"]
+    ref = train(make_cfg(tiny_dir, data_file, tmp_path / "ref", *extra, "--lora.init=loftq"), progress=False).losses
+    assert ref == pytest.approx([10.854820, 10.865284, 10.812862, 10.787159], rel=1e-6)
+    first = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *extra, "--lora.init=loftq"), progress=False,
+                  stop_check=lambda step, loss: "pause" if step == 2 else None)
+    rest = train(make_cfg(tiny_dir, data_file, tmp_path / "run", *extra, "--lora.init=loftq"), resume=True, progress=False)
+    assert first.losses + rest.losses == ref
+    one = ["--train.max_steps=1"]
+    default = train(make_cfg(tiny_dir, data_file, tmp_path / "default", *extra, *one), progress=False).losses[0]
+    lora = train(make_cfg(tiny_dir, data_file, tmp_path / "lora", *extra, *one, "--train.method=lora"), progress=False).losses[0]
+    assert (default, lora) == pytest.approx((10.852665, 10.855445), rel=1e-6)
+    assert abs(ref[0] - lora) < abs(default - lora) / 4
+
+
+def test_loftq_needs_qlora(tiny_dir, data_file, tmp_path):
+    with pytest.raises(SftError, match=r"lora.init: loftq starts the adapters from a 4-bit base's quantization error; "
+                                       r"train.method: lora has none"):
+        make_cfg(tiny_dir, data_file, tmp_path / "x", "--train.method=lora", "--lora.init=loftq")
+    make_cfg(tiny_dir, data_file, tmp_path / "x", "--train.method=qlora", "--lora.init=loftq")  # control

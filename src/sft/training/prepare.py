@@ -157,6 +157,9 @@ def prepare_model(cfg: Config, model: Any) -> Any:
                     task_type="CAUSAL_LM",
                 ),
             )
+            if cfg.train.method == "qlora" and cfg.lora.init == "loftq":  # adapters absorb NF4's error
+                src = models.resolve(cfg.model, cfg.revision, trust_remote_code=cfg.trust_remote_code)
+                quantize.loftq(model, models.model_dir(src))
     if use_checkpointing(cfg, model.config.to_dict()):  # auto: when the plan says it is needed
         # transformers 5.x renamed it activation_checkpointing_enable; the old name warns
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

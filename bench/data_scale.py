@@ -193,10 +193,13 @@ def main() -> None:
     ap.add_argument("--num-proc", default="auto")
     ap.add_argument("--trl-python", default=None, help="a python with trl installed (skipped when absent)")
     ap.add_argument("--only", default="check,edit,warm,tokenize,encode,floor,trl",
-                    help="stages to run, comma-separated (check is always run: it gives the counts)")
+                    help="stages to run, comma-separated (without check, the data check still runs, unmeasured, "
+                         "for the counts; with --reuse it then keeps the earlier run's cache: e.g. --only none --train-vs N)")
     ap.add_argument("--train-vs", type=int, default=0, metavar="N_SMALL",
                     help="also train 10 steps over --n and over N_SMALL conversations (warm caches): RSS at step 10 "
                          "and seconds to the first step, side by side")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the generated files of an earlier run in --dir (same n; without --only edit); caches are cleared")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -214,8 +217,15 @@ def main() -> None:
     tok_dir = str(load_tokenizer(args.model).name_or_path)
     model_dir = str(Path(tok_dir).parent / "model")
     folder = Path(args.dir) / str(args.n)
-    shutil.rmtree(folder, ignore_errors=True)
-    paths = generate(args.n, folder)
+    paths = [folder / f"{k}.jsonl" for k in "abc"]
+    only = set(args.only.split(","))
+    if args.reuse and all(p.exists() for p in paths):  # the same rows (the generator is seeded); caches cleared
+        for name in ("cache", "run", "hf", "trl-out") if "check" in only else ("run",):
+            shutil.rmtree(folder / name, ignore_errors=True)
+        print(f"reusing the {args.n} conversations in {folder}", flush=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        paths = generate(args.n, folder)
     cfg = write_config(folder, paths, args.model, args.num_proc)
     sft = [sys.executable, "-m", "sft"]
     me = [sys.executable, __file__]
@@ -229,9 +239,10 @@ def main() -> None:
         return r
 
     check = [*sft, "data", "check", str(cfg), "--json"]
-    r = run("sft data check, cold cache", check)
-    report = json.loads(r["stdout"])
-    only = set(args.only.split(","))
+    if "check" in only:
+        report = json.loads(run("sft data check, cold cache", check)["stdout"])
+    else:  # (with --reuse: the cache of an earlier run, warm) the counts only, not measured
+        report = json.loads(measure(check, env)["stdout"])
     if "edit" in only:
         with paths[1].open("a") as f:  # edit one file of three
             f.write(json.dumps(conversation(random.Random(1), args.n)) + "\n")
@@ -285,7 +296,8 @@ def main() -> None:
     text = (f"\n## data_scale {args.n} ({stamp})\n\nMachine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs "
             f"({usable_cores()} usable), SHARED with other sessions; `uptime` before writing: {load}.\n"
             f"Command: `.venv/bin/python bench/data_scale.py --n {args.n} --only {args.only}"
-            f"{' --trl-python ' + args.trl_python if trl else ''}{f' --train-vs {args.train_vs}' if trained else ''}`\n\n"
+            f"{' --trl-python ' + args.trl_python if trl else ''}{f' --train-vs {args.train_vs}' if trained else ''}"
+            f"{' --reuse' if args.reuse else ''}`\n\n"
             + "\n".join(table) + "\n")
     print(text)
     with RESULTS.open("a") as f:

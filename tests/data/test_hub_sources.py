@@ -198,6 +198,12 @@ def test_hub_streaming_reads_an_iterable_dataset(tmp_path: Path, hf_home: Path) 
     convs, report = load_conversations(make_cfg(tmp_path, src))
     assert answers(convs) == [f"answer {i}" for i in range(7)]
     assert report.sources[0].rows == 7  # reading stopped at the limit
+    # held as rows of a spill file, not as parsed conversations: the memory of a streamed set does not grow with its text
+    from sft.data.rows import Row
+
+    assert all(isinstance(c, Row) for c in convs) and [c.location() for c in convs] == [f"org/big[train]:{i}" for i in range(1, 8)]
+    (spill,) = (tmp_path / "cache" / "rows").iterdir()
+    assert [json.loads(line)["messages"][1]["content"] for line in spill.read_text().splitlines()] == answers(convs)
 
 
 def test_missing_hub_dataset_is_one_clear_error(tmp_path: Path, hf_home: Path) -> None:

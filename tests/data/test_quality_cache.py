@@ -8,6 +8,7 @@ import io
 import json
 import random
 
+import numpy as np
 import pytest
 
 from sft.config import load_config
@@ -127,3 +128,28 @@ def test_progress_of_the_quality_stage_has_rate_and_eta():
     lines = out.getvalue().splitlines()
     assert [line.split(" | ")[1] for line in lines] == ["2048/5000 rows", "4096/5000 rows", "5000/5000 rows", "5000/5000 rows"]
     assert all(" rows/s" in line for line in lines) and " | eta " in lines[0] and " | done in " in lines[-1]
+
+
+def test_cached_signatures_give_the_same_band_keys(tmp_path):
+    """The signatures are written to the cache a chunk at a time and read back a chunk at a time
+    (never held whole); the band keys read back equal those computed, at any threshold."""
+    from sft.data.minhash import band_keys
+    from sft.data.overlap import row_signatures
+    from sft.data.types import Conversation, Message
+
+    rng = random.Random(2)
+    rows = [Conversation([Message("user", "q"), Message("assistant", _sentence(rng, 12))], "t.jsonl", i + 1)
+            for i in range(4500)]  # 3 chunks
+    rows[7] = Conversation([Message("user", " "), Message("assistant", "")], "t.jsonl", 8)  # no shingle
+    d = tmp_path / "quality" / "k"
+    made = quality_cache.compute_facts(rows, QualitySettings(), "t.jsonl", d)
+    sig = row_signatures(rows)
+    np.testing.assert_array_equal(np.load(d / "sig.npy"), sig)
+    assert sorted(p.name for p in d.iterdir()) == ["facts.json", "keys.npy", "open_end.npy", "sig.npy", "words.npy"]
+    for threshold in (0.8, 0.5):
+        back = quality_cache.load_facts(d, len(rows), threshold)
+        np.testing.assert_array_equal(back.bands, band_keys(sig, threshold))
+        assert back.bands.shape == (4500, {0.8: 21, 0.5: 42}[threshold])
+    np.testing.assert_array_equal(made.bands, band_keys(sig, 0.8))
+    assert made.live.tolist() == [i != 7 for i in range(4500)]
+    assert quality_cache.load_facts(d, len(rows) + 1, 0.8) is None  # control: another row count is not these facts

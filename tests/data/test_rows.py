@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import gc
 import json
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from sft.config import Config, DataConfig, SourceConfig
 from sft.data.chat import lint
 from sft.data.pipeline import build_dataset, collect_conversations
-from sft.data.rows import Row, materialize
+from sft.data.rows import Row, Spill, materialize
 from sft.data.store import Examples
 from sft.data.types import Conversation
 
@@ -31,27 +34,61 @@ def test_jsonl_rows_are_read_again_exactly(tmp_path):
     data[2]["messages"][2]["content"] = "caf\u00e9 \U0001f600"  # non-ASCII bytes before later rows' offsets
     jsonl, array = tmp_path / "a.jsonl", tmp_path / "a.json"
     jsonl.write_bytes(b"\xef\xbb\xbf" + b"\n".join(json.dumps(r, ensure_ascii=False).encode() for r in data) + b"\r\n\n")
-    array.write_text(json.dumps(data))
+    array.write_text(json.dumps(data, indent=1))
     lazy, _ = collect_conversations(cfg_for(tmp_path, jsonl))
-    parsed, _ = collect_conversations(cfg_for(tmp_path, array))
-    assert all(isinstance(c, Row) for c in lazy) and not any(isinstance(c, Row) for c in parsed)  # control
+    spilled, _ = collect_conversations(cfg_for(tmp_path, array))
+    assert all(isinstance(c, Row) for c in lazy + spilled)
     assert [c.line for c in lazy] == [1, 2, 3, 4, 5]
-    for row, conv in zip(materialize(lazy), parsed):
-        assert type(row) is Conversation
+    assert [c.line for c in spilled] == [2, 19, 36, 53, 70]  # a JSON array's rows: the line each starts on
+    for row, conv in zip(materialize(lazy), materialize(spilled)):
+        assert type(row) is Conversation and type(conv) is Conversation
         assert (row.messages, row.tools, row.is_text, row.category) == (conv.messages, conv.tools, conv.is_text, conv.category)
     assert lazy[2].messages[2].content == "caf\u00e9 \U0001f600" and lazy[2].location() == f"{jsonl}:3"
+    assert spilled[2].messages[2].content == "caf\u00e9 \U0001f600" and spilled[2].location() == f"{array}:36"
     assert lazy[2] == materialize(lazy)[2] and lazy[2] != lazy[3]
 
 
-def test_reading_jsonl_does_not_hold_the_text(tmp_path):
-    """The read rows of a JSONL file hold where they are, not their text; the same rows in a
-    JSON array (parsed conversations) hold it all: the control."""
-    data = rows(400)
-    text = sum(len(m["content"]) for r in data for m in r["messages"])  # ~1 MB of characters
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    (tmp_path / "a.json").write_text(json.dumps(data))
+def _formats(tmp_path, data):
+    """The same rows as JSON Lines, a JSON array, Parquet and CSV (prompt/completion columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def held(name):
+    flat = [{"prompt": r["messages"][1]["content"], "completion": r["messages"][2]["content"]} for r in data]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flat))
+    (tmp_path / "a.json").write_text(json.dumps(flat))
+    pq.write_table(pa.Table.from_pylist(flat), tmp_path / "a.parquet", row_group_size=150)
+    with open(tmp_path / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["prompt", "completion"])
+        w.writeheader()
+        w.writerows(flat)
+    return ["a.jsonl", "a.json", "a.parquet", "a.csv"]
+
+
+def test_every_format_is_held_as_rows_and_read_again_exactly(tmp_path, monkeypatch):
+    data = rows(7)
+    data[3]["messages"][2]["content"] = "two\nlines, \"quoted\", caf\u00e9"  # a multi-line CSV cell
+    names = _formats(tmp_path, data)
+    held = {n: collect_conversations(cfg_for(tmp_path, tmp_path / n))[0] for n in names}
+    monkeypatch.setattr(Spill, "add", lambda self, value: None)  # the control: parsed, as before
+    parsed = {n: collect_conversations(cfg_for(tmp_path, tmp_path / n))[0] for n in names}
+    for n in names:
+        assert all(isinstance(c, Row) for c in held[n]), n
+        assert not any(isinstance(c, Row) for c in parsed[n]) or n == "a.jsonl"
+        assert materialize(held[n]) == parsed[n], n  # messages, file and line alike
+    assert [c.line for c in held["a.csv"]] == [2, 3, 4, 5, 7, 8, 9]  # row 4's cell spans two lines
+    assert [c.line for c in held["a.parquet"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert held["a.csv"][3].messages[1].content == "two\nlines, \"quoted\", caf\u00e9"
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json", "a.parquet", "a.csv"])
+def test_reading_does_not_hold_the_text(tmp_path, monkeypatch, name):
+    """The read rows of every format hold where they are, not their text; with the spill
+    refusing rows (the control) the rows of the formats other than JSONL hold it all."""
+    data = rows(400)
+    text = sum(len(r["messages"][1]["content"]) + len(r["messages"][2]["content"]) for r in data)  # ~0.8 MB
+    _formats(tmp_path, data)
+
+    def held():
         tracemalloc.start()
         convs, _ = collect_conversations(cfg_for(tmp_path, tmp_path / name))
         size = tracemalloc.get_traced_memory()[0]
@@ -59,21 +96,35 @@ def test_reading_jsonl_does_not_hold_the_text(tmp_path):
         assert len(convs) == 400
         return size
 
-    assert held("a.json") > text  # parsed conversations: every character and more
-    assert held("a.jsonl") < text / 5
+    assert held() < text / 5
+    monkeypatch.setattr(Spill, "add", lambda self, value: None)
+    assert (held() > text) == (name != "a.jsonl")
 
 
-def test_dataset_from_jsonl_rows_equals_dataset_from_parsed_rows(tmp_path, smol_tok):
+def test_a_spill_file_goes_with_its_rows(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(rows(3)))
+    convs, _ = collect_conversations(cfg_for(tmp_path, tmp_path / "a.json"))
+    spills = list((tmp_path / "cache" / "rows").iterdir())
+    assert len(spills) == 1 and len(spills[0].read_text().splitlines()) == 3
+    del convs
+    gc.collect()
+    assert list((tmp_path / "cache" / "rows").iterdir()) == []
+
+
+def test_dataset_from_jsonl_rows_equals_dataset_from_parsed_rows(tmp_path, smol_tok, monkeypatch):
     data = rows(40, words=20) + rows(3, words=20)  # 3 exact duplicates
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     (tmp_path / "a.json").write_text(json.dumps(data))
     got = {}
-    for name in ("a.jsonl", "a.json"):
-        ds = build_dataset(cfg_for(tmp_path, tmp_path / name, dedup=True, max_length=64), smol_tok, use_cache=False)
+    for name in ("a.jsonl", "a.json", "parsed"):
+        if name == "parsed":  # the JSON array's rows kept parsed: the reference
+            monkeypatch.setattr(Spill, "add", lambda self, value: None)
+        path = tmp_path / ("a.json" if name == "parsed" else name)
+        ds = build_dataset(cfg_for(tmp_path, path, dedup=True, max_length=64), smol_tok, use_cache=False)
         got[name] = ([(e.input_ids, e.labels, e.line) for e in ds.examples], ds.report.duplicates,
                      ds.report.deduplicated, {k: [(f["line"], f.get("why")) for f in v] for k, v in ds.quality.items()})
     assert got["a.jsonl"][1:3] == (3, 3)
-    assert got["a.jsonl"] == got["a.json"]
+    assert got["a.jsonl"] == got["a.json"] == got["parsed"]
 
 
 def test_lint_scan_of_a_store_equals_the_lint_of_its_examples(tmp_path, smol_tok):

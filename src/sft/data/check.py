@@ -4,7 +4,10 @@ report as text, and examples with trained tokens marked. Pure functions on lists
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from sft.data.types import IGNORE
 
@@ -12,7 +15,7 @@ GREEN, DIM, RESET = "\033[1;32m", "\033[2m", "\033[0m"
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
-def percentiles(values: list[int], ps: tuple[int, ...] = PERCENTILES) -> dict[str, int]:
+def percentiles(values: Sequence[int] | np.ndarray, ps: tuple[int, ...] = PERCENTILES) -> dict[str, int]:
     """Nearest-rank percentiles.
 
     >>> percentiles([5, 1, 4, 2, 3], (50, 100))
@@ -20,26 +23,25 @@ def percentiles(values: list[int], ps: tuple[int, ...] = PERCENTILES) -> dict[st
     >>> percentiles([], (50,))
     {'p50': 0}
     """
-    s = sorted(values)
-    if not s:
+    s = np.sort(np.asarray(values, dtype=np.int64))
+    if not len(s):
         return {f"p{p}": 0 for p in ps}
-    return {f"p{p}": s[max(0, math.ceil(p / 100 * len(s)) - 1)] for p in ps}
+    return {f"p{p}": int(s[max(0, math.ceil(p / 100 * len(s)) - 1)]) for p in ps}
 
 
-def histogram(values: list[int], bins: int = 8, width: int = 40, limit: int | None = None) -> list[str]:
+def histogram(values: Sequence[int] | np.ndarray, bins: int = 8, width: int = 40, limit: int | None = None) -> list[str]:
     """A text histogram, one line per equal-width bin; ``limit`` (max_length) is marked.
 
     >>> for line in histogram([1, 2, 2, 3, 9], bins=2, width=4): print(line)
          1-5     |#### 4
          6-10    |#    1
     """
-    if not values:
+    arr = np.asarray(values, dtype=np.int64)
+    if not len(arr):
         return ["(no examples)"]
-    lo, hi = min(values), max(values)
+    lo, hi = int(arr.min()), int(arr.max())
     step = max(1, math.ceil((hi - lo + 1) / bins))
-    counts = [0] * bins
-    for v in values:
-        counts[min(bins - 1, (v - lo) // step)] += 1
+    counts = np.bincount(np.minimum(bins - 1, (arr - lo) // step), minlength=bins).tolist()
     while counts and counts[-1] == 0:
         counts.pop()
     top = max(counts)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+import numpy as np
 
 from sft.config import Config
 from sft.data.batching import plan_steps
@@ -32,11 +35,11 @@ def _tokenizer(cfg: Config) -> Any:
     return load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
 
 
-def _packing(lengths: list[int], cfg: Config) -> tuple[int, float | None]:
+def _packing(lengths: Sequence[int] | np.ndarray, cfg: Config) -> tuple[int, float | None]:
     """(sequences the trainer will see, packing efficiency or None without packing)."""
     from sft.data.packing import best_fit_decreasing, packing_efficiency
 
-    if not cfg.data.packing or not lengths:
+    if not cfg.data.packing or not len(lengths):
         return len(lengths), None
     bins = best_fit_decreasing(lengths, cfg.data.max_length)
     return len(bins), packing_efficiency(lengths, bins, cfg.data.max_length)

@@ -16,8 +16,9 @@ it):
   that is the same for every row. Two rows agree in a bin with probability equal to the Jaccard
   similarity of their n-gram sets, as with ``NUM_PERM`` independent permutations, at the cost of
   one hash per n-gram instead of ``NUM_PERM``.
-- ``lsh_pairs``: the signature cut into bands; rows whose band values are equal in any band are
-  candidate pairs (sort per band, no Python dict of sets).
+- ``band_keys``, ``band_pairs``, ``lsh_pairs``: the signature cut into bands, one 64-bit key per
+  band; rows whose keys are equal in any band are candidate pairs (sort per band, no Python dict
+  of sets).
 """
 
 from __future__ import annotations
@@ -200,25 +201,38 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM, recall: float = 0.99)
     return best
 
 
-def lsh_pairs(sig: np.ndarray, threshold: float, max_candidates: int = MAX_CANDIDATES) -> np.ndarray:
-    """Candidate pairs int64 [P, 2] (later row, earlier row), sorted, of rows whose signatures are
-    equal in some band of ``lsh_params(threshold)``; in a bucket each row is paired with its first
-    ``max_candidates`` rows. Rows whose signature is all ``EMPTY`` take no part.
+def band_keys(sig: np.ndarray, threshold: float) -> np.ndarray:
+    """One 64-bit key per band of ``lsh_params(threshold)`` for each signature, uint64 [rows, bands]:
+    what the LSH compares (168 bytes a row at 0.8 instead of the signature's 512, so a million rows'
+    keys are held, not their signatures).
 
-    >>> s = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [7, 7, 3, 4], [EMPTY] * 4, [EMPTY] * 4], dtype=np.uint32)
-    >>> lsh_pairs(s, 0.5).tolist()  # 2 bands of 2 at this size
-    [[1, 0], [2, 0]]
+    >>> band_keys(np.array([[1, 2, 3, 4], [1, 2, 9, 9]], dtype=np.uint32), 0.5).shape
+    (2, 2)
     """
     n, num_perm = sig.shape
     bands, width = lsh_params(threshold, num_perm)
-    live = np.flatnonzero(sig[:, 0] != EMPTY)  # densified: a row with n-grams fills every bin
-    codes = np.zeros(0, dtype=np.int64)  # later * n + earlier
-    for b in range(bands):
-        cols = sig[live, b * width : (b + 1) * width].astype(np.uint64)
-        key = np.zeros(len(live), dtype=np.uint64)
-        with np.errstate(over="ignore"):
+    out = np.empty((n, bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for b in range(bands):
+            cols = sig[:, b * width : (b + 1) * width].astype(np.uint64)
+            key = np.zeros(n, dtype=np.uint64)
             for k in range(width):
                 key = _fmix(key * np.uint64(0x9E3779B97F4A7C15) + cols[:, k])
+            out[:, b] = key
+    return out
+
+
+def band_pairs(keys: np.ndarray, max_candidates: int = MAX_CANDIDATES) -> np.ndarray:
+    """Candidate pairs int64 [P, 2] (later row, earlier row), sorted, of rows whose ``band_keys``
+    are equal in some band; in a bucket each row is paired with its first ``max_candidates`` rows.
+
+    >>> band_pairs(np.array([[5, 1], [5, 2], [6, 2]], dtype=np.uint64)).tolist()
+    [[1, 0], [2, 1]]
+    """
+    n = len(keys)
+    codes = np.zeros(0, dtype=np.int64)  # later * n + earlier
+    for b in range(keys.shape[1] if keys.ndim == 2 else 0):
+        key = np.ascontiguousarray(keys[:, b])
         order = np.argsort(key, kind="stable")  # a bucket's rows together, in reading order
         k_sorted = key[order]
         run_start = np.flatnonzero(np.r_[True, k_sorted[1:] != k_sorted[:-1]])
@@ -231,5 +245,19 @@ def lsh_pairs(sig: np.ndarray, threshold: float, max_candidates: int = MAX_CANDI
         later = np.repeat(np.arange(len(order)), reps)
         k = np.arange(total) - np.repeat(np.cumsum(reps) - reps, reps)
         earlier = np.repeat(np.repeat(run_start, run_len), reps) + k
-        codes = np.union1d(codes, live[order[later]] * n + live[order[earlier]])
+        codes = np.union1d(codes, order[later] * n + order[earlier])
     return np.stack([codes // max(n, 1), codes % max(n, 1)], axis=1)
+
+
+def lsh_pairs(sig: np.ndarray, threshold: float, max_candidates: int = MAX_CANDIDATES) -> np.ndarray:
+    """Candidate pairs int64 [P, 2] (later row, earlier row), sorted, of rows whose signatures are
+    equal in some band of ``lsh_params(threshold)`` (``band_keys``, ``band_pairs``). Rows whose
+    signature is all ``EMPTY`` take no part.
+
+    >>> s = np.array([[1, 2, 3, 4], [1, 2, 9, 9], [7, 7, 3, 4], [EMPTY] * 4, [EMPTY] * 4], dtype=np.uint32)
+    >>> lsh_pairs(s, 0.5).tolist()  # 2 bands of 2 at this size
+    [[1, 0], [2, 0]]
+    """
+    live = np.flatnonzero(sig[:, 0] != EMPTY)  # densified: a row with n-grams fills every bin
+    pairs = band_pairs(band_keys(sig[live], threshold), max_candidates)
+    return live[pairs].reshape(-1, 2)

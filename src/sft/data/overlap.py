@@ -3,7 +3,8 @@
 ``sft.data.split``.
 
 Rows are hashed ``CHUNK`` at a time with ``sft.data.minhash`` (numpy over all texts of a chunk,
-no Python per word), so memory is bounded by a chunk plus the [rows, 128] uint32 signatures.
+no Python per word), so memory is bounded by a chunk plus the LSH's band keys (``minhash.band_keys``:
+[rows, 21] uint64 at the default threshold).
 Pure functions on lists and arrays.
 """
 
@@ -17,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from sft.data.minhash import EMPTY, NUM_PERM, gram_hashes, lsh_pairs, signatures, word_hashes
+from sft.data.minhash import (
+    EMPTY,
+    NUM_PERM,
+    band_keys,
+    band_pairs,
+    gram_hashes,
+    lsh_params,
+    signatures,
+    word_hashes,
+)
 from sft.data.types import Conversation
 
 NEAR_DUPLICATE_THRESHOLD = 0.8  # the default of data.quality.near_duplicate_threshold
@@ -128,12 +138,12 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union else 0.0
 
 
-def similar_pairs(convs: list[Conversation], sig: np.ndarray, threshold: float,
+def similar_pairs(convs: list[Conversation], bands: np.ndarray, threshold: float,
                   first_only: bool = True) -> list[tuple[int, int, float]]:
-    """(later row, earlier row, exact Jaccard) of the LSH candidate pairs of ``sig`` whose
-    shingle sets are at least ``threshold`` similar, in order; ``first_only``: only the earliest
-    such row for each later row."""
-    pairs = lsh_pairs(sig, threshold)
+    """(later row, earlier row, exact Jaccard) of the LSH candidate pairs of ``bands`` (the rows'
+    ``minhash.band_keys`` at ``threshold``) whose shingle sets are at least ``threshold`` similar,
+    in order; ``first_only``: only the earliest such row for each later row."""
+    pairs = band_pairs(bands)
     if not len(pairs):
         return []
     involved = np.unique(pairs)
@@ -150,23 +160,37 @@ def similar_pairs(convs: list[Conversation], sig: np.ndarray, threshold: float,
     return out
 
 
+def row_bands(convs: list[Conversation], threshold: float, tick: Tick | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(``minhash.band_keys`` at ``threshold``, whether the row has any shingle) of each row,
+    from its signature ``CHUNK`` rows at a time (no [rows, 128] array is held)."""
+    bands = np.empty((len(convs), lsh_params(threshold)[0]), dtype=np.uint64)
+    live = np.zeros(len(convs), dtype=bool)
+    for a, b in _chunks(len(convs)):
+        sig = row_signatures(convs[a:b])
+        bands[a:b], live[a:b] = band_keys(sig, threshold), sig[:, 0] != EMPTY
+        if tick:
+            tick(b - a)
+    return bands, live
+
+
 def near_duplicates(convs: list[Conversation], threshold: float = NEAR_DUPLICATE_THRESHOLD,
-                    sig: np.ndarray | None = None, keys: np.ndarray | None = None,
+                    bands: np.ndarray | None = None, live: np.ndarray | None = None, keys: np.ndarray | None = None,
                     tick: Tick | None = None) -> list[dict[str, Any]]:
     """Rows whose shingle sets are at least ``threshold`` similar to an earlier row's, pointing at
-    the earliest such row; exact repeats (``exact_keys``) with similarity 1.0. ``sig``/``keys``:
-    ``row_signatures``/``exact_keys`` of ``convs`` when already computed (cached per source)."""
+    the earliest such row; exact repeats (``exact_keys``) with similarity 1.0. ``bands``/``live``/
+    ``keys``: ``row_bands``/``exact_keys`` of ``convs`` when already computed (cached per source)."""
     keys = exact_keys(convs) if keys is None else keys
     _, first_idx, inverse = np.unique(keys, return_index=True, return_inverse=True)
     first = first_idx[inverse.reshape(-1)]
     out: dict[int, dict[str, Any]] = {}
     for i in np.flatnonzero(first != np.arange(len(convs))).tolist():  # exact repeats: not searched
         out[i] = {**loc(convs[i]), "duplicate_of": loc(convs[int(first[i])]), "similarity": 1.0}
-    sig = row_signatures(convs, tick) if sig is None else sig
-    searched = np.flatnonzero((first == np.arange(len(convs))) & (sig[:, 0] != EMPTY))
+    if bands is None or live is None:
+        bands, live = row_bands(convs, threshold, tick)
+    searched = np.flatnonzero((first == np.arange(len(convs))) & live)
     rows = [convs[i] for i in searched.tolist()]
-    every = len(searched) == len(convs)  # then no copy of the signatures (512 MB at a million rows)
-    for later, earlier, sim in similar_pairs(rows, sig if every else sig[searched], threshold):
+    every = len(searched) == len(convs)  # then no copy of the band keys (168 MB at a million rows)
+    for later, earlier, sim in similar_pairs(rows, bands if every else bands[searched], threshold):
         i, j = int(searched[later]), int(searched[earlier])
         out[i] = {**loc(convs[i]), "duplicate_of": loc(convs[j]), "similarity": round(sim, 4)}
     return [out[i] for i in sorted(out)]

@@ -62,7 +62,7 @@ def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> l
     return bins
 
 
-def packing_efficiency(lengths: list[int], bins: list[list[int]], capacity: int) -> float:
+def packing_efficiency(lengths: Sequence[int] | np.ndarray, bins: list[list[int]], capacity: int) -> float:
     """Fraction of the bins' token slots that hold real tokens (1.0 = no padding at all).
 
     >>> packing_efficiency([5, 2, 3, 1], [[0, 3], [2, 1]], capacity=6)
@@ -70,4 +70,4 @@ def packing_efficiency(lengths: list[int], bins: list[list[int]], capacity: int)
     """
     if not bins:
         return 0.0
-    return sum(lengths[i] for b in bins for i in b) / (len(bins) * capacity)
+    return int(sum(lengths[i] for b in bins for i in b)) / (len(bins) * capacity)

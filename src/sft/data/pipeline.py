@@ -29,9 +29,10 @@ from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD
 from sft.data.picks import Raw, count_examples, load_cache, save_cache, select_examples
 from sft.data.progress import Progress
 from sft.data.report import MAX_LISTED, DataReport, Dataset, SourceStats
-from sft.data.rows import Row, RowReader, row_reader
+from sft.data.rows import Row, RowReader, Spill, row_reader
 from sft.data.sources import mix_counts, sample_rows
 from sft.data.split import Holdout, hold_out_rows
+from sft.data.store import Examples, return_freed_memory
 from sft.data.types import IGNORE, Conversation, Example
 from sft.errors import SftError
 
@@ -58,9 +59,11 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> tuple[li
     formats: list[str] = []
     mapping = hub.column_mapping(src)
     progress = Progress(f"read {stats.name}", None)  # rows stream in: no total, no ETA
+    spill: Spill | None = None  # rows not re-readable where they are go here (sft.data.rows)
     for file, records in hub.iter_source(src, path):  # files, Arrow shards, or a `datasets` split
         fmt: str | None = None if forced == "auto" else forced
         reader: RowReader | None = None
+        spilled: RowReader | None = None
         for rec in records:
             if src.limit is not None and len(out) >= src.limit:
                 break
@@ -88,11 +91,20 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> tuple[li
                 if reader is None:
                     reader = row_reader(str(file), fmt, mapping, cfg.data.system, src.metric, src.category)
                 conv = Row(conv, rec.offset, reader)
+            elif fmt is not None:  # any other row: kept in the spill file
+                spill = spill or Spill(cache_dir(cfg) / "rows")
+                at = spill.add(rec.value)
+                if at is not None:
+                    if spilled is None:
+                        spilled = row_reader(str(file), fmt, mapping, cfg.data.system, src.metric, src.category, spill)
+                    conv = Row(conv, at, spilled)
             out.append(conv)
         if (fmt or forced) not in formats:
             formats.append(fmt or forced)
     stats.format = "+".join(formats)
     progress.close()
+    if spill is not None:
+        spill.close()
     return out, np.frombuffer(bytes(keys), dtype=np.uint64).reshape(-1, 2)
 
 
@@ -358,29 +370,19 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation], raw: Raw | None = None,
-                  root: Path | None = None) -> None:
+def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation], raw: Raw, root: Path | None = None) -> None:
     """Find the quality problems of the train split (``sft.data.quality``; per-source parts cached
     under ``root``, ``sft.data.quality_cache``), count them in the report and remove the rows of
-    the kinds in ``data.quality.drop`` from ``ds.examples``."""
-    from collections import Counter
-
-    import numpy as np
-
+    the kinds in ``data.quality.drop`` from ``ds.examples``. What it needs per row (trained tokens,
+    cut at max_length) comes from the stores as arrays indexed by (source, row)."""
     from sft.data import quality, quality_cache
 
     q = cfg.data.quality
     evals = collect_conversations(cfg, "eval")[0] if (cfg.eval.data or cfg.eval.split) else []
-    times = Counter((c.source, c.line) for c in convs)  # weight samples rows with replacement
     ex = ds.examples
-    keys = list(zip(ex.file_labels(), ex.per_example("line").tolist()))
-    trained: Counter[tuple[str, int]] = Counter()
-    for key, n in zip(keys, ex.trained_counts().tolist()):
-        trained[key] += n
-    lengths = {k: n // times[k] for k, n in trained.items() if times[k]}
-    cut = {key for key, t in zip(keys, ex.per_example("truncated").tolist()) if t}
+    tokens, cut = row_columns(ex, [len(rows) for _, rows in raw])
     settings = quality.QualitySettings(q.near_duplicate_threshold, tuple(q.boilerplate))
-    ds.quality = quality_cache.find_problems_cached(cfg, convs, evals, settings, lengths, cut, raw, root)
+    ds.quality = quality_cache.find_problems_cached(cfg, convs, evals, settings, raw, root, tokens, cut)
     r = ds.report
     r.quality_counts = quality.counts(ds.quality)
     drop = quality.rows_to_drop(ds.quality, q.drop)
@@ -389,8 +391,23 @@ def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation], raw: Raw 
     r.quality_dropped = {k: 0 for k in q.drop}
     for kind in drop.values():
         r.quality_dropped[kind] += 1
-    ds.examples = ex.keep(np.asarray([key not in drop for key in keys], dtype=bool))
+    files, lines = ex.file_labels(), ex.per_example("line").tolist()
+    ds.examples = ex.keep(np.fromiter(((f, n) not in drop for f, n in zip(files, lines)), dtype=bool, count=len(ex)))
     count_examples(r, ds.examples)
+
+
+def row_columns(ex: Examples, rows: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per row of each store (``rows[k]`` rows in store k): the trained tokens of its examples in
+    ``ex`` (int64, -1: no example; a row used twice by ``weight`` counts once) and whether one of
+    them was cut at data.max_length (bool)."""
+    tokens, cut = [], []
+    for k, store in enumerate(ex.stores):
+        uniq = np.unique(ex.positions[ex.which == k])  # each example of the store in the split, once
+        row = store.column("row")[uniq]
+        n = np.bincount(row, weights=store.trained_counts()[uniq], minlength=rows[k]).astype(np.int64)
+        tokens.append(np.where(np.bincount(row, minlength=rows[k]) > 0, n, -1))
+        cut.append(np.bincount(row, weights=store.column("truncated")[uniq], minlength=rows[k]) > 0)
+    return tokens, cut
 
 
 def _say_dropped(report: DataReport, strict: bool) -> None:
@@ -432,6 +449,7 @@ def build_dataset(
     ds = Dataset(examples, report, template)
     if split == "train":
         apply_quality(cfg, ds, convs, raw, root if cacheable else None)  # never cache what must be fixed
+        return_freed_memory()  # what the quality stage freed: the lint pass and training come next
         _say_dropped(report, strict)
         try:
             ds.lint = chat.lint(tokenizer, template, ds.examples)

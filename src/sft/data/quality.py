@@ -36,15 +36,14 @@ pair, the training row of a contaminated pair, the row itself for the others.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from sft.data.minhash import NUM_PERM
+from sft.data.minhash import EMPTY, band_keys, lsh_params
 from sft.data.overlap import (
     CHUNK,
     NEAR_DUPLICATE_THRESHOLD,
@@ -287,29 +286,31 @@ def reply_words(conv: Conversation) -> int:
     return sum(len(m.content.split()) for _, m in trained_replies(conv))
 
 
-def length_outliers(convs: list[Conversation], lengths: dict[Loc, int] | None = None,
-                    z: float = OUTLIER_Z, words: list[int] | None = None) -> list[dict[str, Any]]:
-    """Rows whose trained tokens (``lengths``; words of trained replies without it, ``words`` when
-    already counted) are far from the others' on a log scale."""
-    rows, values = [], []
-    for i, conv in enumerate(convs):
-        if lengths is not None:
-            n = lengths.get((conv.source, conv.line))
-            if n is None:  # dropped from training already (too long, nothing to train)
-                continue
-        else:
-            n = words[i] if words is not None else reply_words(conv)
-        rows.append((conv, n))
-        values.append(math.log(max(n, 1)))
-    if len(rows) < OUTLIER_MIN_ROWS:
+def length_outliers(convs: list[Conversation], lengths: dict[Loc, int] | np.ndarray | None = None,
+                    z: float = OUTLIER_Z, words: list[int] | np.ndarray | None = None,
+                    among: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Rows whose trained tokens (``lengths``: by (file, line), or int64 [n] per row with -1 for a
+    row not trained; words of trained replies without it, ``words`` when already counted) are
+    far from the others' on a log scale. ``among``: the indices of the rows to consider (all)."""
+    idx = np.arange(len(convs)) if among is None else np.asarray(among, dtype=np.int64)
+    if lengths is not None:
+        n_tok = lengths if isinstance(lengths, np.ndarray) else _per_row(convs, lengths, -1, np.int64)
+        values = np.asarray(n_tok, dtype=np.int64)[idx]
+        idx, values = idx[values >= 0], values[values >= 0]  # dropped from training already (too long, nothing to train)
+    elif words is not None:
+        values = np.asarray(words, dtype=np.int64)[idx]
+    else:
+        values = np.array([reply_words(convs[i]) for i in idx.tolist()], dtype=np.int64)
+    if len(idx) < OUTLIER_MIN_ROWS:
         return []
     unit = "trained tokens" if lengths is not None else "words in trained replies"
-    median = sorted(n for _, n in rows)[len(rows) // 2]
+    median = int(np.sort(values)[len(values) // 2])
+    scores = np.asarray(robust_z(np.log(np.maximum(values, 1)).tolist()))
     out = []
-    for (conv, n), score in zip(rows, robust_z(values)):
-        if abs(score) > z:
-            side = "long" if score > 0 else "short"
-            out.append({**loc(conv), "why": f"{n} {unit}, robust z {score:+.1f} (median {median}): too {side}"})
+    for k in np.flatnonzero(np.abs(scores) > z).tolist():
+        score, n = float(scores[k]), int(values[k])
+        side = "long" if score > 0 else "short"
+        out.append({**loc(convs[int(idx[k])]), "why": f"{n} {unit}, robust z {score:+.1f} (median {median}): too {side}"})
     return out
 
 
@@ -333,12 +334,13 @@ class QualitySettings:
 @dataclass
 class RowFacts:
     """What the quality analysis needs of each row, computed once per row (and cached per source,
-    ``sft.data.quality_cache``): the exact-repeat key, the MinHash signature, the reasons of the
-    row checks (``truncated`` without the max_length cut), whether the last reply ends open, and
-    the words of the trained replies."""
+    ``sft.data.quality_cache``): the exact-repeat key, the LSH band keys of its MinHash signature
+    and whether it has any shingle, the reasons of the row checks (``truncated`` without the
+    max_length cut), whether the last reply ends open, and the words of the trained replies."""
 
     keys: np.ndarray  # uint64 [n] (overlap.exact_keys)
-    sig: np.ndarray  # uint32 [n, NUM_PERM] (overlap.row_signatures)
+    bands: np.ndarray  # uint64 [n, bands] (minhash.band_keys at the near-duplicate threshold)
+    live: np.ndarray  # bool [n]: the row has a shingle (its signature is not all EMPTY)
     empty: list[str | None]
     truncated: list[str | None]
     boilerplate: list[str | None]
@@ -347,24 +349,27 @@ class RowFacts:
 
     def take(self, idx: np.ndarray) -> RowFacts:
         pick = idx.tolist()
-        return RowFacts(self.keys[idx], self.sig[idx], [self.empty[i] for i in pick], [self.truncated[i] for i in pick],
-                        [self.boilerplate[i] for i in pick], self.open_end[idx], self.words[idx])
+        return RowFacts(self.keys[idx], self.bands[idx], self.live[idx], [self.empty[i] for i in pick],
+                        [self.truncated[i] for i in pick], [self.boilerplate[i] for i in pick], self.open_end[idx],
+                        self.words[idx])
 
 
 def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | None = None,
-              sig: np.ndarray | None = None) -> RowFacts:
+              sig_out: BinaryIO | None = None) -> RowFacts:
     """``RowFacts`` of ``rows``, in order, ``CHUNK`` rows at a time (``tick``: told after each).
-    ``sig``: where to write the signatures (uint32 [len(rows), NUM_PERM]; e.g. a slice of the
-    array of every source: the signatures of a million rows are 512 MB, held once)."""
+    ``sig_out``: a file the signatures (uint32 [len(rows), NUM_PERM], C order) are written to, a
+    chunk at a time (the cache keeps them; a million rows' signatures are 512 MB, never held)."""
     from sft.data.refusals import REFUSAL_PHRASES
     from sft.data.rows import materialize
 
     phrases = settings.phrases()
+    threshold = settings.near_duplicate_threshold
     empty: list[str | None] = []
     truncated: list[str | None] = []
     boiler: list[str | None] = []
     keys = np.zeros(len(rows), np.uint64)
-    sig = np.empty((len(rows), NUM_PERM), np.uint32) if sig is None else sig
+    bands = np.empty((len(rows), lsh_params(threshold)[0]), np.uint64)
+    live = np.zeros(len(rows), dtype=bool)
     open_end, words = [], []
     for a in range(0, len(rows), CHUNK):
         chunk = materialize(rows[a : a + CHUNK])  # rows of a JSONL file: parsed again, a chunk at a time
@@ -376,10 +381,14 @@ def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | 
             truncated.append(None if text else truncation_reason(conv))
             boiler.append(None if text else boilerplate_reason(conv, phrases, REFUSAL_PHRASES))
         keys[a : a + len(chunk)] = exact_keys(chunk)
-        sig[a : a + len(chunk)] = row_signatures(chunk)
+        sig = row_signatures(chunk)
+        bands[a : a + len(chunk)] = band_keys(sig, threshold)
+        live[a : a + len(chunk)] = sig[:, 0] != EMPTY
+        if sig_out is not None:
+            sig_out.write(np.ascontiguousarray(sig, dtype="<u4").tobytes())
         if tick:
             tick(len(chunk))
-    return RowFacts(keys, sig, empty, truncated, boiler,
+    return RowFacts(keys, bands, live, empty, truncated, boiler,
                     np.array(open_end, dtype=bool), np.array(words, dtype=np.int64))
 
 
@@ -387,49 +396,78 @@ def find_problems(
     train: list[Conversation],
     eval_convs: list[Conversation] | None = None,
     settings: QualitySettings | None = None,
-    lengths: dict[Loc, int] | None = None,
-    cut: set[Loc] | None = None,
+    lengths: dict[Loc, int] | np.ndarray | None = None,
+    cut: set[Loc] | np.ndarray | None = None,
     facts: RowFacts | None = None,
     contaminated: dict[tuple[int, int], float] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every finding of every kind, keyed by ``KINDS``.
 
-    ``lengths``: trained tokens per (file, line); ``cut``: rows truncated at data.max_length;
-    ``facts``: ``row_facts`` of ``unique_rows(train)`` and ``contaminated``: ``overlaps`` of the
-    unique eval rows against them, when already known (``sft.data.quality_cache``).
+    ``lengths``: trained tokens per (file, line), or per row of ``unique_rows(train)`` as int64 [n]
+    (-1: not trained); ``cut``: rows truncated at data.max_length, as a set of (file, line) or
+    bool [n]. ``facts``: ``row_facts`` of ``train``, which is then already ``unique_rows`` (the
+    caller made it so), and ``contaminated``: ``overlaps`` of the unique eval rows against them,
+    when already known (``sft.data.quality_cache``).
     """
     settings = settings or QualitySettings()
-    rows = unique_rows(train)
+    rows = train if facts is not None else unique_rows(train)
     facts = facts or row_facts(rows, settings)
     found: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold, facts.sig, facts.keys)
+    found["near_duplicates"] = near_duplicates(rows, settings.near_duplicate_threshold, facts.bands, facts.live,
+                                                facts.keys)
     if eval_convs:
         evals = unique_rows(eval_convs)
         pairs = overlaps(evals, rows) if contaminated is None else contaminated
         found["contamination"] = worst_contamination(evals, rows, pairs)
-    cut = cut or set()
-    tails = [n for n in (lengths or {}).values()]
-    limit = max(tails) if tails else None
-    at_limit = {k for k, v in (lengths or {}).items() if v == limit} if limit is not None else set()
-    for i, conv in enumerate(rows):
-        where = (conv.source, conv.line)
+    n_tok = _per_row(rows, lengths, -1, np.int64) if lengths is not None else None
+    cut_at = _per_row(rows, cut, False, bool) if cut is not None else np.zeros(len(rows), bool)
+    limit = int(n_tok.max()) if n_tok is not None and (n_tok >= 0).any() else None
+    at_limit = (n_tok == limit) if n_tok is not None and limit is not None else np.zeros(len(rows), bool)
+    n_at_limit = int(at_limit.sum())
+    flagged = np.flatnonzero(cut_at | (at_limit & facts.open_end) | _flagged(facts, len(rows)))
+    for i in flagged.tolist():  # the rows with a finding of these kinds: few, in reading order
+        conv = rows[i]
         if conv.is_text:
             continue
         why = facts.empty[i]
         if why:
             found["empty_responses"].append({**loc(conv), "why": why})
             continue  # an empty reply is not also cut off or boilerplate
-        why = "cut at data.max_length: the example is longer" if where in cut else facts.truncated[i]
-        if why is None and len(at_limit) >= 3 and where in at_limit and facts.open_end[i]:
-            why = f"stops at {limit} trained tokens like {len(at_limit) - 1} other rows (the longest): a length limit"
+        why = "cut at data.max_length: the example is longer" if cut_at[i] else facts.truncated[i]
+        if why is None and n_at_limit >= 3 and at_limit[i] and facts.open_end[i]:
+            why = f"stops at {limit} trained tokens like {n_at_limit - 1} other rows (the longest): a length limit"
         if why:
             found["truncated_responses"].append({**loc(conv), "why": why})
         why = facts.boilerplate[i]
         if why:
             found["boilerplate"].append({**loc(conv), "why": why})
-    kept = [i for i, why in enumerate(facts.empty) if not why]  # empty rows are short by definition: said once
-    found["length_outliers"] = length_outliers([rows[i] for i in kept], lengths, words=facts.words[kept].tolist())
+    kept = np.flatnonzero(~_flagged_empty(facts, len(rows)))  # empty rows are short by definition: said once
+    found["length_outliers"] = length_outliers(rows, n_tok, words=facts.words, among=kept)
     return found
+
+
+def _per_row(rows: list[Conversation], values: dict[Loc, Any] | set[Loc] | np.ndarray, missing: Any,
+             dtype: Any) -> np.ndarray:
+    """``values`` per row of ``rows``: an array as it is, a dict or set looked up by (file, line)."""
+    if isinstance(values, np.ndarray):
+        return values.astype(dtype, copy=False)
+    if isinstance(values, set):
+        return np.array([(c.source, c.line) in values for c in rows], dtype=dtype)
+    return np.array([values.get((c.source, c.line), missing) for c in rows], dtype=dtype)
+
+
+def _flagged(facts: RowFacts, n: int) -> np.ndarray:
+    """bool [n]: rows with an empty, truncated or boilerplate reason."""
+    out = _flagged_empty(facts, n)
+    for reasons in (facts.truncated, facts.boilerplate):
+        out[[i for i, why in enumerate(reasons) if why]] = True
+    return out
+
+
+def _flagged_empty(facts: RowFacts, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[[i for i, why in enumerate(facts.empty) if why]] = True
+    return out
 
 
 def rows_to_drop(found: dict[str, list[dict[str, Any]]], kinds: Iterable[str]) -> dict[Loc, str]:

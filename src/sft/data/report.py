@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from sft.data.store import Examples
 
@@ -44,7 +46,8 @@ class DataReport:
     truncated: int = 0
     total_tokens: int = 0
     trained_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)  # tokens per kept example, input order
+    # tokens per kept example, input order: int64 [examples] (a list where built from a list of examples)
+    lengths: np.ndarray | list[int] = field(default_factory=list)
     sources: list[SourceStats] = field(default_factory=list)
     quality_counts: dict[str, int] = field(default_factory=dict)  # findings per kind (sft.data.quality)
     quality_dropped: dict[str, int] = field(default_factory=dict)  # rows removed per kind (data.quality.drop)
@@ -63,7 +66,7 @@ class DataReport:
         return [f"{p['file']}:{p['line']}: {p['error']}" for p in self.invalid]
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = asdict(replace(self, lengths=[]))  # not a deep copy of a million lengths
         out.pop("lengths")
         out["trained_token_fraction"] = round(self.trained_token_fraction, 6)
         return out

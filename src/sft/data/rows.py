@@ -6,8 +6,12 @@ at 100k rows), and the cold data path held them all from reading to the quality 
 ``is_text``, category) in ~150 bytes; its messages are parsed again from the file when asked, and
 ``materialize`` parses a chunk of rows with one open per file. The stages that read text (the
 tokenizing workers, the quality facts, near-duplicate candidates) do it a chunk at a time, so the
-memory of the cold path does not grow with the rows' text. Rows of other formats (JSON arrays,
-Parquet, CSV, hub datasets) stay parsed conversations.
+memory of the cold path does not grow with the rows' text. Rows that cannot be re-read where they
+are (JSON arrays, CSV, Parquet, ``datasets`` and hub sources, streaming included) are written as
+they are read into a ``Spill``: a temporary JSON Lines file of the source's raw rows (in
+``<cache_dir>/rows/``, removed when its rows are dropped or the process ends); they are then held
+as a ``Row`` into it, with their own file and line. A row whose value is not JSON (bytes, dates
+in a Parquet column) stays a parsed conversation.
 
 A ``Row`` is a ``Conversation`` (same attributes, same ``location()``): code written for
 conversations reads it unchanged, and gets the same values as from the parsed row.
@@ -15,11 +19,15 @@ conversations reads it unchanged, and gets the same values as from the parsed ro
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from sft.data.types import Conversation, Message  # noqa: F401 (Message: the doctest)
 from sft.errors import SftError
@@ -35,6 +43,8 @@ class RowReader:
     system: str | None
     metric: str | None
     category: str | None  # the source's category (a row's own wins)
+    label: str = ""  # the file the rows came from, when ``path`` is a Spill ("" : ``path`` itself)
+    spill: Spill | None = field(default=None, compare=False, repr=False)  # kept alive while its rows are
 
     def parse(self, value: Any, line: int) -> tuple[Conversation | None, list[str]]:
         """The conversation of a row's JSON ``value`` (as read at ``line``), or its problems."""
@@ -46,7 +56,7 @@ class RowReader:
             return None, problems
         conv, problems = parse_row(value, self.fmt, self.system)
         if conv is not None:
-            conv.source, conv.line, conv.metric = self.path, line, self.metric
+            conv.source, conv.line, conv.metric = self.label or self.path, line, self.metric
             conv.category = conv.category or self.category
         return conv, problems
 
@@ -115,6 +125,52 @@ def materialize(convs: Sequence[Conversation]) -> list[Conversation]:
 
 
 def row_reader(path: str, fmt: str, mapping: dict[str, str], system: str | None, metric: str | None,
-               category: str | None) -> RowReader:
-    """The reader of one file (mapping kept as sorted pairs: the reader is hashable)."""
-    return RowReader(str(Path(path)), fmt, tuple(sorted(mapping.items())), system, metric, category)
+               category: str | None, spill: Spill | None = None) -> RowReader:
+    """The reader of one file (mapping kept as sorted pairs: the reader is hashable); with
+    ``spill``, of that file's rows written into it."""
+    if spill is None:
+        return RowReader(str(Path(path)), fmt, tuple(sorted(mapping.items())), system, metric, category)
+    return RowReader(spill.path, fmt, tuple(sorted(mapping.items())), system, metric, category, str(path), spill)
+
+
+class Spill:
+    """A temporary JSON Lines file of raw rows (see the module docstring), removed when this object
+    is dropped (every ``Row`` into it holds it through its reader) or at exit.
+
+    >>> import tempfile
+    >>> s = Spill(Path(tempfile.mkdtemp()))
+    >>> s.add({"text": "héllo"}), s.add({"text": "x"}), s.add({"b": b"bytes"})
+    (0, 23, None)
+    >>> s.close(); print(Path(s.path).read_text(), end="")
+    {"text": "h\\u00e9llo"}
+    {"text": "x"}
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix="rows-", suffix=".jsonl", dir=directory)
+        self.file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.offset = 0
+        weakref.finalize(self, _remove, self.path)
+
+    def add(self, value: Any) -> int | None:
+        """Write ``value`` as one line; its byte offset, or None when it is not JSON."""
+        try:
+            data = (json.dumps(value, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
+        except (TypeError, ValueError):
+            return None
+        assert self.file is not None, "Spill.add after close"
+        self.file.write(data)
+        at, self.offset = self.offset, self.offset + len(data)
+        return at
+
+    def close(self) -> None:
+        """Done writing (the rows are read from the file from now on)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

@@ -13,6 +13,7 @@ encoding error, if any, so the pipeline can count each use of a row exactly as b
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing
@@ -179,6 +180,7 @@ def encode_source(convs: list[Conversation], enc: Encoding, directory: Path | No
         with _single_threaded_tokenizer():
             if workers > 1:
                 encode_chunk(convs[:1], enc)  # fills the template caches here: every worker inherits them
+                gc.freeze()  # a worker's collections then leave the parent's objects (the rows) unwritten: shared, not copied
             with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else nullcontext() as pool:
                 results = pool.imap(_work, spans) if pool is not None else map(_work, spans)
                 for (start, end), out in zip(spans, results):
@@ -193,6 +195,7 @@ def encode_source(convs: list[Conversation], enc: Encoding, directory: Path | No
         raise
     finally:
         _WORKER = None
+        gc.unfreeze()
     progress.close()
     first = np.concatenate([[0], np.cumsum(counts["kept"], dtype=np.int64)])
     rows: dict[str, np.ndarray] = {"file": row_file, "line": row_line, "first": first, **counts}

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sft.data.formats import conversation_key
-from sft.data.minhash import EMPTY
-from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, overlaps, row_signatures, similar_pairs
+from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD, overlaps, row_bands, similar_pairs
 from sft.data.types import Conversation, Message  # noqa: F401 (Message: the doctest)
 from sft.errors import SftError
 
@@ -58,9 +57,9 @@ def near_duplicate_groups(convs: list[Conversation], threshold: float = NEAR_DUP
             i = parent[i]
         return i
 
-    sig = row_signatures(convs)
-    searched = np.flatnonzero(sig[:, 0] != EMPTY)
-    for later, earlier, _ in similar_pairs([convs[i] for i in searched.tolist()], sig[searched], threshold,
+    bands, live = row_bands(convs, threshold)
+    searched = np.flatnonzero(live)
+    for later, earlier, _ in similar_pairs([convs[i] for i in searched.tolist()], bands[searched], threshold,
                                            first_only=False):
         a, b = find(int(searched[later])), find(int(searched[earlier]))
         parent[max(a, b)] = min(a, b)

@@ -48,6 +48,36 @@ def _load(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
 
 
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing).
+    glibc keeps what a stage freed (a shard's buffer, the arrays of a chunk) in its heap, and the
+    next stage's allocations land around it, so without this the resident memory of the data path
+    grew by ~1 KB a row over the whole run (measured: 31 MB per 33k-row source, all given back by
+    a trim)."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def _save_parts(path: Path, parts: list[np.ndarray]) -> None:
+    """``np.save`` of the parts joined (1-D, one dtype), written part after part.
+
+    >>> import tempfile
+    >>> p = Path(tempfile.mkdtemp()) / "x.npy"
+    >>> _save_parts(p, [np.arange(3, dtype=np.int32), np.arange(2, dtype=np.int32)])
+    >>> np.load(p).tolist()
+    [0, 1, 2, 0, 1]
+    """
+    dtype = parts[0].dtype
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (sum(map(len, parts)),)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for part in parts:
+            f.write(np.ascontiguousarray(part, dtype=dtype).tobytes())
+
+
 class StoreWriter:
     """Collects encoded chunks and writes them as shards into ``directory`` (or keeps them in
     memory when ``directory`` is None); ``finish`` renames the folder into place."""
@@ -85,17 +115,20 @@ class StoreWriter:
     def _flush(self) -> None:
         if not self.buffer:
             return
-        cols = {k: np.concatenate([c[k] for c in self.buffer]) for k in self.buffer[0]}
-        self.buffer, self.buffered = [], 0
-        lengths = cols.pop("lengths")
-        cols["offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.counts.append([len(lengths), int(cols["offsets"][-1])])
+        buffer, self.buffer, self.buffered = self.buffer, [], 0
+        lengths = np.concatenate([c["lengths"] for c in buffer])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.counts.append([len(lengths), int(offsets[-1])])
+        names = [k for k in buffer[0] if k != "lengths"]
         if self.tmp is None:
-            self.shards.append(cols)
+            self.shards.append({"offsets": offsets, **{k: np.concatenate([c[k] for c in buffer]) for k in names}})
             return
         k = len(self.counts) - 1
-        for name, arr in cols.items():
-            np.save(self.tmp / f"{k:05d}.{name}.npy", arr, allow_pickle=False)
+        np.save(self.tmp / f"{k:05d}.offsets.npy", offsets, allow_pickle=False)
+        for name in names:  # chunk after chunk into the file: the shard is never joined in memory (x2)
+            _save_parts(self.tmp / f"{k:05d}.{name}.npy", [c[name] for c in buffer])
+        del buffer
+        return_freed_memory()
 
     def finish(self, rows: dict[str, np.ndarray], extra: dict[str, Any], keep: bool = True) -> TokenStore:
         """Write the last shard, the per-row columns and ``store.json``; return the store.
@@ -306,12 +339,12 @@ class Examples(Sequence[Example]):
         return out
 
 
-def example_lengths(examples: Sequence[Example]) -> list[int]:
-    """Tokens per example, read from the store's offsets when the examples live in one.
+def example_lengths(examples: Sequence[Example]) -> np.ndarray:
+    """Tokens per example, int64 [n], read from the store's offsets when the examples live in one.
 
-    >>> example_lengths([Example([1, 2, 3], [-100, 2, 3])])
+    >>> example_lengths([Example([1, 2, 3], [-100, 2, 3])]).tolist()
     [3]
     """
     if isinstance(examples, Examples):
-        return [int(n) for n in examples.lengths]
-    return [len(e) for e in examples]
+        return examples.lengths
+    return np.asarray([len(e) for e in examples], dtype=np.int64)

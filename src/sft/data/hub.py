@@ -10,7 +10,9 @@ A ``data.train`` entry is one of:
   with ``datasets.load_dataset`` into the ``datasets`` cache (``$HF_DATASETS_CACHE``, else
   ``$HF_HOME/datasets``); with ``HF_HUB_OFFLINE=1`` the cached copy is used. With
   ``streaming: true`` rows are read as they download and the set is never stored whole; add
-  ``limit:`` to take the first rows of a large set.
+  ``limit:`` to take the first rows of a large set (reading stops there). Rows of every source
+  but JSON Lines files are then held as lines of a temporary spill file (``sft.data.rows.Spill``),
+  not as parsed conversations, so memory does not grow with their text.
 
 Every reader yields ``sources.Record``s numbered by 1-based row, like Parquet, under a label that
 names the source (``org/name[train]``), so row errors read ``org/name[train]:41: ...``.

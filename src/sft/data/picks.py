@@ -131,3 +131,17 @@ def count_examples(report: DataReport, examples: Examples) -> None:
     report.lengths = examples.lengths
     report.total_tokens = int(examples.lengths.sum())
     report.trained_tokens = int(examples.trained_counts().sum())
+
+
+def row_columns(ex: Examples, rows: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per row of each store (``rows[k]`` rows in store k): the trained tokens of its examples in
+    ``ex`` (int64, -1: no example; a row used twice by ``weight`` counts once) and whether one of
+    them was cut at data.max_length (bool)."""
+    tokens, cut = [], []
+    for k, store in enumerate(ex.stores):
+        uniq = np.unique(ex.positions[ex.which == k])  # each example of the store in the split, once
+        row = store.column("row")[uniq]
+        n = np.bincount(row, weights=store.trained_counts()[uniq], minlength=rows[k]).astype(np.int64)
+        tokens.append(np.where(np.bincount(row, minlength=rows[k]) > 0, n, -1))
+        cut.append(np.bincount(row, weights=store.column("truncated")[uniq], minlength=rows[k]) > 0)
+    return tokens, cut

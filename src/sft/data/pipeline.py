@@ -26,13 +26,13 @@ from sft.config import Config, SourceConfig, cache_root, resolve_path
 from sft.data import hub
 from sft.data.formats import KEYS_HINT, conversation_key, detect_format, parse_row
 from sft.data.overlap import NEAR_DUPLICATE_THRESHOLD
-from sft.data.picks import Raw, count_examples, load_cache, save_cache, select_examples
+from sft.data.picks import Raw, count_examples, load_cache, row_columns, save_cache, select_examples
 from sft.data.progress import Progress
 from sft.data.report import MAX_LISTED, DataReport, Dataset, SourceStats
 from sft.data.rows import Row, RowReader, Spill, row_reader
 from sft.data.sources import mix_counts, sample_rows
 from sft.data.split import Holdout, hold_out_rows
-from sft.data.store import Examples, return_freed_memory
+from sft.data.store import return_freed_memory
 from sft.data.types import IGNORE, Conversation, Example
 from sft.errors import SftError
 
@@ -394,20 +394,6 @@ def apply_quality(cfg: Config, ds: Dataset, convs: list[Conversation], raw: Raw,
     files, lines = ex.file_labels(), ex.per_example("line").tolist()
     ds.examples = ex.keep(np.fromiter(((f, n) not in drop for f, n in zip(files, lines)), dtype=bool, count=len(ex)))
     count_examples(r, ds.examples)
-
-
-def row_columns(ex: Examples, rows: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per row of each store (``rows[k]`` rows in store k): the trained tokens of its examples in
-    ``ex`` (int64, -1: no example; a row used twice by ``weight`` counts once) and whether one of
-    them was cut at data.max_length (bool)."""
-    tokens, cut = [], []
-    for k, store in enumerate(ex.stores):
-        uniq = np.unique(ex.positions[ex.which == k])  # each example of the store in the split, once
-        row = store.column("row")[uniq]
-        n = np.bincount(row, weights=store.trained_counts()[uniq], minlength=rows[k]).astype(np.int64)
-        tokens.append(np.where(np.bincount(row, minlength=rows[k]) > 0, n, -1))
-        cut.append(np.bincount(row, weights=store.column("truncated")[uniq], minlength=rows[k]) > 0)
-    return tokens, cut
 
 
 def _say_dropped(report: DataReport, strict: bool) -> None:

@@ -142,3 +142,15 @@ def test_lint_scan_of_a_store_equals_the_lint_of_its_examples(tmp_path, smol_tok
     # control: a token no example trains is missing from every one
     assert ex.scan(None, 0)["no_eot"].all()
     np.testing.assert_array_equal(ex.trained_counts(), [e.num_trained for e in ex])
+
+
+def test_without_a_folder_for_the_spill_rows_stay_parsed(tmp_path):
+    """A cache folder that cannot hold the spill (here a file is in its way) is no error: the rows
+    of a JSON array are then held parsed, as before the spill; the same rows as JSONL are not affected."""
+    (tmp_path / "a.json").write_text(json.dumps(rows(3)))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(3)))
+    (tmp_path / "cache").write_text("not a folder")
+    parsed, _ = collect_conversations(cfg_for(tmp_path, tmp_path / "a.json"))
+    lazy, _ = collect_conversations(cfg_for(tmp_path, tmp_path / "a.jsonl"))
+    assert [type(c) for c in parsed] == [Conversation] * 3 and [type(c) for c in lazy] == [Row] * 3
+    assert [c.messages for c in parsed] == [c.messages for c in materialize(lazy)]

@@ -147,27 +147,38 @@ class Spill:
     """
 
     def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix="rows-", suffix=".jsonl", dir=directory)
-        self.file: BinaryIO | None = os.fdopen(fd, "wb")
-        self.offset = 0
+        self.path, self.offset = "", 0
+        self.file: BinaryIO | None = None
+        try:  # a folder that cannot hold it (read-only, full): the rows stay parsed, as before
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, self.path = tempfile.mkstemp(prefix="rows-", suffix=".jsonl", dir=directory)
+        except OSError:
+            return
+        self.file = os.fdopen(fd, "wb")
         weakref.finalize(self, _remove, self.path)
 
     def add(self, value: Any) -> int | None:
-        """Write ``value`` as one line; its byte offset, or None when it is not JSON."""
+        """Write ``value`` as one line; its byte offset, or None when it is not JSON (or the file
+        cannot be written: then no later row is written either)."""
+        if self.file is None:
+            return None
         try:
             data = (json.dumps(value, ensure_ascii=True, allow_nan=False) + "\n").encode("ascii")
         except (TypeError, ValueError):
             return None
-        assert self.file is not None, "Spill.add after close"
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError:
+            self.close()
+            return None
         at, self.offset = self.offset, self.offset + len(data)
         return at
 
     def close(self) -> None:
         """Done writing (the rows are read from the file from now on)."""
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()
             self.file = None
 
 

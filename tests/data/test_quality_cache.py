@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from sft.config import load_config
+from sft.config import Config, load_config
 from sft.data import commands, quality_cache
 from sft.data.pipeline import collect_conversations
 from sft.data.quality import QualitySettings, find_problems
@@ -153,3 +153,39 @@ def test_cached_signatures_give_the_same_band_keys(tmp_path):
     np.testing.assert_array_equal(made.bands, band_keys(sig, 0.8))
     assert made.live.tolist() == [i != 7 for i in range(4500)]
     assert quality_cache.load_facts(d, len(rows) + 1, 0.8) is None  # control: another row count is not these facts
+
+
+def test_trained_tokens_per_row_come_from_the_stores(tmp_path, smol_tok):
+    """The length findings (cut at max_length, length outliers) of the pipeline, whose per-row
+    trained tokens are counted from the stores by (source, row), equal those of the reference: the
+    list path's examples summed per (file, line). Source a is weighted 3 to b's 1: some of its rows
+    are used twice, and counted once."""
+    from sft.config import DataConfig, SourceConfig
+    from sft.data.pipeline import build_dataset, tokenize_conversations
+    from sft.data.quality import unique_rows
+    from sft.data.types import IGNORE
+
+    rng = random.Random(3)
+    data = [_row(rng) for _ in range(30)]
+    data[4] = _row(rng, reply=_sentence(rng, 400))  # long: cut at max_length, an outlier
+    data[9] = _row(rng, reply="Yes.")  # short: an outlier
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(_row(rng)) + "\n" for _ in range(30)))
+    sources = [SourceConfig(str(tmp_path / "a.jsonl"), weight=3.0), SourceConfig(str(tmp_path / "b.jsonl"), weight=1.0)]
+    cfg = Config(data=DataConfig(train=sources, max_length=512, truncation="truncate", cache_dir=str(tmp_path / "cache")))
+    ds = build_dataset(cfg, smol_tok)
+    convs, report = collect_conversations(cfg, "train")
+    rows = unique_rows(convs)
+    assert len(convs) == 60 and len(rows) == 45  # a: every row once and 15 again; b: 15 of its rows
+    lengths: dict = {}
+    cut: set = set()
+    for e in tokenize_conversations(rows, smol_tok, ds.template, cfg, report):  # the reference
+        lengths[(e.source, e.line)] = lengths.get((e.source, e.line), 0) + sum(x != IGNORE for x in e.labels)
+        if e.truncated:
+            cut.add((e.source, e.line))
+    want = find_problems(rows, None, QualitySettings(), lengths, cut)
+    a = str(tmp_path / "a.jsonl")
+    assert ds.quality["truncated_responses"] == want["truncated_responses"] == [
+        {"file": a, "line": 5, "why": "cut at data.max_length: the example is longer"}]
+    assert ds.quality["length_outliers"] == want["length_outliers"]
+    assert [(x["line"], x["why"].split(",")[0]) for x in want["length_outliers"]] == [(5, "434 trained tokens"), (10, "3 trained tokens")]

@@ -277,8 +277,9 @@ def main() -> None:
 
     n, tokens = report["conversations"], report["total_tokens"]
     table = [f"{args.n} generated conversations ({n} after edit-free check, {tokens} tokens), model {args.model}, "
-             f"data.num_proc {args.num_proc}", "",
-             "| stage | seconds | conv/s | peak memory (MB, PSS of the process tree) |", "|---|---|---|---|"]
+             f"data.num_proc {args.num_proc}", ""]
+    if rows:
+        table += ["| stage | seconds | conv/s | peak memory (MB, PSS of the process tree) |", "|---|---|---|---|"]
     for name, r in rows:
         secs = r["seconds"]
         inner = json.loads(r["stdout"]) if name.startswith(("sft tokenize+mask", "floor", "TRL")) else None

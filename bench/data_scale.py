@@ -47,16 +47,30 @@ def conversation(rng: random.Random, i: int) -> dict[str, Any]:
     return {"messages": msgs}
 
 
-def generate(n: int, folder: Path, seed: int = 0) -> list[Path]:
-    """``n`` conversations in three JSONL files (a, b, c), the same for the same n and seed."""
+def generate(n: int, folder: Path, seed: int = 0, fmt: str = "jsonl") -> list[Path]:
+    """``n`` conversations in three files (a, b, c) of format ``fmt`` (``jsonl``, ``json``: a JSON
+    array, ``parquet``), the same rows for the same n and seed."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    paths = [folder / f"{k}.jsonl" for k in "abc"]
-    files = [p.open("w") for p in paths]
+    paths = [folder / f"{k}.{fmt}" for k in "abc"]
+    if fmt == "jsonl":
+        files = [p.open("w") for p in paths]
+        for i in range(n):
+            files[i % 3].write(json.dumps(conversation(rng, i)) + "\n")
+        for f in files:
+            f.close()
+        return paths
+    parts: list[list[dict[str, Any]]] = [[], [], []]
     for i in range(n):
-        files[i % 3].write(json.dumps(conversation(rng, i)) + "\n")
-    for f in files:
-        f.close()
+        parts[i % 3].append(conversation(rng, i))
+    for path, rows in zip(paths, parts):
+        if fmt == "json":
+            path.write_text(json.dumps(rows))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(rows), path)
     return paths
 
 
@@ -198,6 +212,8 @@ def main() -> None:
     ap.add_argument("--train-vs", type=int, default=0, metavar="N_SMALL",
                     help="also train 10 steps over --n and over N_SMALL conversations (warm caches): RSS at step 10 "
                          "and seconds to the first step, side by side")
+    ap.add_argument("--format", default="jsonl", choices=("jsonl", "json", "parquet"),
+                    help="the files' format: JSON Lines, a JSON array each, or Parquet (the same rows)")
     ap.add_argument("--reuse", action="store_true",
                     help="keep the generated files of an earlier run in --dir (same n; without --only edit); caches are cleared")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)
@@ -217,15 +233,17 @@ def main() -> None:
     tok_dir = str(load_tokenizer(args.model).name_or_path)
     model_dir = str(Path(tok_dir).parent / "model")
     folder = Path(args.dir) / str(args.n)
-    paths = [folder / f"{k}.jsonl" for k in "abc"]
+    paths = [folder / f"{k}.{args.format}" for k in "abc"]
     only = set(args.only.split(","))
+    if args.format != "jsonl" and only & {"edit", "encode", "floor", "trl"}:
+        raise SystemExit("--format json/parquet: only the check, warm and tokenize stages (the others read JSON Lines)")
     if args.reuse and all(p.exists() for p in paths):  # the same rows (the generator is seeded); caches cleared
         for name in ("cache", "run", "hf", "trl-out") if "check" in only else ("run",):
             shutil.rmtree(folder / name, ignore_errors=True)
         print(f"reusing the {args.n} conversations in {folder}", flush=True)
     else:
         shutil.rmtree(folder, ignore_errors=True)
-        paths = generate(args.n, folder)
+        paths = generate(args.n, folder, fmt=args.format)
     cfg = write_config(folder, paths, args.model, args.num_proc)
     sft = [sys.executable, "-m", "sft"]
     me = [sys.executable, __file__]
@@ -276,7 +294,7 @@ def main() -> None:
                   f"peak {r['peak_pss_mb']:.0f} MB", flush=True)
 
     n, tokens = report["conversations"], report["total_tokens"]
-    table = [f"{args.n} generated conversations ({n} after edit-free check, {tokens} tokens), model {args.model}, "
+    table = [f"{args.n} generated conversations ({args.format}; {n} after edit-free check, {tokens} tokens), model {args.model}, "
              f"data.num_proc {args.num_proc}", ""]
     if rows:
         table += ["| stage | seconds | conv/s | peak memory (MB, PSS of the process tree) |", "|---|---|---|---|"]
@@ -298,7 +316,7 @@ def main() -> None:
             f"({usable_cores()} usable), SHARED with other sessions; `uptime` before writing: {load}.\n"
             f"Command: `.venv/bin/python bench/data_scale.py --n {args.n} --only {args.only}"
             f"{' --trl-python ' + args.trl_python if trl else ''}{f' --train-vs {args.train_vs}' if trained else ''}"
-            f"{' --reuse' if args.reuse else ''}`\n\n"
+            f"{' --reuse' if args.reuse else ''}{' --format ' + args.format if args.format != 'jsonl' else ''}`\n\n"
             + "\n".join(table) + "\n")
     print(text)
     with RESULTS.open("a") as f:

@@ -186,8 +186,10 @@ def test_hub_subset(tmp_path: Path, hf_home: Path) -> None:
         load_conversations(make_cfg(tmp_path, SourceConfig("org/multi")))
 
 
-def test_hub_streaming_reads_an_iterable_dataset(tmp_path: Path, hf_home: Path) -> None:
+def test_hub_streaming_reads_an_iterable_dataset(tmp_path: Path, hf_home: Path, monkeypatch: Any) -> None:
     import datasets
+
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "sft"))
 
     from sft.data.hub import load_hub
 
@@ -202,7 +204,7 @@ def test_hub_streaming_reads_an_iterable_dataset(tmp_path: Path, hf_home: Path) 
     from sft.data.rows import Row
 
     assert all(isinstance(c, Row) for c in convs) and [c.location() for c in convs] == [f"org/big[train]:{i}" for i in range(1, 8)]
-    (spill,) = (tmp_path / "cache" / "rows").iterdir()
+    (spill,) = (tmp_path / "sft" / "rows").iterdir()
     assert [json.loads(line)["messages"][1]["content"] for line in spill.read_text().splitlines()] == answers(convs)
 
 

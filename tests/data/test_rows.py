@@ -101,14 +101,16 @@ def test_reading_does_not_hold_the_text(tmp_path, monkeypatch, name):
     assert (held() > text) == (name != "a.jsonl")
 
 
-def test_a_spill_file_goes_with_its_rows(tmp_path):
+def test_a_spill_file_goes_with_its_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "sft"))
     (tmp_path / "a.json").write_text(json.dumps(rows(3)))
     convs, _ = collect_conversations(cfg_for(tmp_path, tmp_path / "a.json"))
-    spills = list((tmp_path / "cache" / "rows").iterdir())
+    spills = list((tmp_path / "sft" / "rows").iterdir())
     assert len(spills) == 1 and len(spills[0].read_text().splitlines()) == 3
+    assert not (tmp_path / "cache").exists()  # data.cache_dir is not touched by reading
     del convs
     gc.collect()
-    assert list((tmp_path / "cache" / "rows").iterdir()) == []
+    assert not (tmp_path / "sft" / "rows").exists()  # the folder too
 
 
 def test_dataset_from_jsonl_rows_equals_dataset_from_parsed_rows(tmp_path, smol_tok, monkeypatch):
@@ -144,12 +146,13 @@ def test_lint_scan_of_a_store_equals_the_lint_of_its_examples(tmp_path, smol_tok
     np.testing.assert_array_equal(ex.trained_counts(), [e.num_trained for e in ex])
 
 
-def test_without_a_folder_for_the_spill_rows_stay_parsed(tmp_path):
+def test_without_a_folder_for_the_spill_rows_stay_parsed(tmp_path, monkeypatch):
     """A cache folder that cannot hold the spill (here a file is in its way) is no error: the rows
     of a JSON array are then held parsed, as before the spill; the same rows as JSONL are not affected."""
     (tmp_path / "a.json").write_text(json.dumps(rows(3)))
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(3)))
-    (tmp_path / "cache").write_text("not a folder")
+    (tmp_path / "sft").write_text("not a folder")
+    monkeypatch.setenv("SFT_CACHE", str(tmp_path / "sft"))
     parsed, _ = collect_conversations(cfg_for(tmp_path, tmp_path / "a.json"))
     lazy, _ = collect_conversations(cfg_for(tmp_path, tmp_path / "a.jsonl"))
     assert [type(c) for c in parsed] == [Conversation] * 3 and [type(c) for c in lazy] == [Row] * 3

@@ -92,7 +92,7 @@ def _read_source(cfg: Config, src: SourceConfig, report: DataReport) -> tuple[li
                     reader = row_reader(str(file), fmt, mapping, cfg.data.system, src.metric, src.category)
                 conv = Row(conv, rec.offset, reader)
             elif fmt is not None:  # any other row: kept in the spill file
-                spill = spill or Spill(cache_dir(cfg) / "rows")
+                spill = spill or Spill(cache_root() / "rows")  # beside the caches, not in data.cache_dir
                 at = spill.add(rec.value)
                 if at is not None:
                     if spilled is None:

@@ -9,7 +9,7 @@ tokenizing workers, the quality facts, near-duplicate candidates) do it a chunk 
 memory of the cold path does not grow with the rows' text. Rows that cannot be re-read where they
 are (JSON arrays, CSV, Parquet, ``datasets`` and hub sources, streaming included) are written as
 they are read into a ``Spill``: a temporary JSON Lines file of the source's raw rows (in
-``<cache_dir>/rows/``, removed when its rows are dropped or the process ends); they are then held
+``$SFT_CACHE/rows/``, removed when its rows are dropped or the process ends); they are then held
 as a ``Row`` into it, with their own file and line. A row whose value is not JSON (bytes, dates
 in a Parquet column) stays a parsed conversation.
 
@@ -183,5 +183,8 @@ class Spill:
 
 
 def _remove(path: str) -> None:
+    """The spill file, then its folder when no other spill is in it (the cache is left as it was)."""
     with contextlib.suppress(OSError):
         os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(path))

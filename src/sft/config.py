@@ -128,6 +128,9 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has it
+    # how bf16 weights follow their fp32 master (precision bf16), and final/ is cast to bf16:
+    # stochastic (unbiased; sub-step updates survive) or nearest (sft.lm.rounding, bench/bf16_quality.py)
+    bf16_rounding: Literal["stochastic", "nearest"] = "stochastic"
     save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # final/'s dtype; auto: the model's own (bf16 for the packaged models)
     gradient_checkpointing: bool | Literal["auto"] = False  # auto: on when `sft plan` says the run needs it
     # packed rows on a GPU: varlen (padding-free, cu_seqlens; sft.lm.attention) or sdpa (a

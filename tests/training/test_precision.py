@@ -158,3 +158,90 @@ def test_compile_auto_only_where_it_pays(monkeypatch):
     cfg.train.compile = True
     assert use_compile(cfg, rt, 1)  # an explicit choice is kept
     assert load_config(None, ["--model=x", "--data.train=x.jsonl", "--train.compile=false"]).train.compile is False
+
+
+def test_stochastic_rounding_is_unbiased_where_nearest_is_not():
+    """1 + 2**-10 lies 1/8 of a bf16 step above 1: rounding to nearest always gives 1 (the control),
+    stochastic rounding gives 1 + 2**-7 about one time in eight, so the mean is the fp32 value."""
+    from sft.lm.rounding import stochastic_round_
+
+    x = torch.full((1 << 20,), 1.0 + 2**-10)
+    near = x.bfloat16()
+    sr = stochastic_round_(torch.empty_like(x, dtype=torch.bfloat16), x, torch.Generator().manual_seed(0))
+    assert set(sr.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert float(near.float().mean()) == 1.0
+    # the mean of 2**18 independent draws (one block of random bits, reused) has sd 2**-7 * sqrt(7/64) / 2**9 = 5e-6
+    assert abs(float(sr.double().mean()) - (1.0 + 2**-10)) < 1.5e-5
+    neg = stochastic_round_(torch.empty_like(x, dtype=torch.bfloat16), -x, torch.Generator().manual_seed(0))
+    assert torch.equal(neg, -sr)  # symmetric: the magnitude is what rounds
+    y = torch.randn(1000).bfloat16().float()  # already bf16: unchanged
+    assert torch.equal(stochastic_round_(torch.empty_like(y, dtype=torch.bfloat16), y, torch.Generator()), y.bfloat16())
+    with pytest.raises(ValueError, match="fp32 source and a bf16 destination"):
+        stochastic_round_(torch.empty(3), torch.ones(3), torch.Generator())
+
+
+def test_stochastic_master_adamw_moves_bf16_weights_below_half_a_step():
+    """lr 1e-5 for 100 steps moves each master by ~1e-3, a quarter of the half bf16 step (2**-8)
+    at 1: with nearest rounding (the control) no bf16 weight moves; with stochastic rounding the
+    bf16 weights follow their masters on average."""
+    start = torch.ones(4096, dtype=torch.bfloat16)
+    moved = {}
+    for rounding in ("nearest", "stochastic"):
+        w = torch.nn.Parameter(start.clone())
+        opt = MasterAdamW([w], lr=1e-5, betas=(0.9, 0.999), eps=1e-8, rounding=rounding, seed=3)
+        for _ in range(100):
+            w.grad = torch.ones_like(w)
+            opt.step()
+        master = opt.state[w]["master"]
+        assert abs(float(1 - master.mean()) - 1e-3) < 1e-5  # the masters moved the same in both
+        moved[rounding] = float(1 - w.detach().double().mean())
+    assert moved["nearest"] == 0.0
+    assert abs(moved["stochastic"] - 1e-3) < 2e-4
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_resume_draws_the_same_rounding(rounding):
+    """The random bits of a step come from (seed, step): a run resumed from a checkpoint's state
+    rounds exactly as the uninterrupted one (control: another seed rounds differently)."""
+    grads = bf16_grads((64, 32), 8)
+
+    def run(resume_at, seed=1):
+        w = torch.nn.Parameter(torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).bfloat16())
+        kw = {"lr": 1e-3, "betas": (0.9, 0.99), "eps": 1e-8, "rounding": rounding, "seed": seed}
+        opt = MasterAdamW([w], **kw)
+        for i, g in enumerate(grads):
+            if i == resume_at:
+                sd = opt.state_dict()
+                w = torch.nn.Parameter(w.detach().clone())
+                opt = MasterAdamW([w], **kw)
+                opt.load_state_dict(sd)
+            w.grad = g.bfloat16()
+            opt.step()
+        return w.detach()
+
+    straight = run(None)
+    assert torch.equal(run(4), straight)
+    assert torch.equal(run(None, seed=2), straight) == (rounding == "nearest")
+
+
+def test_saving_in_bf16_rounds_stochastically_and_fp32_saves_the_masters():
+    """``cast_for_saving``: an fp32 weight 1/8 of a bf16 step above 1 keeps that eighth on average
+    in bf16 (nearest, the control, drops it); a bf16 run saved in fp32 writes its fp32 masters, not
+    its bf16 copies."""
+    from sft.models.save import cast_for_saving
+
+    def model(value, dtype):
+        m = torch.nn.Linear(512, 512, bias=False)
+        torch.nn.init.constant_(m.weight, value)
+        return m.to(dtype)
+
+    cfg = load_config(None, ["--model=x", "--data.train=x.jsonl"])
+    assert cfg.train.bf16_rounding == "stochastic"
+    sr = cast_for_saving(model(1 + 2**-10, torch.float32), torch.bfloat16, cfg).weight.detach()
+    assert sr.dtype == torch.bfloat16 and abs(float(sr.double().mean()) - (1 + 2**-10)) < 2e-5
+    cfg.train.bf16_rounding = "nearest"
+    assert float(cast_for_saving(model(1 + 2**-10, torch.float32), torch.bfloat16, cfg).weight.detach().double().mean()) == 1.0
+    masters = {"weight": torch.full((512, 512), 1 + 2**-10)}
+    saved = cast_for_saving(model(1.0, torch.bfloat16), torch.float32, cfg, masters).weight.detach()
+    assert saved.dtype == torch.float32 and torch.equal(saved, masters["weight"])
+    assert torch.equal(cast_for_saving(model(1.0, torch.bfloat16), torch.float32, cfg).weight.detach(), torch.ones(512, 512))

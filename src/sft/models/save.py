@@ -89,9 +89,34 @@ def attach_generation_config(model: Any, tok: Any, stops: list[int], pad: int) -
     model.generation_config = gen
 
 
-def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path) -> Any:
+def cast_for_saving(model: Any, dtype: torch.dtype, cfg: Config, masters: dict[str, torch.Tensor] | None = None) -> Any:
+    """``model`` in ``dtype``, in place. ``masters`` (a bf16 run's fp32 master weights, by parameter
+    name) replace their bf16 copies first: the saved weights are the trained ones, not a rounding of
+    them. fp32 weights go to bf16 by ``train.bf16_rounding``: stochastic (seeded by ``train.seed``)
+    keeps on average the updates smaller than half a bf16 step that rounding to nearest would undo
+    (``sft.lm.rounding``); other casts are torch's (round to nearest)."""
+    if masters:
+        model.float()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, m in masters.items():
+                params[name].copy_(m)
+    if dtype == torch.bfloat16 and cfg.train.bf16_rounding == "stochastic":
+        from sft.lm.rounding import stochastic_round_
+
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                if p.dtype == torch.float32:
+                    p.data = stochastic_round_(torch.empty_like(p, dtype=torch.bfloat16), p.data, g)
+    return model.to(dtype)
+
+
+def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path,
+               masters: dict[str, torch.Tensor] | None = None) -> Any:
     """Write ``out/final`` (and ``out/adapter`` for LoRA); return the plain model that was saved,
-    in fp32 but holding exactly the saved values (so an evaluation after training sees ``final/``)."""
+    in fp32 but holding exactly the saved values (so an evaluation after training sees ``final/``).
+    ``masters``: see ``cast_for_saving``."""
     tok, stops, pad = finalize_tokenizer(tokenizer, template)
     if cfg.train.method in ("lora", "qlora"):
         atomic_write_dir(out / "adapter", lambda d: (model.save_pretrained(str(d), safe_serialization=True),
@@ -105,7 +130,7 @@ def save_final(cfg: Config, model: Any, tokenizer: Any, template: str, out: Path
     if getattr(model, "is_activation_checkpointing", False):  # transformers 5.x's names (the old ones warn)
         model.activation_checkpointing_disable()
     attach_generation_config(model, tok, stops, pad)
-    model = model.to(save_dtype(cfg)).eval()
+    model = cast_for_saving(model, save_dtype(cfg), cfg, masters).eval()
 
     def write(d: Path) -> None:
         model.save_pretrained(str(d), safe_serialization=True)

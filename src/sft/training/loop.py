@@ -26,12 +26,12 @@ from sft.data.types import Example
 from sft.errors import NonFiniteLoss, SftError
 from sft.evaluation.result import EvalResult
 from sft.models import load as models
-from sft.models.save import save_final
+from sft.models.save import save_dtype, save_final
 from sft.reporting.run_log import RunLog, truncate_metrics, write_data_report, write_run_report
 from sft.reporting.trackers import Trackers, check_installed, open_trackers
 from sft.runtime import Runtime, start
 from sft.training import checkpoint, distributed
-from sft.training.optim import lr_at
+from sft.training.optim import lr_at, master_weights
 from sft.training.precision import to_train_dtype, train_dtype
 from sft.training.prepare import TrainData, prepare
 from sft.training.run_dir import Interrupt, PreviousRun, check_output_dir
@@ -331,7 +331,9 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
             run.trackers.log_row({"step": last_step, run.held_key: final_eval})
     # evaluated in the training dtype, as the "before" evaluation was (prepare() hands it the model
     # loaded in train_dtype): before and after differ by the training, not by the precision
-    final_model = to_train_dtype(save_final(cfg, model, run.tokenizer, run.data.template, out), cfg).to(rt.device)
+    # a bf16 run saved in another dtype saves its fp32 master weights (in bf16, the bf16 weights it trained are final/)
+    masters = None if model is not run.model or save_dtype(cfg) == torch.bfloat16 else master_weights(run.optimizer, model)
+    final_model = to_train_dtype(save_final(cfg, model, run.tokenizer, run.data.template, out, masters), cfg).to(rt.device)
     atomic_write_text(out / "run_state.json", json.dumps({"status": "finished", "steps": len(run.plan),
                                                     "skipped_steps": run.skipped}))
     after = None

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from sft.config import TrainConfig
+from sft.lm.rounding import stochastic_round_
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: the local shard of an FSDP2 DTensor, else ``t`` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
@@ -59,7 +65,8 @@ def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer != "adamw":
         return eight_bit_adamw(groups, cfg, bf16=any(p.dtype == torch.bfloat16 for p in decay + no_decay))
     if any(p.dtype != torch.float32 for p in decay + no_decay):
-        return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+        return MasterAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                           rounding=cfg.bf16_rounding, seed=cfg.seed)
     return torch.optim.AdamW(
         groups,
         lr=cfg.lr,
@@ -77,6 +84,12 @@ class MasterAdamW(torch.optim.Optimizer):
     master. Memory per bf16 weight: 2 (weight) + 2 (grad) + 4 (master) + 8 (moments) bytes, the
     same 16 as fp32 AdamW. The update is torch's fused AdamW kernel.
 
+    ``rounding`` (``train.bf16_rounding``) is how the bf16 weight follows its master: ``stochastic``
+    (``sft.lm.rounding``: the bf16 weight is the master on average, so updates smaller than half a
+    bf16 step still reach the forward pass) or ``nearest`` (such updates wait in the master until
+    they add up to half a step). The random bits of step ``s`` come from a generator seeded with
+    ``(seed, s)``: a resume, and every DDP replica, draws the same ones.
+
     The master lives in the optimizer state (``state[p]["master"]``), so checkpoints save it and a
     bf16 resume is exact too.
     """
@@ -84,8 +97,10 @@ class MasterAdamW(torch.optim.Optimizer):
     FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, rounding: Literal["stochastic", "nearest"] = "nearest",
+                 seed: int = 0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.rounding, self.seed = rounding, seed
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -122,8 +137,13 @@ class MasterAdamW(torch.optim.Optimizer):
             adamw(masters, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True, amsgrad=False, beta1=beta1,
                   beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                   maximize=False)
-            if low:
-                torch._foreach_copy_(low, low_masters)  # round to nearest bf16
+            if low and self.rounding == "nearest":
+                torch._foreach_copy_(low, low_masters)
+            elif low:
+                step = int(steps[0])  # this step's number (1-based; the same for every weight)
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+                for p, m in zip(low, low_masters, strict=True):
+                    stochastic_round_(local(p), local(m), g)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the master and moments stay fp32 (torch casts state to the weight's dtype)."""
@@ -134,6 +154,13 @@ class MasterAdamW(torch.optim.Optimizer):
             p = params[int(pid)]
             for k, v in tensors.items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+
+def master_weights(optimizer: torch.optim.Optimizer, model: Any) -> dict[str, torch.Tensor]:
+    """The fp32 masters of ``model``'s bf16 weights in ``optimizer`` (``MasterAdamW``), by parameter
+    name; empty for any other optimizer."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: st["master"] for p, st in optimizer.state.items() if "master" in st and id(p) in names}
 
 
 def eight_bit_adamw(groups: list[dict[str, Any]], cfg: TrainConfig, bf16: bool) -> torch.optim.Optimizer:

@@ -91,11 +91,16 @@ def build(arch: str, method: str) -> Any:
     def quantize_linears(layer: torch.nn.Module) -> None:
         import bitsandbytes as bnb
 
+        from sft.models.quantize import bnb_config
+
+        nf4 = bnb_config(config_for(method, False), torch.bfloat16)  # lora.quant_blocksize, lora.double_quant
+
         for name, child in list(layer.named_modules()):
             if isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
+                                             blocksize=nf4.blocksize, compress_statistics=nf4.double_quant)
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 q = q.to("cpu")  # quantizes

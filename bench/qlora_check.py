@@ -99,14 +99,16 @@ def lora_matched(out: Path, config: Path) -> dict[str, object]:
     from sft.training.loop import train
 
     plain = prep.prepare_model
+    nf4 = quantize.bnb_config(load_config(None, [*SETTINGS, *QLORA]), torch.bfloat16)  # the qlora run's NF4
 
     @torch.no_grad()
     def matched(cfg: object, model: object) -> object:
         model = plain(cfg, model)  # type: ignore[arg-type]
         for module in model.get_base_model().modules():  # type: ignore[attr-defined]
             if isinstance(module, LoraLayer):
-                w = module.get_base_layer().weight  # bf16, as QLoRA quantizes it (blocksize 64, no double quant)
-                codes, state = bnbf.quantize_4bit(w.data, blocksize=64, quant_type="nf4", quant_storage=torch.uint8)
+                w = module.get_base_layer().weight  # bf16, as QLoRA quantizes it (lora.quant_blocksize)
+                codes, state = bnbf.quantize_4bit(w.data, blocksize=nf4.blocksize, compress_statistics=nf4.double_quant,
+                                                  quant_type="nf4", quant_storage=torch.uint8)
                 quantize.absorb(module, w.float() - bnbf.dequantize_4bit(codes, state).float())
                 w.copy_((w.float() - module.get_delta_weight("default").float()).to(w.dtype))  # starts at bf16
         return model

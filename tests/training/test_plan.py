@@ -11,8 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from sft.config import load_config
 from sft.training import plan
-from sft.training.plan import CPU_SLACK_BYTES, RUNTIME_BYTES, Settings, Shape, estimate, layer_bytes, shape_of
+from sft.training.plan import (
+    CPU_SLACK_BYTES,
+    RUNTIME_BYTES,
+    Settings,
+    Shape,
+    estimate,
+    layer_bytes,
+    settings_of,
+    shape_of,
+)
 
 _spec = importlib.util.spec_from_file_location("archs", Path(__file__).resolve().parents[2] / "bench" / "archs.py")
 assert _spec is not None and _spec.loader is not None
@@ -66,8 +76,18 @@ def test_estimate_arithmetic_lora_qlora_checkpointing():
     assert e.weights == 4 * 80448
     # frozen norms 2 x (4x64 + 4); attention 4 x 192 + 16; MLP 3 x 4 x 128; adapters 8 x (6x64 + 128) + 7 x 4 x 16
     assert layer_bytes(TINY, st) == 520 + 784 + 1536 + 4544
+    # NF4 linear layers (blocks of 32, uint8 scales with one fp32 scale per 256 of them), the rest fp32
     q = estimate(TINY, Settings("qlora", "fp32", 1, 64, False), budget=10 * GiB)
-    assert q.weights == int(0.5625 * 73728) + 4 * (80448 - 73728)  # NF4 linear layers, the rest fp32
+    assert q.weights == int((0.5 + 1 / 32 + 4 / 32 / 256) * 73728) + 4 * (80448 - 73728)
+    # lora.quant_blocksize / lora.double_quant reach the estimate (controls: fp32 scales, per 32 or 64)
+    assert (settings_of(load_config(None, ["--train.method=qlora"]), "fp32").quant_blocksize,
+            settings_of(load_config(None, ["--train.method=qlora"]), "fp32").double_quant) == (32, True)
+    cfg = load_config(None, ["--train.method=qlora", "--lora.quant_blocksize=64", "--lora.double_quant=false"])
+    assert (settings_of(cfg, "fp32").quant_blocksize, settings_of(cfg, "fp32").double_quant) == (64, False)
+    fp32_scales = estimate(TINY, Settings("qlora", "fp32", 1, 64, False, double_quant=False), budget=10 * GiB)
+    assert fp32_scales.weights == int(0.625 * 73728) + 4 * (80448 - 73728)
+    q64 = estimate(TINY, Settings("qlora", "fp32", 1, 64, False, quant_blocksize=64, double_quant=False), budget=10 * GiB)
+    assert fp32_scales.weights - q64.weights == 73728 // 16
     ck = estimate(TINY, Settings("lora", "fp32", 1, 64, True), budget=10 * GiB)
     assert ck.activations == 2 * 4 * 64 * 64 + 7384 * 64 + 2 * 4 * 64 * 64  # inputs + one layer + final
 

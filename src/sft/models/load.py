@@ -14,6 +14,7 @@ same way, separately. Nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -325,8 +326,8 @@ def _first_line(e: BaseException) -> str:
 def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, revision: str | None = None,
                quantization: Any = None) -> Any:
     """A causal LM in ``dtype`` (default fp32) from ``model:`` (at ``revision`` for a hub ID).
-    Safetensors only. ``quantization``: a transformers quantization config (QLoRA's NF4,
-    ``sft.models.quantize.bnb_config``), applied tensor by tensor as the weights load."""
+    Safetensors only. ``quantization``: QLoRA's NF4 (``sft.models.quantize.bnb_config``), applied
+    tensor by tensor as the weights load."""
     _quiet_transformers()
     import torch
     from transformers import AutoModelForCausalLM
@@ -347,23 +348,22 @@ def load_model(name: str, dtype: Any = None, trust_remote_code: bool = False, re
         )
     from safetensors import SafetensorError
 
+    from sft.models import quantize
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path),
-            dtype=dtype or torch.float32,
-            trust_remote_code=trust_remote_code,
-            use_safetensors=True,
-            attn_implementation="sdpa",
-            **({"quantization_config": quantization} if quantization is not None else {}),
-        )
+        with quantize.applying(quantization) if quantization is not None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path),
+                dtype=dtype or torch.float32,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                attn_implementation="sdpa",
+                **({"quantization_config": quantization.transformers_config()} if quantization is not None else {}),
+            )
     except (OSError, ValueError, SafetensorError) as e:  # a broken config.json or weights file
         raise SftError(f"model: could not load the model in {path} ({_first_line(e)}); its config.json or "
                        ".safetensors files are damaged or incomplete: re-download or re-save them") from None
-    if quantization is not None:
-        from sft.models.quantize import keep_training_layout
-
-        keep_training_layout(model)
-    return model
+    return quantize.checked(model, quantization) if quantization is not None else model
 
 
 @contextmanager

@@ -9,8 +9,9 @@ settings. Per process, in bytes:
                    row of Qwen2.5-0.5B peaked at 2.58 GB instead of 4.02, its step 80% slower); QLoRA
                    with checkpointing on a CPU keeps more (QLORA_HEAP_BYTES a layer, token and hidden unit)
     weights        full/LoRA: every parameter in the training dtype (2 bytes bf16, 4 fp32);
-                   QLoRA: the decoder's linear weights in NF4 (NF4_BYTES a parameter: 4 bits and an
-                   fp32 scale per 64), the rest (embeddings, head, norms) in the training dtype
+                   QLoRA: the decoder's linear weights in NF4 (``nf4_bytes`` a parameter: 4 bits and an
+                   fp32 scale per block of lora.quant_blocksize), the rest (embeddings, head, norms)
+                   in the training dtype
     adapters       LoRA/QLoRA: r x (in + out) fp32 parameters per adapted linear layer
     gradients      one per trainable parameter, in its dtype
     optimizer      AdamW: two fp32 moments per trainable parameter, plus an fp32 master copy of a
@@ -54,7 +55,6 @@ CPU_SLACK_BYTES = int(1.2 * GB)  # freed but kept by glibc malloc (arenas, dynam
 # bench/memory_table.py (every row within 15% for 10.9-16.5 bytes). Without checkpointing the
 # activations reuse those holes (those rows are within +2..+10% without it).
 QLORA_HEAP_BYTES = 13
-NF4_BYTES = 0.5 + 4 / 64  # bitsandbytes NF4: 4 bits a weight, one fp32 absmax per block of 64
 CHUNK_BYTES = 256 * 1024 * 1024  # sft.lm.loss.CHUNK_BYTES (fp32 logits of one chunk)
 GRAD_GROUP_BYTES = 256 * 1024 * 1024  # sft.lm.loss.GRAD_GROUP_BYTES (d/dlogits in the training dtype)
 FIT_FRACTION = 0.9  # a run "fits" when its peak is at most this share of the device's memory
@@ -140,6 +140,8 @@ class Settings:
     processes: int = 1
     parallel: str = "ddp"  # ddp | fsdp (with processes > 1)
     train_head: bool = True  # full fine-tuning trains the (tied) head unless embeddings are frozen
+    quant_blocksize: int = 32  # qlora: lora.quant_blocksize
+    double_quant: bool = True  # qlora: lora.double_quant
 
     @property
     def tokens(self) -> int:
@@ -154,7 +156,18 @@ def settings_of(cfg: Config, precision: str, processes: int = 1, checkpointing: 
     ckpt = bool(cfg.train.gradient_checkpointing is True) if checkpointing is None else checkpointing
     return Settings(cfg.train.method, precision, cfg.train.batch_size, cfg.data.max_length, ckpt,
                     cfg.lora.r, cfg.lora.dropout, names, processes,
-                    "fsdp" if cfg.train.parallel == "fsdp" else "ddp", not cfg.train.freeze_embeddings)
+                    "fsdp" if cfg.train.parallel == "fsdp" else "ddp", not cfg.train.freeze_embeddings,
+                    cfg.lora.quant_blocksize, cfg.lora.double_quant)
+
+
+def nf4_bytes(blocksize: int, double_quant: bool) -> float:
+    """Bytes a weight takes in bitsandbytes' NF4: 4 bits, plus one fp32 absmax per ``blocksize``
+    weights, or with double quantization a uint8 absmax and one fp32 scale per 256 of those.
+
+    >>> nf4_bytes(64, False), nf4_bytes(32, False), round(nf4_bytes(32, True), 4)
+    (0.5625, 0.625, 0.5317)
+    """
+    return 0.5 + ((1 + 4 / 256) / blocksize if double_quant else 4 / blocksize)
 
 
 def layer_bytes(s: Shape, st: Settings) -> int:
@@ -229,7 +242,8 @@ def estimate(s: Shape, st: Settings, budget: int, device: str = "cpu") -> Estima
         optimizer = (12 if a == 2 else 8) * trainable
     else:
         trainable = lora
-        weights = int(NF4_BYTES * linear) + a * (params - linear) if st.method == "qlora" else a * params
+        nf4 = nf4_bytes(st.quant_blocksize, st.double_quant)
+        weights = int(nf4 * linear) + a * (params - linear) if st.method == "qlora" else a * params
         adapters, grads, optimizer = 4 * lora, 4 * lora, 8 * lora
     per_layer = layer_bytes(s, st) * st.tokens
     if st.checkpointing:  # each layer's input, and one layer recomputed at a time

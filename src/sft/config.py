@@ -136,8 +136,8 @@ class TrainConfig:
     bf16_rounding: Literal["stochastic", "nearest"] = "stochastic"
     save_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # final/'s dtype; auto: the model's own (bf16 for the packaged models)
     gradient_checkpointing: bool | Literal["auto"] = False  # auto: on when `sft plan` says the run needs it
-    # packed rows on a GPU: varlen (padding-free, cu_seqlens; sft.lm.attention) or sdpa (a
-    # dense block-diagonal mask); auto: varlen on CUDA with packing, sdpa elsewhere
+    # packed rows: varlen (each document attends to itself only: cu_seqlens on a GPU, per-document
+    # flash kernels on a CPU; sft.lm.attention) or sdpa (a dense block-diagonal mask); auto: varlen
     attention: Literal["auto", "sdpa", "varlen"] = "auto"
     neftune_alpha: float | None = None
     freeze_embeddings: bool = False

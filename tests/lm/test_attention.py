@@ -1,7 +1,9 @@
-"""Padding-free (cu_seqlens) attention: packed rows flattened to one sequence give each document
-the logits it gets alone, for Llama and Gemma 3 (sliding window); a control in which one document
-can see another fails that check. Runs the CPU path of sft.lm.attention (per-document SDPA);
-the CUDA kernel call (torch's varlen_attn) is exercised only on a GPU (bench/gpu_side_by_side.py)."""
+"""Padding-free attention: packed rows give each document the logits (and gradients) it gets alone,
+for Llama and Gemma 3 (sliding window), through both paths of sft.lm.attention: the flattened
+cu_seqlens path (per-document SDPA on a CPU) and the CPU training path, ``[B, T]`` rows whose
+documents come from position_ids (sft.lm.doc_attention); a control in which one document can see
+another fails each check. The CUDA kernel call (torch's varlen_attn) is exercised only on a GPU
+(bench/gpu_side_by_side.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 from sft.lm import attention
+from sft.lm.doc_attention import doc_attention, documents
 from sft.lm.loss import token_loss_sum
 
 DOCS = (37, 5, 20, 2)  # row 1: docs of 37 and 5 (+ 6 padding), row 2: 20 and 2 (+ 26 padding)
@@ -114,8 +117,7 @@ def test_train_with_varlen_equals_sdpa(tiny_dir, data_file, tmp_path, monkeypatc
         ]), progress=False)
 
     calls = []
-    per_document = attention._per_document
-    monkeypatch.setattr(attention, "_per_document", lambda *a: calls.append(1) or per_document(*a))
+    monkeypatch.setattr(attention, "doc_attention", lambda *a: calls.append(1) or doc_attention(*a))
     ref = run(tmp_path / "s", "sdpa")
     assert not calls
     ours = run(tmp_path / "v", "varlen")
@@ -123,3 +125,91 @@ def test_train_with_varlen_equals_sdpa(tiny_dir, data_file, tmp_path, monkeypatc
     torch.testing.assert_close(torch.tensor(ours.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-6)
     assert attention.NAME not in json.dumps(json.loads((tmp_path / "v" / "final" / "config.json").read_text()))
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "v" / "final"))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_cpu_rows_equal_separate_documents(smol_tok, name):
+    """The CPU path: packed ``[B, T]`` rows (not flattened) through the varlen model give each
+    document its logits alone; the control (position_ids that never restart: one document per
+    row) lets the second document see the first."""
+    model = models(smol_tok)[name]
+    batch, docs = packed_rows(model.config.vocab_size)
+    varlen = attention.use_varlen(copy.deepcopy(model))
+    assert not attention.flattens(varlen, batch)  # a CPU batch keeps its rows
+    with torch.no_grad():
+        rows = varlen(**batch, use_cache=False).logits  # [2, 48, V]
+        alone = [model(input_ids=d[None], use_cache=False).logits[0] for d in docs]
+        for (r, s), d, ref in zip([(0, 0), (0, 37), (1, 0), (1, 20)], docs, alone, strict=True):
+            torch.testing.assert_close(rows[r, s : s + len(d)], ref, rtol=1e-4, atol=1e-5)
+        leaky = varlen(input_ids=batch["input_ids"], position_ids=torch.arange(48).expand(2, 48), use_cache=False)
+        assert (leaky.logits[0, 37:42] - alone[1]).abs().max() > 1e-2
+
+
+def _dense(q, k, v, position_ids, scale, window=0):
+    """Reference: SDPA with the dense block-diagonal causal (and windowed) mask, output [B, T, H, D]."""
+    doc = (position_ids == 0).cumsum(-1)
+    t = q.shape[2]
+    i = torch.arange(t)
+    mask = (doc[:, :, None] == doc[:, None, :]) & (i[None, :] <= i[:, None])
+    if window:
+        mask &= i[None, :] > i[:, None] - window
+    g = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, 0), (torch.float32, 16), (torch.bfloat16, 0)])
+def test_doc_attention_equals_dense_mask_values_and_gradients(dtype, window):
+    """The operator against SDPA with the dense mask (what the sdpa path computes), forward and
+    backward, grouped-query heads (6 query heads on 2 key/value heads); bf16 within bf16's
+    resolution (the operator computes in fp32, the reference in bf16). Control: documents shifted
+    by one token give different values."""
+    batch, _ = packed_rows(1000)
+    pos = batch["position_ids"]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 48, 8, generator=g).to(dtype).requires_grad_() for h in (6, 2, 2))
+    grad = torch.randn(2, 48, 6, 8, generator=g).to(dtype)
+    ours = doc_attention(q, k, v, pos, 0.3, window)[0]
+    (dq, dk, dv) = torch.autograd.grad(ours, (q, k, v), grad)
+    ref = _dense(q, k, v, pos, 0.3, window)
+    (rq, rk, rv) = torch.autograd.grad(ref, (q, k, v), grad)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}
+    for a, b in ((ours, ref), (dq, rq), (dk, rk), (dv, rv)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol)
+    shifted = torch.roll(pos, 1, dims=1)
+    shifted[:, 0] = 0
+    assert (doc_attention(q, k, v, shifted, 0.3, window)[0] - ours).abs().max() > 0.1
+
+
+def test_documents_of_rows():
+    assert documents(torch.tensor([[0, 1, 0, 0, 1, 2]])) == [[(0, 2), (2, 3), (3, 6)]]
+    assert documents(torch.tensor([[3, 4, 0, 1]])) == [[(0, 2), (2, 4)]]  # a row that starts mid-document
+
+
+def test_generation_through_the_varlen_model_equals_sdpa(smol_tok, monkeypatch):
+    """After training the varlen model generates in-process (evaluation): a left-padded batch and
+    KV-cache steps go to transformers' sdpa with its own masks, so every step's logits equal sdpa's.
+    The control (no mask ever: cached padding keys are attended to) gives other logits."""
+    from conftest import tiny_llama
+
+    model = tiny_llama(len(smol_tok)).eval()
+    ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 2, "output_logits": True,
+          "return_dict_in_generate": True}
+
+    def generate(m):
+        with torch.no_grad():
+            out = m.generate(input_ids=ids, attention_mask=mask, **kw)
+        return out.sequences, torch.stack(out.logits)
+
+    ref_tokens, ref = generate(model)
+    tokens, logits = generate(attention.use_varlen(copy.deepcopy(model)).eval())
+    assert torch.equal(tokens, ref_tokens) and ref_tokens.shape == (2, 16)
+    torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(attention, "mask_function", lambda *a, **k: None)
+    broken = generate(attention.use_varlen(copy.deepcopy(model)).eval())[1]
+    assert (broken[1:, 1] - ref[1:, 1]).abs().max() > 1e-3  # the padded row, at the cached steps

@@ -1,17 +1,22 @@
-"""Padding-free attention for packed rows: documents given as ``cu_seqlens``, never a dense mask.
+"""Padding-free attention for packed rows: each document attends to itself only, never a dense mask.
 
-On a GPU, packed micro-batches ``[B, T]`` are flattened to one sequence ``[1, B*T]`` whose
-documents are delimited by ``cu_seqlens`` (where ``position_ids`` restart at 0), and attention
-runs per document with PyTorch's own FlashAttention varlen kernel
-(``torch.nn.attention.varlen.varlen_attn``: bf16/fp16 on CUDA, no extra package). Without it,
-transformers' sdpa path turns packed rows into a dense ``[B, 1, T, T]`` mask, which rules out
-the flash kernels, and its FlashAttention-2 path infers documents from ``position_ids`` only when
-the batch has one row (more rows would see each other's documents).
+transformers' sdpa path turns packed rows into a dense ``[B, 1, T, T]`` block-diagonal mask and
+computes all ``T x T`` scores, most of them masked; its FlashAttention-2 path infers documents from
+``position_ids`` only when the batch has one row (more rows would see each other's documents).
+``train.attention: varlen`` (``auto`` with packing) replaces it:
 
-Anywhere else (CPU, fp32) the same function runs each document through SDPA with
-``is_causal=True``, so the packed-equals-separate property is tested on CPU through this very
-code (tests/training/test_attention.py). The CPU training path itself keeps transformers' sdpa
-with the block-diagonal mask it builds from ``position_ids``.
+- On a GPU, packed micro-batches ``[B, T]`` are flattened to one sequence ``[1, B*T]`` whose
+  documents are delimited by ``cu_seqlens`` (where ``position_ids`` restart at 0), and attention
+  runs per document with PyTorch's own FlashAttention varlen kernel
+  (``torch.nn.attention.varlen.varlen_attn``: bf16/fp16 on CUDA, no extra package).
+- On a CPU the rows keep their ``[B, T]`` shape and ``sft.lm.doc_attention`` runs PyTorch's CPU
+  flash kernel on each document (found from ``position_ids``, a fixed-shape tensor, inside one
+  opaque operator, so compiled blocks never recompile).
+
+Anything else (held-out batches with padding, generation with a KV cache) goes to transformers'
+own sdpa attention with the mask transformers builds for it. The flattened ``cu_seqlens`` path
+also runs on a CPU (SDPA document by document) so that it is tested here
+(tests/lm/test_attention.py).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sft.lm.doc_attention import doc_attention
 
 NAME = "sft_varlen"
 
@@ -37,6 +44,13 @@ def cu_seqlens(position_ids: Tensor) -> tuple[Tensor, int]:
     starts = (flat == 0).nonzero().flatten()
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
     return cu, int((cu[1:] - cu[:-1]).max())  # one host sync per micro-batch
+
+
+def flattens(lm: Any, batch: dict[str, Tensor]) -> bool:
+    """Whether a packed batch goes to ``lm`` flattened with ``cu_seqlens`` (varlen on a GPU; a CPU
+    keeps ``[B, T]`` rows and finds the documents from ``position_ids``)."""
+    return (is_varlen(lm) and batch.get("attention_mask") is None and "position_ids" in batch
+            and batch["input_ids"].device.type != "cpu")
 
 
 def flatten_packed(batch: dict[str, Tensor]) -> dict[str, Any]:
@@ -68,19 +82,22 @@ def varlen_attention(
     module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
     scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
     cu_seq_lens_q: Tensor | None = None, max_length_q: int | None = None, **kwargs: Any,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Any]:
     """transformers attention interface: query [B, Hq, T, D], key/value [B, Hkv, T, D] -> [B, T, Hq, D]."""
     if getattr(module.config, "attn_logit_softcapping", None):
         raise NotImplementedError(f"{NAME}: attention logit softcapping (Gemma 2) is not supported")
-    if cu_seq_lens_q is None:  # not a flattened packed batch (held-out loss, generation): causal SDPA
-        mask = None
-        if attention_mask is not None:  # 2-D padding mask [B, T] (see mask_function)
-            t = query.shape[2]
-            causal = torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
-            mask = causal[None, None] & attention_mask[:, None, None, :].bool()
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
-                                             scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-        return out.transpose(1, 2).contiguous(), None
+    position_ids = kwargs.get("position_ids")
+    if cu_seq_lens_q is None:
+        if (attention_mask is None and position_ids is not None and query.device.type == "cpu"
+                and query.shape[2] == key.shape[2]):  # packed rows [B, T] (or plain causal rows) on a CPU
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            return doc_attention(query, key, value, position_ids.expand(query.shape[0], -1), float(scale),
+                                 int(sliding_window or 0))[0], None
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        # padded held-out batches, generation: transformers' sdpa with transformers' mask (see mask_function)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,  # type: ignore[no-any-return]
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{NAME}: cu_seq_lens needs the packed rows flattened to one sequence")
     q, k, v = query[0], key[0], value[0]  # [H, N, D]
@@ -97,19 +114,21 @@ def varlen_attention(
     return _per_document(q, k, v, cu_seq_lens_q, scaling, sliding_window).transpose(0, 1)[None], None
 
 
-def mask_function(*args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
-    """No 4-D mask: documents come as cu_seqlens; a padded batch keeps its 2-D padding mask."""
-    if attention_mask is not None and not bool(attention_mask.all()):
-        return attention_mask
-    return None
+def mask_function(*args: Any, **kwargs: Any) -> Tensor | None:
+    """No mask for rows without padding whose queries are their keys (training: documents come
+    from position_ids or cu_seqlens); anything else (padding, a KV cache) gets sdpa's own mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    attention_mask = kwargs.get("attention_mask")
+    if (kwargs.get("q_length") == kwargs.get("kv_length") and not kwargs.get("kv_offset")
+            and (attention_mask is None or bool(attention_mask.all()))):
+        return None
+    return sdpa_mask(*args, **kwargs)
 
 
 def use_padding_free(cfg: Any, device: torch.device) -> bool:
-    """``train.attention``: ``auto`` is varlen for packed rows on CUDA (the CPU keeps sdpa)."""
-    choice = cfg.train.attention
-    if choice == "auto":
-        return device.type == "cuda" and cfg.data.packing
-    return choice == "varlen" and cfg.data.packing
+    """``train.attention``: ``auto`` is varlen for packed rows (CUDA and CPU), sdpa otherwise."""
+    return cfg.train.attention in ("auto", "varlen") and bool(cfg.data.packing)
 
 
 def use_varlen(model: Any) -> Any:

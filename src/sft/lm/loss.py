@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from sft.data.types import IGNORE
-from sft.lm.attention import flatten_packed, is_varlen
+from sft.lm.attention import flatten_packed, flattens
 
 PROFILE_LOSS = "sft.loss"  # the profiler range of the head + cross-entropy (sft bench --profile)
 
@@ -194,8 +194,7 @@ def token_loss_sum(model: Any, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     targets = labels[:, 1:]
     keep = targets != IGNORE  # [B, T-1]
     count = int(keep.sum())
-    if is_varlen(lm) and batch.get("attention_mask") is None and "position_ids" in batch:
-        # padding-free: the packed rows as one sequence, documents delimited by cu_seqlens
+    if flattens(lm, batch):  # padding-free on a GPU: the packed rows as one sequence, documents by cu_seqlens
         out = lm.model(**flatten_packed(batch), use_cache=False)
     else:
         out = lm.model(

@@ -10,8 +10,12 @@ bf16 weights a bf16 run computes with (``MasterAdamW``) and for a ``final/`` sav
 
 The rounding adds 16 random bits below a bf16 mantissa and truncates: an fp32 whose low 16 bits are
 ``f`` (of 65536) rounds away from zero with probability ``f / 65536``. The random bits come from a
-seeded generator (a resume draws the same bits), one block of ``CHUNK`` values reused for every
-block of a tensor: each value's own draw is uniform, which is all unbiasedness needs.
+seeded generator (a resume draws the same bits): one block of ``CHUNK`` values reused for every
+block of a tensor, and, for the many tensors of one optimizer step, one ``Noise`` drawn once per
+step from which each tensor reads its block at an offset of its own (drawing a block per tensor
+took 93 of the 132 ms that rounding SmolLM2-135M's 272 tensors cost). Each value's own draw is
+uniform, which is all unbiasedness needs; within a block, neighbouring values (a row of a weight)
+get independent bits.
 """
 
 from __future__ import annotations
@@ -20,10 +24,26 @@ import torch
 from torch import Tensor
 
 CHUNK = 1 << 18  # values per pass: the int32 temporary (1 MiB) stays in cache (3x faster than whole tensors)
+SPREAD = 1 << 16  # offsets a tensor's block may start at, within one step's Noise
 
 
-def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> Tensor:
+class Noise:
+    """The random bits of one rounding pass over many tensors: ``CHUNK + SPREAD`` values drawn once
+    from ``generator``; ``block(n)`` hands each tensor ``min(n, CHUNK)`` of them from a random offset."""
+
+    def __init__(self, generator: torch.Generator, device: torch.device | str = "cpu") -> None:
+        self.generator = generator
+        self.bits = torch.randint(0, 1 << 16, (CHUNK + SPREAD,), dtype=torch.int32, generator=generator).to(device)
+
+    def block(self, n: int) -> Tensor:
+        start = int(torch.randint(0, SPREAD, (1,), generator=self.generator))
+        return self.bits[start : start + min(n, CHUNK)]
+
+
+def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator | Noise) -> Tensor:
     """Write ``src`` (fp32) into ``dst`` (bf16, same shape) rounded stochastically; returns ``dst``.
+    ``generator``: a seeded generator (a block of bits drawn for this tensor) or a ``Noise`` shared
+    by the tensors of one pass.
 
     Exactly representable values stay as they are; others go to one of their two bf16 neighbours:
 
@@ -40,7 +60,10 @@ def stochastic_round_(dst: Tensor, src: Tensor, generator: torch.Generator) -> T
     bits = src.detach().contiguous().view(-1).view(torch.int32)
     out = dst.view(-1) if dst.is_contiguous() else torch.empty(dst.numel(), dtype=torch.bfloat16, device=dst.device)
     n = bits.numel()
-    noise = torch.randint(0, 1 << 16, (min(n, CHUNK),), dtype=torch.int32, generator=generator).to(src.device)
+    if isinstance(generator, Noise):
+        noise = generator.block(n)
+    else:
+        noise = torch.randint(0, 1 << 16, (min(n, CHUNK),), dtype=torch.int32, generator=generator).to(src.device)
     tmp = torch.empty_like(noise)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from sft.config import TrainConfig
-from sft.lm.rounding import stochastic_round_
+from sft.lm.rounding import Noise, stochastic_round_
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 class MasterAdamW(torch.optim.Optimizer):
     """AdamW for bf16 weights: the update runs on an fp32 master copy with fp32 moments, and the
-    bf16 weight is the master rounded to nearest after each step. Without the master, an update
+    bf16 weight is the master rounded to bf16 after each step. Without the master, an update
     below half a bf16 step of the weight (2^-9 of it) rounds away and training stalls
     (``bench/bf16_quality.py`` shows that curve). fp32 parameters (a LoRA adapter) are their own
     master. Memory per bf16 weight: 2 (weight) + 2 (grad) + 4 (master) + 8 (moments) bytes, the
@@ -141,9 +141,9 @@ class MasterAdamW(torch.optim.Optimizer):
                 torch._foreach_copy_(low, low_masters)
             elif low:
                 step = int(steps[0])  # this step's number (1-based; the same for every weight)
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+                noise = Noise(torch.Generator().manual_seed(self.seed * 1_000_003 + step), low[0].device)
                 for p, m in zip(low, low_masters, strict=True):
-                    stochastic_round_(local(p), local(m), g)
+                    stochastic_round_(local(p), local(m), noise)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the master and moments stay fp32 (torch casts state to the weight's dtype)."""

@@ -67,7 +67,7 @@ def main() -> None:
                 out = fn(qq, kk, vv, pos, a.head_dim ** -0.5)
                 grads = torch.autograd.grad(out, (qq, kk, vv), grad)
                 times.append(time.perf_counter() - start)
-            results[name] = (out, *grads)
+            results[name] = (out.detach(), *grads)
             best = min(times[1:])
             print(f"{str(dtype)[6:]:>8}  {name:<18} {best * 1e3:7.1f} ms fwd+bwd per layer, "
                   f"x {a.layers} layers = {best * a.layers:.2f} s")

@@ -61,3 +61,29 @@ def test_a_replace_killed_between_its_renames_is_recovered(tmp_path):
     assert (target / "a.txt").read_text() == "old"
     atomic_write_dir(target, lambda d: (d / "a.txt").write_text("new"))  # control: a whole replace
     assert (target / "a.txt").read_text() == "new" and not (tmp_path / ".old-final").exists()
+
+
+def test_a_checkpoint_from_before_a_key_resumes_at_the_old_behaviour(tmp_path):
+    """A checkpoint written before ``train.bf16_rounding`` existed (its run rounded to nearest)
+    resumes when the run says nearest, and otherwise stops with the flag that fixes it; a key that
+    differs for real (lr) still stops the resume. Control: without the table the old checkpoint
+    cannot be resumed at all."""
+    import pytest
+
+    from sft.errors import SftError
+
+    old = {k: v for k, v in checkpoint.resume_config(load_config(None, [])).items() if k != "train.bf16_rounding"}
+    saved = {"world_size": 1, "config": old}
+    checkpoint.check_resume(tmp_path, saved, load_config(None, ["--train.bf16_rounding=nearest"]), Runtime())
+    with pytest.raises(SftError, match=r"predates train.bf16_rounding.*--train.bf16_rounding=nearest"):
+        checkpoint.check_resume(tmp_path, saved, load_config(None, []), Runtime())
+    with pytest.raises(SftError, match=r"train.lr was"):
+        checkpoint.check_resume(tmp_path, saved, load_config(None, ["--train.bf16_rounding=nearest", "--train.lr=1"]),
+                                Runtime())
+    table = checkpoint.ADDED_KEYS
+    try:
+        checkpoint.ADDED_KEYS = {}
+        with pytest.raises(SftError, match=r"train.bf16_rounding was None"):
+            checkpoint.check_resume(tmp_path, saved, load_config(None, ["--train.bf16_rounding=nearest"]), Runtime())
+    finally:
+        checkpoint.ADDED_KEYS = table

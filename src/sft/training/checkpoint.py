@@ -74,6 +74,10 @@ RESUMABLE_CHANGES = ("output_dir", "data.cache_dir", "train.save_every", "train.
                      "train.log_every", "train.report_to", "train.threads", "train.compile", "train.on_nan",
                      "eval.", "sweep.")
 
+# Keys added after checkpoints were first written, and the value that reproduces how a run behaved
+# before the key existed: a checkpoint without the key resumes when the run has that value.
+ADDED_KEYS: dict[str, Any] = {"train.bf16_rounding": "nearest", "lora.init": "default", "lora.quant_blocksize": 64}
+
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -118,6 +122,12 @@ def check_resume(path: Path, saved: dict[str, Any], cfg: Config, rt: Runtime) ->
         return  # a checkpoint from before the config was recorded
     now = resume_config(cfg)
     for key in sorted(set(before) | set(now)):
+        if key not in before and key in ADDED_KEYS:
+            if now.get(key) != ADDED_KEYS[key]:
+                raise SftError(f"{path}: the checkpoint predates {key}; its run behaved as {key}: "
+                               f"{ADDED_KEYS[key]!r}, this one has {now.get(key)!r}. Resume with "
+                               f"--{key}={ADDED_KEYS[key]} (or start a new run with --overwrite)")
+            continue
         if before.get(key) != now.get(key):
             raise SftError(f"{path}: {key} was {before.get(key)!r} when the checkpoint was made, now "
                            f"{now.get(key)!r}; resume with the same value (or start a new run with --overwrite)")

@@ -237,19 +237,19 @@ def device_info() -> dict[str, Any]:
             "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M"), "load_1m": round(os.getloadavg()[0], 2)}
 
 
-def run_child(python: str, tool: str, model_dir: str, a: argparse.Namespace) -> dict[str, Any]:
-    cmd = [python, __file__, "--child", tool, "--model-dir", model_dir, "--assets", str(a.assets),
+def run_child(python: str, tool: str, model_dir: str, a: argparse.Namespace, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    cmd = [python, __file__, "--child", tool.split("_")[0], "--model-dir", model_dir, "--assets", str(a.assets),
            "--work", str(a.work), "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length)]
     cmd += ["--tiny"] if a.tiny else []
     cmd += ["--compile", a.compile]
-    cmd += [f"--sft-override={o}" for o in a.sft_override]
+    cmd += [f"--sft-override={o}" for o in (*a.sft_override, *extra)]
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.child_timeout)
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["?"])[-1]
         return {"tool": tool, "error": last[:300], "seconds": round(time.perf_counter() - t, 1)}
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res = json.loads(p.stdout.strip().splitlines()[-1]) | {"tool": tool}
     res["seconds"] = round(time.perf_counter() - t, 1)
     return res
 
@@ -274,6 +274,8 @@ def table(rows: list[dict[str, Any]], peak: float | None) -> str:
                 continue
             vram = f"{r['peak_vram_gb']:.2f}" if r.get("peak_vram_gb") is not None else "-"
             note = json.dumps(r.get("config")) if tool == "trl" else f"attention {r.get('attention')}, compile {r.get('compile')} ({r.get('compile_s')} s)"
+            if tool == "sft_fp32" and "tokens_per_s" in pair.get("sft", {}):
+                note += f"; sft bf16 / fp32 {pair['sft']['tokens_per_s'] / r['tokens_per_s']:.2f}x"
             out.append(f"| {model} ({r.get('source', '')}) | {tool} | {r['tokens_per_s']:.0f} | {mfu(r, peak)} | {vram} | "
                        f"{r['peak_rss_gb']:.2f} | {ratio if tool == 'sft' else ''} | {note} |")
     return "\n".join(out)
@@ -296,6 +298,7 @@ def main() -> int:
     p.add_argument("--child-timeout", type=int, default=300)
     p.add_argument("--tiny", action="store_true", help="2-layer models, max_length 128, 2 steps: a CPU check")
     p.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
+    p.add_argument("--fp32", action="store_true", help="also run sft in fp32 (row sft_fp32: is bf16 faster?)")
     p.add_argument("--child", choices=["sft", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -317,8 +320,11 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for kind in a.models.split(","):
         made = make_model(kind, a.assets, a.work / kind, a.tiny)
-        for tool, python in (("trl", a.trl_python), ("sft", a.sft_python)):
-            r = run_child(python, tool, made["dir"], a) | {"model": kind, "source": made["source"]}
+        runs: list[tuple[str, str, tuple[str, ...]]] = [("trl", a.trl_python, ()), ("sft", a.sft_python, ())]
+        if a.fp32:
+            runs.append(("sft_fp32", a.sft_python, ("--train.precision=fp32",)))
+        for tool, python, extra in runs:
+            r = run_child(python, tool, made["dir"], a, extra) | {"model": kind, "source": made["source"]}
             print(json.dumps(r), flush=True)
             rows.append(r)
     sys.path.insert(0, str(ROOT / "src"))

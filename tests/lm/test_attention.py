@@ -2,8 +2,9 @@
 for Llama and Gemma 3 (sliding window), through both paths of sft.lm.attention: the flattened
 cu_seqlens path (per-document SDPA on a CPU) and the CPU training path, ``[B, T]`` rows whose
 documents come from position_ids (sft.lm.doc_attention); a control in which one document can see
-another fails each check. The CUDA kernel call (torch's varlen_attn) is exercised only on a GPU
-(bench/gpu_side_by_side.py)."""
+another fails each check. The CUDA kernel itself (torch's varlen_attn) runs only on a GPU
+(bench/gpu_side_by_side.py); how sft calls it, across the kernel's signatures in torch 2.10-2.12+, is
+checked here against CPU stand-ins."""
 
 from __future__ import annotations
 
@@ -213,3 +214,59 @@ def test_generation_through_the_varlen_model_equals_sdpa(smol_tok, monkeypatch):
     monkeypatch.setattr(attention, "mask_function", lambda *a, **k: None)
     broken = generate(attention.use_varlen(copy.deepcopy(model)).eval())[1]
     assert (broken[1:, 1] - ref[1:, 1]).abs().max() > 1e-3  # the padded row, at the cached steps
+
+
+def _fake_varlen(q, k, v, cu, scale, left, causal, gqa):
+    """CPU stand-in for torch's varlen_attn kernel: [N, H, D] documents by cu, window (left, 0)."""
+    if not gqa:
+        assert q.shape[1] == k.shape[1], "this version has no grouped-query attention"
+    outs = []
+    for s, e in zip(cu.tolist(), cu.tolist()[1:], strict=False):
+        i = torch.arange(e - s)
+        keep = torch.ones(e - s, e - s, dtype=torch.bool)
+        if causal:
+            keep &= i[None, :] <= i[:, None]
+        if left >= 0:
+            keep &= i[None, :] >= i[:, None] - left
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=keep,
+            scale=scale, enable_gqa=gqa).transpose(0, 1))
+    return torch.cat(outs)
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    return _fake_varlen(query, key, value, cu_seq_q, None, -1, is_causal, gqa=False)
+
+
+def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    return _fake_varlen(query, key, value, cu_seq_q, scale, window_size[0], window_size[1] == 0, gqa=False)
+
+
+def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    return _fake_varlen(query, key, value, cu_seq_q, scale, window_size[0], window_size[1] == 0, gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("fn", [varlen_2_10, varlen_2_11, varlen_2_12])
+@pytest.mark.parametrize("window", [None, 16])
+def test_call_varlen_attn_across_torch_versions(fn, window):
+    """The CUDA kernel's call adapts to varlen_attn's signature in torch 2.10, 2.11 and 2.12+ (GQA
+    repeated where it has no enable_gqa; None where it cannot window or scale): what it returns
+    equals SDPA per document. Control: the same kernel without causality differs."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 4, 8, generator=g)  # [N, Hq, D], two key/value heads
+    k, v = torch.randn(64, 2, 8, generator=g), torch.randn(64, 2, 8, generator=g)
+    cu = torch.tensor([0, 37, 42, 64], dtype=torch.int32)
+    want = attention._per_document(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, None, window)
+    got = attention.call_varlen_attn(fn, q, k, v, cu, 37, None, window)
+    if fn is varlen_2_10 and window:
+        assert got is None  # no window in that version: SDPA per document instead
+    else:
+        torch.testing.assert_close(got, want.transpose(0, 1))
+    assert attention.call_varlen_attn(varlen_2_10, q, k, v, cu, 37, 0.3, None) is None  # fixed 1/sqrt(d) only
+    scaled = attention.call_varlen_attn(varlen_2_11, q, k, v, cu, 37, 0.3, None)
+    torch.testing.assert_close(scaled, attention._per_document(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu, 0.3, None).transpose(0, 1))
+    leaky = varlen_2_12(q, k, v, cu, cu, 37, 37, window_size=(-1, -1), enable_gqa=True)
+    assert (leaky - want.transpose(0, 1)).abs().max() > 0.1

@@ -8,7 +8,8 @@ computes all ``T x T`` scores, most of them masked; its FlashAttention-2 path in
 - On a GPU, packed micro-batches ``[B, T]`` are flattened to one sequence ``[1, B*T]`` whose
   documents are delimited by ``cu_seqlens`` (where ``position_ids`` restart at 0), and attention
   runs per document with PyTorch's own FlashAttention varlen kernel
-  (``torch.nn.attention.varlen.varlen_attn``: bf16/fp16 on CUDA, no extra package).
+  (``torch.nn.attention.varlen.varlen_attn``: bf16/fp16 on CUDA, no extra package; ``call_varlen_attn``
+  follows its signature from torch 2.10 on, where a version cannot window or scale, SDPA per document).
 - On a CPU the rows keep their ``[B, T]`` shape and ``sft.lm.doc_attention`` runs PyTorch's CPU
   flash kernel on each document (found from ``position_ids``, a fixed-shape tensor, inside one
   opaque operator, so compiled blocks never recompile).
@@ -104,14 +105,40 @@ def varlen_attention(
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         from torch.nn.attention.varlen import varlen_attn
 
-        flat: Any = varlen_attn(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_seq_lens_q, cu_seq_lens_q,
-            int(max_length_q or 0), int(max_length_q or 0), scale=scaling,
-            window_size=(sliding_window - 1, 0) if sliding_window else (-1, 0),
-            enable_gqa=q.shape[0] != k.shape[0],
-        )  # [N, Hq, D]
-        return flat[None], None
+        flat = call_varlen_attn(varlen_attn, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                cu_seq_lens_q, int(max_length_q or 0), scaling, sliding_window)
+        if flat is not None:
+            return flat[None], None
     return _per_document(q, k, v, cu_seq_lens_q, scaling, sliding_window).transpose(0, 1)[None], None
+
+
+def call_varlen_attn(fn: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, longest: int, scale: float | None,
+                     window: int | None) -> Tensor | None:
+    """Causal ``torch.nn.attention.varlen.varlen_attn`` (q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D])
+    across its versions, or ``None`` where this version cannot do it (the caller then runs SDPA per
+    document): torch 2.10 has ``is_causal`` and no ``scale``/window; later versions have ``scale``
+    and ``window_size``; ``enable_gqa`` came later still (without it the key/value heads are repeated).
+    """
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if q.shape[1] != k.shape[1] and "enable_gqa" not in params:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    kwargs: dict[str, Any] = {}
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    if "window_size" in params:  # causal is a window of (left, 0)
+        kwargs["window_size"] = (window - 1, 0) if window else (-1, 0)
+    elif window or "is_causal" not in params:
+        return None
+    else:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12 * scale:
+        return None  # this version only scales by 1/sqrt(head_dim)
+    return fn(q, k, v, cu, cu, longest, longest, **kwargs)  # type: ignore[no-any-return]
 
 
 def mask_function(*args: Any, **kwargs: Any) -> Tensor | None:

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pyver="${1:-3.12}"
+[ -x .venv/bin/python ] || { echo "gpu_prepare: no .venv here; run 'make test' (or 'make install') first" >&2; exit 1; }
 mkdir -p .whl  # ignored by .gitignore
 rm -f .whl/*.whl
 # the versions sft's own environment tests with (trl: bench/trl_side_by_side.py's)

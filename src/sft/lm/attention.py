@@ -22,6 +22,8 @@ also runs on a CPU (SDPA document by document) so that it is tested here
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 from typing import Any
 
@@ -112,6 +114,12 @@ def varlen_attention(
     return _per_document(q, k, v, cu_seq_lens_q, scaling, sliding_window).transpose(0, 1)[None], None
 
 
+@functools.cache
+def _parameters(fn: Any) -> frozenset[str]:
+    """Names of ``fn``'s parameters, read once per function (the attention call runs per layer)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def call_varlen_attn(fn: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, longest: int, scale: float | None,
                      window: int | None) -> Tensor | None:
     """Causal ``torch.nn.attention.varlen.varlen_attn`` (q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D])
@@ -119,9 +127,7 @@ def call_varlen_attn(fn: Any, q: Tensor, k: Tensor, v: Tensor, cu: Tensor, longe
     document): torch 2.10 has ``is_causal`` and no ``scale``/window; later versions have ``scale``
     and ``window_size``; ``enable_gqa`` came later still (without it the key/value heads are repeated).
     """
-    import inspect
-
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     if q.shape[1] != k.shape[1] and "enable_gqa" not in params:
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -16,6 +16,8 @@ all of them can use it.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import math
 import os
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -95,6 +97,9 @@ class Runtime:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: Precision = "fp32"
+    # FSDP2's DeviceMeshes (sft.training.distributed.wrap): each keeps the process group in a
+    # registry that shutdown() empties, so the group does not outlive destroy_process_group
+    meshes: list[Any] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def main(self) -> bool:
@@ -172,11 +177,24 @@ class Runtime:
         return self.all_sum([float(flag)])[0] > 0
 
     def shutdown(self) -> None:
-        """Leave the process group. The barrier first: a rank that destroys the group while another
-        still talks to it makes both abort at exit."""
+        """Leave the process group, and free it while Python still runs. Call it after dropping
+        the wrapped model (FSDP2's state holds the group too).
+
+        The barrier first: a rank that destroys the group while another still talks to it makes
+        both abort at exit. Then the group itself must go: a gloo worker thread may still hold the
+        barrier's work, which holds the tensors of earlier collectives; if the group survives into
+        interpreter shutdown, that thread drops them there, needs the GIL that is gone, and the
+        process aborts ("terminate called without an active exception": 1 of 20, then 1 of 50 runs
+        of the FSDP2 packing test's job next to two busy-loop processes on the 2-core machine). Freed here, the group's destructor joins its threads with the GIL
+        released: no gloo thread is left afterwards (tests/training/test_distributed.py).
+        """
         if self.world > 1 and dist.is_initialized():
             self.barrier()
             dist.destroy_process_group()
+            for mesh in self.meshes:
+                getattr(mesh, "_pg_registry", {}).clear()  # where torch 2.13 keeps the mesh's groups
+            self.meshes.clear()
+            gc.collect()  # the model's reference cycles, which reach the group through FSDP2's state
 
 
 def env_world() -> int:
@@ -207,6 +225,11 @@ def start(cfg: Config) -> Runtime:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # imported before the group exists: its functions bind ``group=group.WORLD`` as a default
+        # argument, and imported later (transformers' lazy imports reach it through FSDP1) they keep
+        # the group alive past destroy_process_group (see Runtime.shutdown)
+        importlib.import_module("torch.distributed.nn")
+
         try:
             dist.init_process_group(backend, timeout=TIMEOUT)
         except (RuntimeError, ValueError, KeyError) as e:

@@ -79,6 +79,7 @@ def wrap(cfg: Config, rt: Runtime, model: Any, optimizer: torch.optim.Optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     mesh = init_device_mesh(dev.type, (rt.world,))
+    rt.meshes.append(mesh)  # rt.shutdown() frees the process group it holds
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if rt.precision == "bf16" else MixedPrecisionPolicy())
     # train.offload: FSDP2 keeps the sharded parameters, gradients and optimizer state in CPU RAM

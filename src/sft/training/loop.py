@@ -119,6 +119,7 @@ def train(
         finally:
             if run.trackers is not None:
                 run.trackers.close()
+        del run  # the model first: FSDP2's state holds the process group that rt.shutdown() frees
     rt.shutdown()  # ranks wait here while rank 0 writes final/ and the report
     return result
 

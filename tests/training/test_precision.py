@@ -107,6 +107,28 @@ def test_master_state_round_trips_in_fp32():
         MasterAdamW.load_state_dict = broken  # type: ignore[method-assign]
 
 
+def test_master_state_keyed_by_parameter_names_loads():
+    """torch.distributed.checkpoint (an FSDP2 resume) hands the state keyed by parameter names, not
+    ids; the masters still come back in fp32, each on its own parameter (a resume stopped with
+    "invalid literal for int()")."""
+    kw = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8}
+    a, b = (torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(i)).bfloat16()) for i in (1, 2))
+    opt = MasterAdamW([a, b], **kw)
+    a.grad, b.grad = torch.ones(4, 3, dtype=torch.bfloat16), -torch.ones(4, 3, dtype=torch.bfloat16)
+    opt.step()
+    sd = opt.state_dict()
+    names = {0: "layer.a", 1: "layer.b"}
+    by_name = {"state": {names[k]: v for k, v in sd["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    a2, b2 = (torch.nn.Parameter(p.detach().clone()) for p in (a, b))
+    new = MasterAdamW([a2, b2], **kw)
+    new.load_state_dict(by_name)
+    for old_p, new_p in ((a, a2), (b, b2)):
+        assert new.state[new_p]["master"].dtype == torch.float32
+        assert torch.equal(new.state[new_p]["master"], opt.state[old_p]["master"])
+        assert torch.equal(new.state[new_p]["exp_avg"], opt.state[old_p]["exp_avg"])
+
+
 def test_to_train_dtype_keeps_rotary_frequencies_fp32(tiny_llama_model):
     cfg = load_config(None, ["--model=x", "--data.train=x.jsonl", "--train.precision=bf16"])
     m = precision.to_train_dtype(tiny_llama_model, cfg)

@@ -11,7 +11,6 @@ Both wrappers average gradients over ranks, so the step multiplies each micro-ba
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +22,7 @@ from sft.config import Config
 from sft.errors import SftError
 from sft.lm.loss import LossModule, unwrap
 from sft.runtime import Runtime
+from sft.training.optim import rebuilt
 
 # train.parallel: auto -> DDP below this many parameters, FSDP2 at or above. DDP keeps the whole
 # model, its gradients and AdamW's two moments on every GPU: 16 bytes a parameter in fp32, so
@@ -92,9 +92,7 @@ def wrap(cfg: Config, rt: Runtime, model: Any, optimizer: torch.optim.Optimizer)
     params = dict(model.named_parameters())
     new_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [params[n] for n in names_]}
                   for g, names_ in zip(optimizer.param_groups, groups)]
-    accepted = inspect.signature(type(optimizer)).parameters
-    defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-    return root, type(optimizer)(new_groups, **defaults)
+    return root, rebuilt(optimizer, new_groups)
 
 
 def check_offload(cfg: Config, parallel: str, device: str) -> None:

@@ -3,6 +3,7 @@ and the learning-rate schedule as a pure function."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -138,7 +139,7 @@ class MasterAdamW(torch.optim.Optimizer):
                   beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                   maximize=False)
             if low and self.rounding == "nearest":
-                torch._foreach_copy_(low, low_masters)
+                torch._foreach_copy_([local(p) for p in low], [local(m) for m in low_masters])  # FSDP2: the shards
             elif low:
                 step = int(steps[0])  # this step's number (1-based; the same for every weight)
                 noise = Noise(torch.Generator().manual_seed(self.seed * 1_000_003 + step), low[0].device)
@@ -148,12 +149,32 @@ class MasterAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the master and moments stay fp32 (torch casts state to the weight's dtype)."""
         saved = {pid: {k: v for k, v in st.items() if k in self.FP32_STATE} for pid, st in state_dict["state"].items()}
+        # the saved groups' ids in order, as torch maps them: ints, or parameter names from
+        # torch.distributed.checkpoint (an FSDP2 resume)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"]), strict=True))
         for pid, tensors in saved.items():
-            p = params[int(pid)]
+            p = by_id[pid]
             for k, v in tensors.items():
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+
+def rebuilt(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The same optimizer, class and settings, over new parameter groups (FSDP2 replaces the
+    parameters with sharded ones). Settings are its ``defaults`` and the constructor arguments it
+    keeps as attributes of the same name (``MasterAdamW``'s ``rounding`` and ``seed``).
+
+    >>> w = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    >>> opt = MasterAdamW([{"params": [w]}], lr=1e-3, betas=(0.9, 0.99), eps=1e-8, rounding="stochastic", seed=7)
+    >>> new = rebuilt(opt, [{"params": [w]}])
+    >>> type(new).__name__, new.rounding, new.seed, new.defaults["lr"]
+    ('MasterAdamW', 'stochastic', 7, 0.001)
+    """
+    accepted = [k for k in inspect.signature(type(optimizer)).parameters if k != "params"]
+    settings = {k: optimizer.defaults[k] if k in optimizer.defaults else getattr(optimizer, k)
+                for k in accepted if k in optimizer.defaults or hasattr(optimizer, k)}
+    return type(optimizer)(groups, **settings)
 
 
 def master_weights(optimizer: torch.optim.Optimizer, model: Any) -> dict[str, torch.Tensor]:

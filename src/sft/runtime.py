@@ -185,8 +185,9 @@ class Runtime:
         barrier's work, which holds the tensors of earlier collectives; if the group survives into
         interpreter shutdown, that thread drops them there, needs the GIL that is gone, and the
         process aborts ("terminate called without an active exception": 1 of 20, then 1 of 50 runs
-        of the FSDP2 packing test's job next to two busy-loop processes on the 2-core machine). Freed here, the group's destructor joins its threads with the GIL
-        released: no gloo thread is left afterwards (tests/training/test_distributed.py).
+        of the FSDP2 packing test's job next to two busy-loop processes on the 2-core machine).
+        Freed here, the group's destructor joins its threads with the GIL released: no gloo thread
+        is left afterwards (tests/training/test_distributed.py).
         """
         if self.world > 1 and dist.is_initialized():
             self.barrier()

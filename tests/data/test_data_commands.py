@@ -79,6 +79,39 @@ def test_preview_marks_trained_tokens(tmp_path, no_weights):
     assert "\033[1;32ma0<|im_end|>\033[0m" in out.getvalue() and "[[" not in out.getvalue()
 
 
+def tool_row():
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}
+    return {"messages": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "tool_calls": [call]},
+                         {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3."}]}
+
+
+def test_rows_the_template_cannot_render_are_invalid_not_valid(tmp_path, no_weights):
+    # SmolLM2's own template writes no tool calls: the row parses, then fails to render. It is counted
+    # once, as invalid (the report used to say "valid: 3  invalid rows: 1" for 3 rows).
+    cfg = config(tmp_path, [qa(0), tool_row(), qa(2)], extra="  on_invalid: skip\n")
+    out = io.StringIO()
+    assert commands.check(cfg, as_json=True, stream=out) == 0
+    r = json.loads(out.getvalue())
+    assert (r["rows"], r["valid"], r["invalid_rows"], r["skipped"], r["examples"]) == (3, 2, 1, 1, 2)
+    (src,) = r["sources"]
+    assert (src["rows"], src["valid"], src["invalid"]) == (3, 2, 1)
+    assert r["invalid"][0]["line"] == 2 and "tool calls" in r["invalid"][0]["error"]
+    cfg.data.template = "chatml"  # a template with tool calls renders it
+    out = io.StringIO()
+    assert commands.check(cfg, as_json=True, stream=out) == 0
+    r = json.loads(out.getvalue())
+    assert (r["rows"], r["valid"], r["invalid_rows"], r["examples"]) == (3, 3, 0, 3)
+
+
+def test_preview_shows_a_row_it_cannot_render_and_goes_on(tmp_path, no_weights):
+    cfg = config(tmp_path, [tool_row(), qa(1)])
+    out = io.StringIO()
+    assert commands.preview(cfg, n=2, stream=out, color=False) == 0
+    text = out.getvalue()
+    assert f"=== {tmp_path / 'train.jsonl'}:1: not rendered, so not trained ===\nerror: messages[1] has tool calls" in text
+    assert "[[a1<|im_end|>]]" in text  # the next row is still shown
+
+
 def test_tokenize_writes_examples_in_input_order(tmp_path, no_weights, smol_tok):
     cfg = config(tmp_path, [qa(i) for i in range(4)] + [qa(5, "long " * 150)])
     out = tmp_path / "out" / "tok.jsonl"

@@ -197,6 +197,24 @@ def test_data_page_previews_trained_tokens_searchable_by_file_line(tmp_path, tin
     assert "9 of 9 conversations match" in everything and everything.count('<section class="example">') == 9
 
 
+def test_data_page_shows_a_row_the_template_cannot_render(tmp_path, tiny_dir):
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    rows = [{"messages": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "tool_calls": [call]},
+                          {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3."}]},
+            {"messages": [{"role": "user", "content": "Hi <b>"}, {"role": "assistant", "content": "Hello."}]}]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "runs"
+    run = write_run(root / "r")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data)}], "max_length": 128})  # SmolLM2's template
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    html = client(root).get("/data", params={"id": "r"}).text
+    assert f"<h3>{data}:1: not rendered, so not trained</h3>" in html
+    assert '<p class="note">messages[1] has tool calls, which this chat template does not write' in html
+    assert '<span class="trained">Hello.&lt;|im_end|&gt;</span>' in html  # the next row is still shown
+
+
 def test_ui_binds_localhost_by_default_and_warns_otherwise(tmp_path, monkeypatch, capsys):
     import uvicorn
 

@@ -27,6 +27,7 @@ from sft.data.check import (
 from sft.data.pipeline import DataReport, build_dataset, collect_conversations
 from sft.data.quality import KINDS, format_quality
 from sft.data.select import format_summary, score_summary
+from sft.errors import SftError
 
 
 def _tokenizer(cfg: Config) -> Any:
@@ -120,6 +121,9 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
     if report.invalid:
         out.write(f"({report.invalid_rows} invalid rows not shown; run `sft data check` for the list)\n")
     for item in preview_items(cfg, tok, template, convs[:n]):
+        if "error" in item:
+            out.write(f"\n=== {item['where']}: not rendered, so not trained ===\nerror: {item['error']}\n")
+            continue
         out.write(f"\n=== {item['where']}: {item['tokens']} tokens, {item['trained']} trained{item['note']} ===\n")
         out.write(render(item["pieces"], color) + "\n")
     if not convs:
@@ -129,14 +133,19 @@ def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool |
 
 def preview_items(cfg: Config, tok: Any, template: str, convs: list[Any]) -> list[dict[str, Any]]:
     """Each conversation's examples as the model sees them: ``where`` (file:line), ``tokens``,
-    ``trained``, ``note`` and ``pieces``, the decoded text in runs of (text, trained). Shared by
-    ``sft data preview`` and ``sft ui``'s data page."""
+    ``trained``, ``note`` and ``pieces``, the decoded text in runs of (text, trained); a conversation
+    the template cannot render (which ``sft data check`` lists as invalid) gives ``where`` and
+    ``error`` only. Shared by ``sft data preview`` and ``sft ui``'s data page."""
     from sft.data.chat import encode_all
     from sft.data.pipeline import truncate_example
 
-    items = []
+    items: list[dict[str, Any]] = []
     for conv in convs:
-        examples = encode_all(conv, tok, template, cfg.data.train_on, cfg.data.reasoning)
+        try:
+            examples = encode_all(conv, tok, template, cfg.data.train_on, cfg.data.reasoning)
+        except SftError as e:
+            items.append({"where": conv.location(), "error": str(e).removeprefix(f"{conv.location()}: ")})
+            continue
         for k, ex in enumerate(examples):
             note = f", example {k + 1} of {len(examples)} (one per assistant turn)" if len(examples) > 1 else ""
             if len(ex) > cfg.data.max_length:

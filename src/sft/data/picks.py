@@ -103,10 +103,8 @@ def select_examples(convs: list[Conversation], raw: Raw, stores: list[TokenStore
             bad |= (occ[:, 0] == k) & np.isin(occ[:, 1], list(errors))
     for i in np.flatnonzero(bad):  # in reading order, once per use
         conv = convs[i]
-        report.invalid_rows += 1
-        report.add_problem(conv.source, conv.line, messages[(int(occ[i, 0]), int(occ[i, 1]))])
-        if cfg.data.on_invalid == "skip":
-            report.skipped += 1
+        report.unrenderable(conv.source, conv.line, messages[(int(occ[i, 0]), int(occ[i, 1]))],
+                            skip=cfg.data.on_invalid == "skip")
     good = occ[~bad]
     first = np.zeros(len(good), np.int64)
     count = np.zeros(len(good), np.int64)

@@ -281,10 +281,8 @@ def tokenize_conversations(
         try:  # usually one example; one per trained turn where the template rewrites history
             encoded += chat.encode_all(conv, tokenizer, template, cfg.data.train_on, cfg.data.reasoning)
         except SftError as e:
-            report.invalid_rows += 1
-            report.add_problem(conv.source, conv.line, str(e).removeprefix(f"{conv.location()}: "))  # prefix once
-            if cfg.data.on_invalid == "skip":
-                report.skipped += 1
+            error = str(e).removeprefix(f"{conv.location()}: ")  # the location is printed once
+            report.unrenderable(conv.source, conv.line, error, skip=cfg.data.on_invalid == "skip")
             continue
     for ex in encoded:
         if ex.num_trained == 0:

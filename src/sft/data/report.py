@@ -61,6 +61,24 @@ class DataReport:
     def add_problem(self, file: str, line: int, error: str) -> None:
         self.invalid.append({"file": file, "line": line, "error": error})
 
+    def unrenderable(self, file: str, line: int, error: str, skip: bool) -> None:
+        """A row that was read as valid but failed to render or tokenize (e.g. tool calls for a template
+        that cannot write them): it moves from valid to invalid, here and in its source's counts.
+
+        >>> r = DataReport(rows=2, valid=2, sources=[SourceStats("a", "a.jsonl", rows=2, valid=2)])
+        >>> r.unrenderable("a.jsonl", 3, "no tool calls in this template", skip=True)
+        >>> (r.valid, r.invalid_rows, r.skipped, r.sources[0].valid, r.sources[0].invalid)
+        (1, 1, 1, 1, 1)
+        """
+        self.invalid_rows += 1
+        self.valid = max(0, self.valid - 1)
+        self.skipped += skip
+        for s in self.sources:
+            if s.path == file:
+                s.valid, s.invalid = max(0, s.valid - 1), s.invalid + 1
+                break
+        self.add_problem(file, line, error)
+
     def problems(self) -> list[str]:
         """``FILE:LINE: error`` lines, in reading order."""
         return [f"{p['file']}:{p['line']}: {p['error']}" for p in self.invalid]

@@ -94,7 +94,7 @@ def test_rows_the_template_cannot_render_are_invalid_not_valid(tmp_path, no_weig
     r = json.loads(out.getvalue())
     assert (r["rows"], r["valid"], r["invalid_rows"], r["skipped"], r["examples"]) == (3, 2, 1, 1, 2)
     (src,) = r["sources"]
-    assert (src["rows"], src["valid"], src["invalid"]) == (3, 2, 1)
+    assert (src["rows"], src["valid"], src["invalid"], src["used"]) == (3, 2, 1, 2)
     assert r["invalid"][0]["line"] == 2 and "tool calls" in r["invalid"][0]["error"]
     cfg.data.template = "chatml"  # a template with tool calls renders it
     out = io.StringIO()

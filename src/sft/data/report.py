@@ -63,12 +63,13 @@ class DataReport:
 
     def unrenderable(self, file: str, line: int, error: str, skip: bool) -> None:
         """A row that was read as valid but failed to render or tokenize (e.g. tool calls for a template
-        that cannot write them): it moves from valid to invalid, here and in its source's counts.
+        that cannot write them): it moves from valid to invalid, here and in its source's counts (and
+        out of the source's ``used`` when skipped).
 
-        >>> r = DataReport(rows=2, valid=2, sources=[SourceStats("a", "a.jsonl", rows=2, valid=2)])
+        >>> r = DataReport(rows=2, valid=2, sources=[SourceStats("a", "a.jsonl", rows=2, valid=2, used=2)])
         >>> r.unrenderable("a.jsonl", 3, "no tool calls in this template", skip=True)
-        >>> (r.valid, r.invalid_rows, r.skipped, r.sources[0].valid, r.sources[0].invalid)
-        (1, 1, 1, 1, 1)
+        >>> (r.valid, r.invalid_rows, r.skipped, r.sources[0].valid, r.sources[0].invalid, r.sources[0].used)
+        (1, 1, 1, 1, 1, 1)
         """
         self.invalid_rows += 1
         self.valid = max(0, self.valid - 1)
@@ -76,6 +77,7 @@ class DataReport:
         for s in self.sources:
             if s.path == file:
                 s.valid, s.invalid = max(0, s.valid - 1), s.invalid + 1
+                s.used = max(0, s.used - skip)
                 break
         self.add_problem(file, line, error)
 

@@ -429,10 +429,16 @@ def test_lint_says_which_templates_split_conversations(toks):
 
 
 def test_templates_without_tools_reject_tool_rows(toks, gemma_tok):
-    for vendor in ("phi3.5", "phi4"):  # they would silently drop the calls
+    for vendor in ("phi3.5", "phi4"):  # they would silently drop the tools and the calls
+        tok = toks[VENDORS[vendor][1]]
+        with pytest.raises(SftError, match=r"t.jsonl:3: the row's tools \('get_weather'\) are not in the prompt"):
+            encode_all(Conversation(CONVS["tool"], tools=TOOLS, source="t.jsonl", line=3), tok, _source(vendor),
+                       "assistant")
         with pytest.raises(SftError, match=r"t.jsonl:3: messages\[1\] has tool calls, which this chat template"):
-            encode_all(Conversation(CONVS["tool"], tools=TOOLS, source="t.jsonl", line=3),
-                       toks[VENDORS[vendor][1]], _source(vendor), "assistant")
+            encode_all(Conversation(CONVS["tool"], source="t.jsonl", line=3), tok, _source(vendor), "assistant")
+    plain = [m for m in CONVS["tool"] if m.role in ("user", "assistant") and not m.tool_calls]
+    encode_all(Conversation(plain[:2], source="t.jsonl", line=3), toks[VENDORS["phi4"][1]], _source("phi4"),
+               "assistant")  # control: without tools the same template is fine
     with pytest.raises(SftError, match=r"t.jsonl:3: the chat template failed.*alternate"):
         encode_all(Conversation(CONVS["tool"], tools=TOOLS, source="t.jsonl", line=3), gemma_tok,
                    _source("gemma3"), "assistant")

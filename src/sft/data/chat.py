@@ -211,6 +211,11 @@ def plan_all(conv: Conversation, tokenizer: Any, template: str, train_on: str, r
     last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=len(msgs) - 1)
     view = template_messages(msgs, kept_reasoning(msgs, reasoning, last), reasoning_field(source))
     rendered = render(tokenizer, source, view, conv.tools, False, where)
+    missing = [n for n in tool_names(conv.tools) if n not in rendered]
+    if missing:  # the model would be trained to use (or decline) tools its prompt never shows
+        raise SftError(f"{where}: the row's tools ({', '.join(repr(n) for n in missing[:3])}) are not in the prompt: "
+                       "this chat template does not write tools; use a template with tools (chatml, llama3, or the "
+                       "model's own if it has them)")
     for i, m in enumerate(msgs):
         if any(c.get("function", c).get("name", "") not in rendered for c in m.tool_calls or []):
             raise SftError(f"{where}: messages[{i}] has tool calls, which this chat template does not write; "
@@ -232,6 +237,21 @@ def plan_all(conv: Conversation, tokenizer: Any, template: str, train_on: str, r
     if all(rendered.startswith(text[:end]) for _, text, _, end in turns):
         return [(rendered, [(s, e) for _, _, s, e in turns], None, False)]
     return [(text, [(s, e)], i, False) for i, text, s, e in turns]
+
+
+def tool_names(tools: Any) -> list[str]:
+    """The names of a row's tools (OpenAI's ``{"type": "function", "function": {...}}`` or a bare schema).
+
+    >>> tool_names([{"type": "function", "function": {"name": "add"}}, {"name": "search"}, "junk"])
+    ['add', 'search']
+    """
+    out = []
+    for t in tools or []:
+        spec = t.get("function", t) if isinstance(t, dict) else None
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and name:
+            out.append(name)
+    return out
 
 
 def encode(conv: Conversation, tokenizer: Any, template: str, train_on: str, reasoning: str = "keep_last") -> Example:

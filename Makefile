@@ -7,13 +7,15 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-all lint install install-export clean
 
 # `pip install $(1)`, retried: a wheel cut off mid-download is resumed (--resume-retries, pip >= 25.1;
-# older pips ignore the variable), and a step that still fails is run again, up to 3 times, 30 s apart.
-# CI once lost a run to a 61 MB wheel whose download stopped at 45.9 MB six times in a row.
+# older pips ignore the variable), and a step that still fails is run again, up to 5 times, 30 s apart.
+# CI once lost a run to a 61 MB wheel whose download stopped at 45.9 MB six times in a row; on this
+# machine the same wheel then failed twice (stuck at 47.4 and 46.9 MB through 20 resumes) and came whole
+# on the third try.
 EXTRAS := dev,models,trackers,ui,qlora
 COMMA := ,
 PIP_ENV := PIP_RETRIES=10 PIP_RESUME_RETRIES=20 PIP_DEFAULT_TIMEOUT=60
-pip_install = for i in 1 2 3; do $(PIP_ENV) $(BIN)/pip install -q $(1) && exit 0; \
-	echo "pip install $(1): failed (attempt $$i of 3)" >&2; [ $$i = 3 ] || sleep 30; done; exit 1
+pip_install = for i in 1 2 3 4 5; do $(PIP_ENV) $(BIN)/pip install -q $(1) && exit 0; \
+	echo "pip install $(1): failed (attempt $$i of 5)" >&2; [ $$i = 5 ] || sleep 30; done; exit 1
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -16,13 +16,12 @@ from sft.data.quality import (
     KINDS,
     QualitySettings,
     contamination,
-    empty_reason,
     find_problems,
     length_outliers,
     near_duplicates,
     rows_to_drop,
-    truncation_reason,
 )
+from sft.data.replies import empty_reason, truncation_reason
 from sft.data.types import Conversation, Message
 from sft.errors import SftError
 

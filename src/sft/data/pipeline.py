@@ -341,6 +341,7 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
         picks,
         quality,
         quality_cache,
+        replies,
         report,
         source_cache,
         store,
@@ -348,8 +349,8 @@ def cache_key(cfg: Config, tokenizer: Any, template: str, split: str) -> str:
     from sft.data import sources as sources_mod
     from sft.data import split as split_mod  # decides the eval.split rows
 
-    for mod in (chat, masks, formats, sources_mod, hub, minhash, overlap, quality, quality_cache, source_cache, store,
-                picks, report, split_mod):
+    for mod in (chat, masks, formats, sources_mod, hub, minhash, overlap, quality, quality_cache, replies, source_cache,
+                store, picks, report, split_mod):
         code += Path(str(mod.__file__)).read_bytes()  # quality findings are cached with the train split
     code += Path(__file__).read_bytes()
     body = {

@@ -24,7 +24,7 @@ Six kinds of finding, each a list in reading order (the JSON of ``sft data check
   starts as JSON where the prompt asks for it); the reply stops on a comma, colon or a word that
   cannot end a sentence ("the", "and", ...); or several replies stop at exactly the longest length
   without a closing punctuation mark (a generation limit). Boilerplate: a phrase of
-  ``BOILERPLATE`` (AI self-references) or ``sft.data.refusals.REFUSAL_PHRASES`` (stock
+  ``sft.data.replies.BOILERPLATE`` (AI self-references) or ``sft.data.refusals.REFUSAL_PHRASES`` (stock
   refusals; not in rows whose category is ``harmful``, where a refusal is the lesson) or of
   ``data.quality.boilerplate``. Length outliers: a robust z-score (median and median absolute
   deviation of log trained tokens) beyond 3.5.
@@ -35,8 +35,6 @@ pair, the training row of a contaminated pair, the row itself for the others.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -47,7 +45,6 @@ from sft.data.minhash import EMPTY, band_keys, lsh_params
 from sft.data.overlap import (
     CHUNK,
     NEAR_DUPLICATE_THRESHOLD,
-    WORD,
     Loc,
     Tick,
     contamination,  # noqa: F401 (part of this module's API: tests and callers import it from here)
@@ -58,63 +55,20 @@ from sft.data.overlap import (
     row_signatures,
     worst_contamination,
 )
-from sft.data.types import Conversation, Message
+from sft.data.replies import (
+    BOILERPLATE,
+    boilerplate_reason,
+    empty_reason,
+    ends_open,
+    reply_words,
+    truncation_reason,
+)
+from sft.data.types import Conversation
 
 KINDS = ("near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate",
          "length_outliers")
 OUTLIER_Z = 3.5  # |robust z| beyond this is an outlier (Iglewicz & Hoaglin)
 OUTLIER_MIN_ROWS = 8  # fewer rows than this: no length statistics
-
-# AI self-references that teach a model to talk like another model (case-insensitive, apostrophes
-# straightened); stock refusals come from sft.data.refusals.REFUSAL_PHRASES.
-BOILERPLATE: tuple[str, ...] = (
-    "as an ai language model",
-    "as a language model",
-    "as an ai assistant",
-    "as an ai,",
-    "as an artificial intelligence",
-    "i am an ai language model",
-    "i'm an ai language model",
-    "i am just an ai",
-    "i'm just an ai",
-    "i am only an ai",
-    "i'm only an ai",
-    "i am a large language model",
-    "i'm a large language model",
-    "i was trained by openai",
-    "i was developed by openai",
-    "i was created by openai",
-    "i am chatgpt",
-    "i'm chatgpt",
-    "my knowledge cutoff",
-    "my knowledge cut-off",
-    "as of my last update",
-    "as of my last knowledge update",
-    "as of my training data",
-    "i don't have personal opinions",
-    "i do not have personal opinions",
-    "i don't have personal experiences",
-    "i do not have personal experiences",
-    "i don't have feelings",
-    "i do not have feelings",
-    "i don't have access to real-time",
-    "i do not have access to real-time",
-    "i don't have the ability to browse",
-    "i do not have the ability to browse",
-    "i cannot browse the internet",
-    "i can't browse the internet",
-)
-PLACEHOLDERS = frozenset({"n/a", "na", "null", "nan", "none.", "todo", "tbd", "<noinput>", "<nooutput>",
-                          "<no output>", "no output", "undefined", "[deleted]", "[removed]", "..."})
-# words a finished sentence does not end on
-DANGLING = frozenset((
-    "the", "a", "an", "and", "or", "but", "of", "to", "in", "on", "at", "by", "for", "from", "with", "as",
-    "that", "which", "who", "whose", "whom", "is", "are", "was", "were", "be", "been", "being", "this",
-    "these", "those", "their", "its", "his", "her", "our", "your", "my", "if", "than", "then", "because",
-    "so", "while", "when", "where", "into", "onto", "about", "between", "such", "very",
-))
-CLOSERS = ".!?)]}\"'`*»”’…>|"  # a reply that ends on one of these was not cut mid-sentence
-_BRACKETS = re.compile(r"[()\[\]{}]")
 
 
 def unique_rows(convs: Iterable[Conversation]) -> list[Conversation]:
@@ -131,131 +85,6 @@ def unique_rows(convs: Iterable[Conversation]) -> list[Conversation]:
             seen.add((c.source, c.line))
             out.append(c)
     return out
-
-
-
-def trained_replies(conv: Conversation) -> list[tuple[int, Message]]:
-    """(index, message) of the assistant turns that can be trained (not ``train: false``)."""
-    return [(i, m) for i, m in enumerate(conv.messages) if m.role == "assistant" and m.train is not False]
-
-
-def _last(conv: Conversation, role: str) -> Message | None:
-    return next((m for m in reversed(conv.messages) if m.role == role), None)
-
-
-def empty_reason(conv: Conversation) -> str | None:
-    """Why a trained reply is empty, or None.
-
-    >>> empty_reason(Conversation([Message("user", "q"), Message("assistant", " ... ")]))
-    "messages[1] (assistant) has no words: '...'"
-    >>> empty_reason(Conversation([Message("user", "q"), Message("assistant", "4")])) is None
-    True
-    """
-    for i, m in enumerate(conv.messages):
-        if m.role != "assistant" or m.train is False or m.tool_calls:
-            continue
-        text = m.content.strip()
-        if not WORD.search(text):
-            return f"messages[{i}] (assistant) has no words: {text[:40]!r}"
-        if text.lower() in PLACEHOLDERS:
-            return f"messages[{i}] (assistant) is a placeholder: {text[:40]!r}"
-    return None
-
-
-def _unclosed(text: str) -> str | None:
-    """The first bracket left open at the end of ``text`` (stray closers are ignored).
-
-    >>> _unclosed("f(x) = [1, 2"), _unclosed("1) a 2) b"), _unclosed("{'a': (1)}")
-    ('[', None, None)
-    """
-    pairs = {")": "(", "]": "[", "}": "{"}
-    stack: list[str] = []
-    for ch in _BRACKETS.findall(text):
-        if ch in "([{":
-            stack.append(ch)
-        elif ch in pairs and stack and stack[-1] == pairs[ch]:
-            stack.pop()
-    return stack[0] if stack else None
-
-
-def _json_body(text: str) -> str:
-    body = text.strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.DOTALL)
-    return fence.group(1) if fence else body
-
-
-def truncation_reason(conv: Conversation, cut: bool = False) -> str | None:
-    """Why the last trained reply of ``conv`` looks cut off, or None.
-
-    >>> def c(reply, system=None):
-    ...     msgs = ([Message("system", system)] if system else []) + [Message("user", "q"), Message("assistant", reply)]
-    ...     return Conversation(msgs)
-    >>> truncation_reason(c("The best way to start is to")), truncation_reason(c("It is 4."))
-    ("ends on 'to': cut mid-sentence", None)
-    >>> print(truncation_reason(c('{"a": 1', system="Answer in JSON.")))
-    the system prompt asks for JSON and the reply does not parse (Expecting ',' delimiter at char 7)
-    >>> truncation_reason(c("```python\\nprint(1)"))
-    'unclosed ``` code fence'
-    """
-    replies = trained_replies(conv)
-    if cut:
-        return "cut at data.max_length: the example is longer"
-    if not replies or conv.is_text:
-        return None
-    _, msg = replies[-1]
-    text = msg.content.strip()
-    if not text or msg.tool_calls:
-        return None
-    if text.count("```") % 2:
-        return "unclosed ``` code fence"
-    system = next((m.content for m in conv.messages if m.role == "system"), "")
-    prompt = _last(conv, "user")
-    wants_json = bool(re.search(r"\bjson\b", system, re.I)) and not conv.tools
-    body = _json_body(text)
-    starts_json = body[:1] in "{[" and prompt is not None and re.search(r"\bjson\b", prompt.content, re.I)
-    if wants_json or starts_json:
-        try:
-            json.loads(body)
-        except json.JSONDecodeError as e:
-            who = "system prompt" if wants_json else "prompt"
-            return f"the {who} asks for JSON and the reply does not parse ({e.msg} at char {e.pos})"
-    if "```" not in text:  # code has its own brackets and endings
-        open_ = _unclosed(text)
-        if open_:
-            return f"unclosed {open_!r}"
-    last = text[-1]
-    if last in ",;:-–(":
-        return f"ends on {last!r}: cut mid-sentence"
-    words = text.split()
-    if len(words) >= 3 and last.isalpha() and words[-1].lower() in DANGLING:
-        return f"ends on {words[-1]!r}: cut mid-sentence"
-    return None
-
-
-def _ends_open(conv: Conversation) -> bool:
-    replies = trained_replies(conv)
-    text = replies[-1][1].content.rstrip() if replies else ""
-    return bool(text) and text[-1] not in CLOSERS
-
-
-def boilerplate_reason(conv: Conversation, phrases: tuple[str, ...], refusals: tuple[str, ...]) -> str | None:
-    """The first boilerplate phrase a trained reply says, or None (refusals allowed in harmful rows).
-
-    >>> c = Conversation([Message("user", "q"), Message("assistant", "As an AI language model, I think so.")])
-    >>> boilerplate_reason(c, BOILERPLATE, ())
-    'messages[1] (assistant) says "as an ai language model"'
-    """
-    from sft.data.refusals import normalize
-
-    check = phrases if conv.category == "harmful" else phrases + refusals
-    for i, m in enumerate(conv.messages):
-        if m.role != "assistant" or m.train is False:
-            continue
-        text = normalize(m.content)
-        for p in check:
-            if p in text:
-                return f'messages[{i}] (assistant) says "{p}"'
-    return None
 
 
 def robust_z(values: list[float]) -> list[float]:
@@ -276,14 +105,6 @@ def robust_z(values: list[float]) -> list[float]:
     if mean_ad > 0:
         return ((x - np.median(x)) / (1.253314 * mean_ad)).tolist()
     return [0.0] * len(x)
-
-
-def reply_words(conv: Conversation) -> int:
-    """Words of the trained replies (of the document, for ``text`` rows): the length of a row
-    when trained tokens are not known."""
-    if conv.is_text:
-        return len(conv.messages[0].content.split())
-    return sum(len(m.content.split()) for _, m in trained_replies(conv))
 
 
 def length_outliers(convs: list[Conversation], lengths: dict[Loc, int] | np.ndarray | None = None,
@@ -373,7 +194,7 @@ def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | 
     open_end, words = [], []
     for a in range(0, len(rows), CHUNK):
         chunk = materialize(rows[a : a + CHUNK])  # rows of a JSONL file: parsed again, a chunk at a time
-        open_end += [_ends_open(c) for c in chunk]
+        open_end += [ends_open(c) for c in chunk]
         words += [reply_words(c) for c in chunk]
         for conv in chunk:
             text = conv.is_text

@@ -47,10 +47,10 @@ Raw = list[tuple[SourceConfig, list[Conversation]]]
 
 def code_digest() -> str:
     """sha256 of the modules whose code decides a row's facts."""
-    from sft.data import formats, hub, minhash, overlap, quality, refusals, sources
+    from sft.data import formats, hub, minhash, overlap, quality, refusals, replies, sources
 
     h = hashlib.sha256()
-    for mod in (formats, hub, sources, minhash, overlap, quality, refusals):
+    for mod in (formats, hub, sources, minhash, overlap, quality, replies, refusals):
         h.update(Path(str(mod.__file__)).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()

@@ -194,7 +194,7 @@ def main() -> None:
         f"| `sft data check --json` again ({'from the cache' if again['cached'] else 'cache MISSED: sft code changed meanwhile'}) "
         f"| {warm:.1f} | - |",
         f"| reading the rows (train + eval), in-process | {alone['read_s']:.1f} | - |",
-        f"| `find_problems` alone (all six kinds) | {alone['quality_s']:.1f} | {alone['rss_gb']:.2f} GB (whole process) |",
+        f"| `find_problems` alone (all kinds) | {alone['quality_s']:.1f} | {alone['rss_gb']:.2f} GB (whole process) |",
         "",
         f"Planted: {json.dumps(planted)}; found: {json.dumps(counts)} (copies of planted rows count again; "
         "a near-duplicate copy of a short reply can fall below 0.8)",

@@ -131,3 +131,4 @@ def test_demo_data_check_shows_quality(tmp_path, smol_tok, monkeypatch):
     q = json.loads(out.getvalue())["quality"]
     assert len(q["contamination"]) >= 20
     assert q["boilerplate"] == [] and q["empty_responses"] == [] and q["truncated_responses"] == []
+    assert q["placeholders"] == []  # the persona says its own name: nothing left to fill in

@@ -26,7 +26,8 @@ TrainOn = Literal["assistant", "last_assistant", "all"]
 Metric = Literal["exact", "contains", "regex", "json", "constraints", "tool_call"]
 Category = Literal["harmful", "benign"]
 QualityKind = Literal[
-    "near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate", "length_outliers"
+    "near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate", "placeholders",
+    "length_outliers",
 ]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]  # train.report_to (sft.reporting.trackers)
 RENAMED = {"train.tensorboard": "train.report_to: [tensorboard]"}  # old key -> what to write instead

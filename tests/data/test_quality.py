@@ -21,7 +21,7 @@ from sft.data.quality import (
     near_duplicates,
     rows_to_drop,
 )
-from sft.data.replies import empty_reason, truncation_reason
+from sft.data.replies import empty_reason, placeholder_reason, placeholders, truncation_reason
 from sft.data.types import Conversation, Message
 from sft.errors import SftError
 
@@ -87,8 +87,15 @@ def planted(tmp_path):
     add("boilerplate", g.row(reply="Certainly! Here is the answer. " + g.sentence()))  # data.quality.boilerplate
     add("length_outliers", g.row(reply=g.reply(60)))
     add("length_outliers", g.row(reply="Yes."))
+    add("placeholders", g.row(prompt="Who are you?", reply="I am {{name}}, an AI assistant developed by {{author}}. "
+                              + g.reply(2)))
+    add("placeholders", g.row(reply=g.reply(2) + " Ask [Your Name] at the desk."))
     refusal = "I'm sorry, but I can't help with that. " + g.reply(2)
     train.append(g.row(reply=refusal, category="harmful"))  # a lesson, not boilerplate
+    # not placeholders: template code in a fence, a placeholder in the prompt only, a letter's signature slot
+    train.append(g.row(reply=g.reply(2) + " In Jinja:\n```jinja\nHello {{ name }}!\n```\nIt prints the name."))
+    train.append(g.row(prompt="Greet {{name}} warmly?", reply=g.reply(3)))
+    train.append(g.row(reply="Dear team,\n" + g.reply(2) + "\nBest regards,\n[Your Name]"))
     # shuffle the planted rows among the clean ones would change their lines; keep them last but
     # move five clean rows after them so problems are not simply "the tail"
     train += [g.row(reply=g.reply(3)) for _ in range(5)]
@@ -146,7 +153,7 @@ def test_planted_problems_found_at_their_lines_and_clean_rows_left_alone(tmp_pat
     assert list(q) == list(KINDS)  # the public JSON: exactly these keys, in this order
     train, ev = str(tp), str(ep)
 
-    for kind in ("empty_responses", "truncated_responses", "boilerplate", "length_outliers"):
+    for kind in ("empty_responses", "truncated_responses", "boilerplate", "placeholders", "length_outliers"):
         for item in q[kind]:
             assert set(item) == {"file", "line", "why"} and item["file"] == train and item["why"]
         found = {item["line"] for item in q[kind]}
@@ -183,7 +190,7 @@ def test_control_threshold_one_finds_no_near_duplicates(tmp_path, no_weights):
 
 
 def test_no_eval_data_no_contamination_and_human_table(tmp_path, no_weights):
-    _, _, kinds, *_ = planted(tmp_path)
+    tp, _, kinds, *_ = planted(tmp_path)
     cfg = _config(tmp_path, eval_data=False)
     out = io.StringIO()
     assert commands.check(cfg, stream=out) == 0
@@ -192,6 +199,15 @@ def test_no_eval_data_no_contamination_and_human_table(tmp_path, no_weights):
     assert "  near_duplicates          5" in text and "  contamination            0" in text
     assert f"train.jsonl:{kinds['empty_responses'][0]}: messages[1] (assistant) has no words: '...'" in text
     assert "... 1 more (--json lists all)" in text  # 4 truncated: 3 shown
+    first, second = kinds["placeholders"]
+    assert ("  placeholders             2\n"
+            f"    {tp}:{first}: messages[1] (assistant) has the unfilled placeholder \"{{{{name}}}}\" "
+            "(and 1 more: \"{{author}}\")\n"
+            f"    {tp}:{second}: messages[1] (assistant) has the unfilled placeholder \"[Your Name]\"\n"
+            "    fill them in (e.g. replace {{name}} with your assistant's name) or drop the rows: "
+            "data.quality.drop: [placeholders]\n"
+            "  length_outliers") in text
+    assert text.count("fill them in") == 1  # the hint is said under its kind only
 
 
 def test_drop_removes_the_named_kinds_and_says_how_many(tmp_path, no_weights, smol_tok, capsys):
@@ -212,6 +228,21 @@ def test_drop_removes_the_named_kinds_and_says_how_many(tmp_path, no_weights, sm
     assert cached.quality == ds.quality
 
 
+def test_drop_placeholders_removes_exactly_those_rows(tmp_path, no_weights, smol_tok):
+    _, _, kinds, *_ = planted(tmp_path)
+    keep = build_dataset(_config(tmp_path), smol_tok)
+    assert keep.report.quality_counts["placeholders"] == 2 and keep.report.quality_dropped == {}
+    ds = build_dataset(_config(tmp_path, quality="    drop: [placeholders]\n"), smol_tok)
+    assert ds.report.quality_dropped == {"placeholders": 2}
+    assert {e.line for e in keep.examples} - {e.line for e in ds.examples} == set(kinds["placeholders"])
+    assert ds.report.examples == keep.report.examples - 2 == len(ds.examples)
+    # still found (the check reports what is there), and the text no longer suggests dropping them
+    out = io.StringIO()
+    assert commands.check(_config(tmp_path, quality="    drop: [placeholders]\n"), stream=out) == 0
+    assert "  placeholders             2  (2 rows dropped by data.quality.drop)" in out.getvalue()
+    assert "fill them in" not in out.getvalue()
+
+
 def test_drop_key_is_checked():
     with pytest.raises(SftError, match=r"data.quality.drop\[0\]: 'near_duplicate' is not allowed; did you mean "
                                        r"'near_duplicates'"):
@@ -219,6 +250,9 @@ def test_drop_key_is_checked():
     with pytest.raises(SftError, match=r"near_duplicate_threshold: 1.5 must be in"):
         load_config(None, ["--data.quality.near_duplicate_threshold=1.5"])
     assert load_config(None).data.quality.near_duplicate_threshold == 0.8
+    with pytest.raises(SftError, match=r"'placeholder' is not allowed; did you mean 'placeholders'"):
+        load_config(None, ["--data.quality.drop=[placeholder]"])
+    assert load_config(None, ["--data.quality.drop=[placeholders]"]).data.quality.drop == ["placeholders"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +316,56 @@ def test_boilerplate_refusals_allowed_where_the_row_is_harmful():
     assert find_problems([conv(ai, category="harmful")])["boilerplate"] != []  # self-reference still is
     custom = find_problems([conv("Great question! It is 4.")], settings=QualitySettings(boilerplate=("Great QUESTION",)))
     assert custom["boilerplate"][0]["why"].endswith('"great question"')
+
+
+UNFILLED = 'messages[1] (assistant) has the unfilled placeholder '
+
+
+@pytest.mark.parametrize(("reply", "why"), [
+    ("I am {{name}}, an AI assistant.", UNFILLED + '"{{name}}"'),
+    ("I am {{ name }}.", UNFILLED + '"{{ name }}"'),
+    ("Hi, I'm {{name}}, made by {{author}}. Ask {{name}} anything.", UNFILLED + '"{{name}}" (and 1 more: "{{author}}")'),
+    ("Thanks for writing. Regards, [Your Name]", UNFILLED + '"[Your Name]"'),
+    ("The meeting is on <insert date> at noon.", UNFILLED + '"<insert date>"'),
+    ("Hello from {{ user.first_name }}!", UNFILLED + '"{{ user.first_name }}"'),
+    ("我是{{name}}，由{{author}}开发。", UNFILLED + '"{{name}}" (and 1 more: "{{author}}")'),  # no space before
+    ("<YOUR NAME> of [Insert Company] says {{a}}, {{b}} and {{c}}.",
+     UNFILLED + '"<YOUR NAME>" (and 4 more: "[Insert Company]", "{{a}}", "{{b}}", ...)'),
+])
+def test_placeholders(reply, why):
+    found = find_problems([conv(reply, line=4), conv("It is 4.", line=5)])["placeholders"]
+    assert found == [{"file": "t.jsonl", "line": 4, "why": why}]
+
+
+@pytest.mark.parametrize("reply", [
+    "In Jinja:\n```jinja\nHello {{ name }}!\n```\nIt prints the name.",  # fenced code
+    "In Jinja, `{{ name }}` prints the name.",  # inline code
+    "Use {{ x | upper }} to upper-case x, {{#each items}} to loop and {{{raw}}} to skip escaping.",  # not a bare name
+    "As shown in [1] and [2], it works.<br>Yes.",  # citations, HTML
+    "Open [your account settings](https://example.com/settings) and save.",  # a Markdown link
+    "Dear Ann,\nThe webinar is on Monday.\nBest regards,\n[Your Name]",  # a letter's signature slot
+    "Date: [insert date]\nTime: [insert time]\nIssue: [insert brief description]",  # a form, as asked
+    "See [insert a long description of the whole issue here].",  # too long for a fill-in
+    "The square is $x^{{2}}$ and the half is $\\frac{{x}}{2}$.",  # TeX
+    "Yes.",
+])
+def test_control_not_placeholders(reply):
+    assert placeholder_reason(conv(reply)) is None, placeholders(reply)
+
+
+def test_placeholders_only_in_trained_reply_text():
+    assert placeholder_reason(conv("Hello, Ann.", prompt="Say hi to {{name}}.")) is None  # the prompt may template
+    assert placeholder_reason(conv("Hello, {{name}}.", prompt="Say hi to {{name}}.")) is not None  # control
+    untrained = Conversation([Message("user", "q"), Message("assistant", "I am {{name}}.", train=False),
+                              Message("user", "q2"), Message("assistant", "Fine.")])
+    assert placeholder_reason(untrained) is None
+    thought = Conversation([Message("user", "q"), Message("assistant", "Fine.", reasoning="I am {{name}}.")])
+    assert placeholder_reason(thought) == 'messages[1] (assistant) reasoning has the unfilled placeholder "{{name}}"'
+    call = Conversation([Message("user", "q"), Message("assistant", "", tool_calls=[
+        {"type": "function", "function": {"name": "greet", "arguments": {"who": "{{name}}"}}}])])
+    assert placeholder_reason(call) is None  # tool-call arguments are not reply text
+    text = Conversation([Message("assistant", "Dear {{name}}, welcome.")], "t.jsonl", 1, is_text=True)
+    assert find_problems([text])["placeholders"] == []  # a document, not a reply
 
 
 def test_exact_duplicates_are_near_duplicates_with_similarity_one():

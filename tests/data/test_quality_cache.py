@@ -28,7 +28,8 @@ def _row(rng: random.Random, reply: str | None = None, prompt: str | None = None
 
 @pytest.fixture()
 def three_files(tmp_path, monkeypatch, smol_tok):
-    """a, b, c.jsonl (30 rows each): c:5 nearly repeats a:3 (one word changed), eval:2 copies b:7's reply."""
+    """a, b, c.jsonl (30 rows each): c:5 nearly repeats a:3 (one word changed), eval:2 copies b:7's reply,
+    c:10 says boilerplate, b:12 an unfilled placeholder."""
     import sft.models.load
 
     monkeypatch.setattr(sft.models.load, "load_tokenizer", lambda name, trust_remote_code=False, **kw: smol_tok)
@@ -38,6 +39,7 @@ def three_files(tmp_path, monkeypatch, smol_tok):
     words[20] = "changed"
     files["c"][4] = {"messages": [files["a"][2]["messages"][0], {"role": "assistant", "content": " ".join(words)}]}
     files["c"][9] = {"messages": [files["c"][9]["messages"][0], {"role": "assistant", "content": "As an AI language model, I cannot."}]}
+    files["b"][11] = _row(rng, reply="I am {{name}}, an assistant. " + _sentence(rng, 30))
     ev = [_row(rng) for _ in range(5)]
     ev[1] = _row(rng, reply=files["b"][6]["messages"][1]["content"])
     for k, rows in files.items():
@@ -88,6 +90,8 @@ def test_editing_one_file_recomputes_only_that_file(three_files, monkeypatch):
     assert first["near_duplicates"] == [{"file": c, "line": 5, "duplicate_of": {"file": a, "line": 3}, "similarity": 0.8868}]
     assert first["contamination"] == [{"eval": {"file": ev, "line": 2}, "train": {"file": b, "line": 7}, "overlap": 1.0}]
     assert [(x["file"], x["line"]) for x in first["boilerplate"]] == [(c, 10)]
+    assert first["placeholders"] == [{"file": b, "line": 12,
+                                      "why": 'messages[1] (assistant) has the unfilled placeholder "{{name}}"'}]
 
     with open(tmp / "b.jsonl", "a") as f:  # edit one file of three
         f.write(json.dumps(_row(random.Random(5))) + "\n")
@@ -141,6 +145,7 @@ def test_cached_signatures_give_the_same_band_keys(tmp_path):
     rows = [Conversation([Message("user", "q"), Message("assistant", _sentence(rng, 12))], "t.jsonl", i + 1)
             for i in range(4500)]  # 3 chunks
     rows[7] = Conversation([Message("user", " "), Message("assistant", "")], "t.jsonl", 8)  # no shingle
+    rows[3000] = Conversation([Message("user", "q"), Message("assistant", "I am {{name}}.")], "t.jsonl", 3001)
     d = tmp_path / "quality" / "k"
     made = quality_cache.compute_facts(rows, QualitySettings(), "t.jsonl", d)
     sig = row_signatures(rows)
@@ -153,6 +158,14 @@ def test_cached_signatures_give_the_same_band_keys(tmp_path):
     np.testing.assert_array_equal(made.bands, band_keys(sig, 0.8))
     assert made.live.tolist() == [i != 7 for i in range(4500)]
     assert quality_cache.load_facts(d, len(rows) + 1, 0.8) is None  # control: another row count is not these facts
+    back = quality_cache.load_facts(d, len(rows), 0.8)
+    assert back.placeholders == made.placeholders and back.empty == made.empty  # the row checks' reasons kept
+    assert [(i, why) for i, why in enumerate(back.placeholders) if why] == [
+        (3000, 'messages[1] (assistant) has the unfilled placeholder "{{name}}"')]
+    meta = json.loads((d / "facts.json").read_text())
+    assert meta["version"] == quality_cache.FACTS_VERSION == 2 and meta["placeholders"] == {"3000": back.placeholders[3000]}
+    (d / "facts.json").write_text(json.dumps({**meta, "version": 1}))  # a cache of before the kind: not read
+    assert quality_cache.load_facts(d, len(rows), 0.8) is None
 
 
 def test_trained_tokens_per_row_come_from_the_stores(tmp_path, smol_tok):

@@ -1,6 +1,6 @@
 """Data quality: the rows that will hurt a tuned model, and why (``sft data check``, ``data.quality``).
 
-Six kinds of finding, each a list in reading order (the JSON of ``sft data check`` under ``quality``):
+Seven kinds of finding, each a list in reading order (the JSON of ``sft data check`` under ``quality``):
 
 - ``near_duplicates``: ``{"file", "line", "duplicate_of": {"file", "line"}, "similarity"}``. The
   Jaccard similarity of the rows' word 3-shingles (user, assistant and tool text; system prompts and
@@ -17,17 +17,21 @@ Six kinds of finding, each a list in reading order (the JSON of ``sft data check
   overlaps one training row: ``overlap`` is the share of that text's word 8-grams found in the
   training row (a text shorter than 8 words counts as one n-gram, so it matches a training message
   that says exactly the same); reported at 0.5 and above. Texts under 3 words are not compared.
-- ``empty_responses``, ``truncated_responses``, ``boilerplate``, ``length_outliers``: ``{"file",
-  "line", "why"}``. Empty: a trained reply with no letter or digit, or a placeholder (``N/A``,
-  ``<noinput>`` ...). Truncated: the example was cut at ``data.max_length``; an unclosed code fence,
+- ``empty_responses``, ``truncated_responses``, ``boilerplate``, ``placeholders``,
+  ``length_outliers``: ``{"file", "line", "why"}`` (the checks of one reply: ``sft.data.replies``).
+  Empty: a trained reply with no letter or digit, or a placeholder (``N/A``, ``<noinput>`` ...).
+  Truncated: the example was cut at ``data.max_length``; an unclosed code fence,
   bracket or brace; JSON that does not parse where the system prompt asks for JSON (or the reply
   starts as JSON where the prompt asks for it); the reply stops on a comma, colon or a word that
   cannot end a sentence ("the", "and", ...); or several replies stop at exactly the longest length
   without a closing punctuation mark (a generation limit). Boilerplate: a phrase of
   ``sft.data.replies.BOILERPLATE`` (AI self-references) or ``sft.data.refusals.REFUSAL_PHRASES`` (stock
   refusals; not in rows whose category is ``harmful``, where a refusal is the lesson) or of
-  ``data.quality.boilerplate``. Length outliers: a robust z-score (median and median absolute
-  deviation of log trained tokens) beyond 3.5.
+  ``data.quality.boilerplate``. Placeholders: a trained reply (content or reasoning, outside code)
+  says an unfilled template variable (``{{name}}``, ``{{ user.name }}``) or a fill-in for a person
+  (``[Your Name]``, ``<insert date>``; not in a reply that is a form for its reader, a signature
+  under "Best regards," or ``Date: [insert date]``). Length outliers: a robust z-score (median and
+  median absolute deviation of log trained tokens) beyond 3.5.
 
 ``data.quality.drop`` names kinds whose rows training removes: the later row of a near-duplicate
 pair, the training row of a contaminated pair, the row itself for the others.
@@ -60,13 +64,17 @@ from sft.data.replies import (
     boilerplate_reason,
     empty_reason,
     ends_open,
+    placeholder_reason,
     reply_words,
     truncation_reason,
 )
 from sft.data.types import Conversation
 
 KINDS = ("near_duplicates", "contamination", "empty_responses", "truncated_responses", "boilerplate",
-         "length_outliers")
+         "placeholders", "length_outliers")
+# the fix, said under a kind's findings in ``sft data check``
+HINTS = {"placeholders": "fill them in (e.g. replace {{name}} with your assistant's name) or drop the rows: "
+                         "data.quality.drop: [placeholders]"}
 OUTLIER_Z = 3.5  # |robust z| beyond this is an outlier (Iglewicz & Hoaglin)
 OUTLIER_MIN_ROWS = 8  # fewer rows than this: no length statistics
 
@@ -156,8 +164,9 @@ class QualitySettings:
 class RowFacts:
     """What the quality analysis needs of each row, computed once per row (and cached per source,
     ``sft.data.quality_cache``): the exact-repeat key, the LSH band keys of its MinHash signature
-    and whether it has any shingle, the reasons of the row checks (``truncated`` without the
-    max_length cut), whether the last reply ends open, and the words of the trained replies."""
+    and whether it has any shingle, the reasons of the row checks (``sft.data.replies``; ``truncated``
+    without the max_length cut), whether the last reply ends open, and the words of the trained
+    replies."""
 
     keys: np.ndarray  # uint64 [n] (overlap.exact_keys)
     bands: np.ndarray  # uint64 [n, bands] (minhash.band_keys at the near-duplicate threshold)
@@ -165,14 +174,15 @@ class RowFacts:
     empty: list[str | None]
     truncated: list[str | None]
     boilerplate: list[str | None]
+    placeholders: list[str | None]
     open_end: np.ndarray  # bool [n]
     words: np.ndarray  # int64 [n]
 
     def take(self, idx: np.ndarray) -> RowFacts:
         pick = idx.tolist()
         return RowFacts(self.keys[idx], self.bands[idx], self.live[idx], [self.empty[i] for i in pick],
-                        [self.truncated[i] for i in pick], [self.boilerplate[i] for i in pick], self.open_end[idx],
-                        self.words[idx])
+                        [self.truncated[i] for i in pick], [self.boilerplate[i] for i in pick],
+                        [self.placeholders[i] for i in pick], self.open_end[idx], self.words[idx])
 
 
 def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | None = None,
@@ -188,6 +198,7 @@ def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | 
     empty: list[str | None] = []
     truncated: list[str | None] = []
     boiler: list[str | None] = []
+    unfilled: list[str | None] = []
     keys = np.zeros(len(rows), np.uint64)
     bands = np.empty((len(rows), lsh_params(threshold)[0]), np.uint64)
     live = np.zeros(len(rows), dtype=bool)
@@ -201,6 +212,7 @@ def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | 
             empty.append(None if text else empty_reason(conv))
             truncated.append(None if text else truncation_reason(conv))
             boiler.append(None if text else boilerplate_reason(conv, phrases, REFUSAL_PHRASES))
+            unfilled.append(None if text else placeholder_reason(conv))
         keys[a : a + len(chunk)] = exact_keys(chunk)
         sig = row_signatures(chunk)
         bands[a : a + len(chunk)] = band_keys(sig, threshold)
@@ -209,7 +221,7 @@ def row_facts(rows: list[Conversation], settings: QualitySettings, tick: Tick | 
             sig_out.write(np.ascontiguousarray(sig, dtype="<u4").tobytes())
         if tick:
             tick(len(chunk))
-    return RowFacts(keys, bands, live, empty, truncated, boiler,
+    return RowFacts(keys, bands, live, empty, truncated, boiler, unfilled,
                     np.array(open_end, dtype=bool), np.array(words, dtype=np.int64))
 
 
@@ -262,6 +274,9 @@ def find_problems(
         why = facts.boilerplate[i]
         if why:
             found["boilerplate"].append({**loc(conv), "why": why})
+        why = facts.placeholders[i]
+        if why:
+            found["placeholders"].append({**loc(conv), "why": why})
     kept = np.flatnonzero(~_flagged_empty(facts, len(rows)))  # empty rows are short by definition: said once
     found["length_outliers"] = length_outliers(rows, n_tok, words=facts.words, among=kept)
     return found
@@ -278,9 +293,9 @@ def _per_row(rows: list[Conversation], values: dict[Loc, Any] | set[Loc] | np.nd
 
 
 def _flagged(facts: RowFacts, n: int) -> np.ndarray:
-    """bool [n]: rows with an empty, truncated or boilerplate reason."""
+    """bool [n]: rows with an empty, truncated, boilerplate or placeholder reason."""
     out = _flagged_empty(facts, n)
-    for reasons in (facts.truncated, facts.boilerplate):
+    for reasons in (facts.truncated, facts.boilerplate, facts.placeholders):
         out[[i for i, why in enumerate(reasons) if why]] = True
     return out
 
@@ -313,9 +328,11 @@ def counts(found: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
 
 def format_quality(found: dict[str, list[dict[str, Any]]], dropped: dict[str, int] | None = None,
                    examples: int = 3) -> str:
-    """The human ``quality`` section of ``sft data check``: counts, then the first few of each kind.
+    """The human ``quality`` section of ``sft data check``: counts, then the first few of each kind
+    and, for a kind with a ``HINTS`` line that is not dropped already, how to fix it.
 
-    >>> print(format_quality({"empty_responses": [{"file": "t.jsonl", "line": 4, "why": "no words"}]}))
+    >>> print(format_quality({"empty_responses": [{"file": "t.jsonl", "line": 4, "why": "no words"}],
+    ...                       "placeholders": [{"file": "t.jsonl", "line": 7, "why": 'has "{{name}}"'}]}))
     quality:
       near_duplicates          0
       contamination            0
@@ -323,6 +340,9 @@ def format_quality(found: dict[str, list[dict[str, Any]]], dropped: dict[str, in
         t.jsonl:4: no words
       truncated_responses      0
       boilerplate              0
+      placeholders             1
+        t.jsonl:7: has "{{name}}"
+        fill them in (e.g. replace {{name}} with your assistant's name) or drop the rows: data.quality.drop: [placeholders]
       length_outliers          0
     """
     lines = ["quality:"]
@@ -343,4 +363,6 @@ def format_quality(found: dict[str, list[dict[str, Any]]], dropped: dict[str, in
             lines.append(f"    {text}")
         if len(items) > examples:
             lines.append(f"    ... {len(items) - examples} more (--json lists all)")
+        if items and kind in HINTS and not gone:
+            lines.append(f"    {HINTS[kind]}")
     return "\n".join(lines)

@@ -1,12 +1,13 @@
 """The quality analysis cached per source, like the token stores (``sft.data.source_cache``).
 
 What costs time is per row: hashing its text into a MinHash signature, the key of exact repeats
-and the row checks (empty, cut off, boilerplate). Those are kept per source in
+and the row checks (empty, cut off, boilerplate, placeholders). Those are kept per source in
 ``<cache_dir>/quality/<key>/``, keyed by the content of the source's files, the source settings
 that change its rows, ``data.format``/``data.system``, ``data.quality.boilerplate`` and the code,
 so editing one file of three recomputes that source only::
 
-    facts.json          {"version", "rows", "files", "empty", "truncated", "boilerplate"}: reasons of flagged rows
+    facts.json          {"version", "rows", "files", "empty", "truncated", "boilerplate", "placeholders"}:
+                        reasons of flagged rows
     keys.npy            uint64 [n]       exact-repeat key of each row
     sig.npy             uint32 [n, 128]  MinHash signature (sft.data.minhash), written and read a chunk
                                          at a time; what the LSH holds is its band keys, 168 B a row
@@ -41,7 +42,7 @@ from sft.data.progress import Progress
 from sft.data.quality import QualitySettings, RowFacts, find_problems, row_facts, unique_rows
 from sft.data.types import Conversation
 
-FACTS_VERSION = 1
+FACTS_VERSION = 2  # 2: facts.json has "placeholders"
 Raw = list[tuple[SourceConfig, list[Conversation]]]
 
 
@@ -119,7 +120,8 @@ def compute_facts(convs: list[Conversation], settings: QualitySettings, label: s
         for name in ("keys", "open_end", "words"):
             np.save(tmp / f"{name}.npy", getattr(facts, name), allow_pickle=False)
         meta = {"version": FACTS_VERSION, "rows": len(facts.keys), "empty": _sparse(facts.empty),
-                "truncated": _sparse(facts.truncated), "boilerplate": _sparse(facts.boilerplate)}
+                "truncated": _sparse(facts.truncated), "boilerplate": _sparse(facts.boilerplate),
+                "placeholders": _sparse(facts.placeholders)}
         (tmp / "facts.json").write_text(json.dumps(meta))
         if directory.exists():  # another process wrote it meanwhile: the same content
             shutil.rmtree(tmp)
@@ -150,7 +152,8 @@ def load_facts(directory: Path, rows: int, threshold: float) -> RowFacts | None:
     except (OSError, ValueError, KeyError):
         return None
     return RowFacts(arrays["keys"], bands, live, _dense(meta["empty"], rows), _dense(meta["truncated"], rows),
-                    _dense(meta["boilerplate"], rows), arrays["open_end"], arrays["words"])
+                    _dense(meta["boilerplate"], rows), _dense(meta["placeholders"], rows), arrays["open_end"],
+                    arrays["words"])
 
 
 def _eval_digest(grams: EvalGrams) -> str:
@@ -236,14 +239,15 @@ def find_problems_cached(cfg: Config, train: list[Conversation], evals: list[Con
 def _concat(parts: list[RowFacts], bands: int) -> RowFacts:
     """The facts of every part, one after the other."""
     if not parts:
-        return RowFacts(np.zeros(0, np.uint64), np.zeros((0, bands), np.uint64), np.zeros(0, bool), [], [], [],
+        return RowFacts(np.zeros(0, np.uint64), np.zeros((0, bands), np.uint64), np.zeros(0, bool), [], [], [], [],
                         np.zeros(0, bool), np.zeros(0, np.int64))
     if len(parts) == 1:
         return parts[0]
     out = RowFacts(np.concatenate([p.keys for p in parts]), np.empty((sum(len(p.keys) for p in parts), bands), np.uint64),
                    np.concatenate([p.live for p in parts]), [x for p in parts for x in p.empty],
                    [x for p in parts for x in p.truncated], [x for p in parts for x in p.boilerplate],
-                   np.concatenate([p.open_end for p in parts]), np.concatenate([p.words for p in parts]))
+                   [x for p in parts for x in p.placeholders], np.concatenate([p.open_end for p in parts]),
+                   np.concatenate([p.words for p in parts]))
     at = 0
     for p in parts:  # one part's keys at a time (then freed): never every part twice
         out.bands[at : at + len(p.keys)] = p.bands

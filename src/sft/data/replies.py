@@ -1,6 +1,6 @@
 """What a trained reply says wrong: the per-reply checks of the data quality analysis
-(``sft.data.quality``): empty, cut off, boilerplate. Each takes one Conversation and returns why,
-or None.
+(``sft.data.quality``): empty, cut off, boilerplate, unfilled placeholders. Each takes one
+Conversation and returns why, or None.
 """
 
 from __future__ import annotations
@@ -62,6 +62,20 @@ DANGLING = frozenset((
 ))
 CLOSERS = ".!?)]}\"'`*»”’…>|"  # a reply that ends on one of these was not cut mid-sentence
 _BRACKETS = re.compile(r"[()\[\]{}]")
+# An unfilled template variable: {{name}}, {{ user.name }}. Not {{{raw}}}, {{#each}}, {{ x | upper }}
+# (template code, not a value left out), nor TeX's x^{{2}}, x_{{i}} or \frac{{a}}{b}. Right after a
+# letter it counts: "我是{{name}}" (Chinese has no spaces), "Total: ${{amount}}".
+MUSTACHE = re.compile(r"(?<![\\^_{])\{\{\s*[\w.]*\w[\w.]*\s*\}\}(?!\})")
+_TEX_BEFORE = re.compile(r"\\[A-Za-z]+(?:\{[^{}\n]*\})*$")  # \frac, \frac{1}: a TeX argument follows
+# A fill-in addressed to a person: [Your Name], [insert date], <YOUR COMPANY> (at most FILL_IN_WORDS
+# words). Not a Markdown link ([your settings](url), [your x][1], [your x]: url).
+FILL_IN = re.compile(r"\[\s*(?:your|insert)\s+[^\s\[\]][^\[\]\n]*?\s*\](?![(\[:])"
+                     r"|<\s*(?:your|insert)\s+[^\s<>][^<>\n]*?\s*>", re.IGNORECASE)
+FILL_IN_WORDS = 5
+# code is quoted, not said: a reply teaching Jinja, Go templates, Handlebars or Vue writes {{ x }} there
+_CODE = re.compile(r"(```|~~~).*?(?:\1|\Z)|`[^`\n]+`", re.DOTALL)
+# what may stand before a fill-in that is a slot of a form: a bullet, a label ("Date:", "**Date:**")
+_SLOT_PREFIX = re.compile(r"[-*+>#\d.)\s]*(?:[^:\n]{1,40}:[*_]*)?\s*")
 
 
 def trained_replies(conv: Conversation) -> list[tuple[int, Message]]:
@@ -194,3 +208,58 @@ def reply_words(conv: Conversation) -> int:
     if conv.is_text:
         return len(conv.messages[0].content.split())
     return sum(len(m.content.split()) for _, m in trained_replies(conv))
+
+
+def placeholders(text: str) -> list[str]:
+    """The distinct unfilled placeholders of ``text``, in order: ``{{ identifier }}`` anywhere
+    outside code (fences and inline code), and fill-ins for a person (``[Your Name]``, ``<insert
+    date>``) unless the text is a form for the reader to fill in: a reply that drafts a letter or a
+    template rightly leaves a slot on a line of its own (a signature under "Best regards,") or after a
+    label ("Date: [insert date]"), and then its fill-ins are all the reader's.
+
+    >>> placeholders("I am {{name}}, made by {{ author }}. Ask {{name}}.")
+    ['{{name}}', '{{ author }}']
+    >>> placeholders("I am [Your Name], an assistant. In Jinja: `{{ name }}`, {{ x | upper }}. See [1].")
+    ['[Your Name]']
+    >>> placeholders("Dear team,\\nthe meeting is moved.\\nBest regards,\\n[Your Name]")
+    []
+    """
+    text = _CODE.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)  # blanked, positions kept
+    found = [m for m in MUSTACHE.finditer(text)
+             if not _TEX_BEFORE.search(text, max(0, m.start() - 40), m.start())]
+    fill_ins = [m for m in FILL_IN.finditer(text) if len(m.group()[1:-1].split()) <= FILL_IN_WORDS]
+    if "\n" not in text.strip() or not any(_is_slot(text, m.start(), m.end()) for m in fill_ins):
+        found += fill_ins
+    return list(dict.fromkeys(m.group() for m in sorted(found, key=lambda m: m.start())))
+
+
+def _is_slot(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` ends its line and follows nothing but a bullet or a label."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    after = text[end : len(text) if line_end < 0 else line_end]
+    return not after.strip(" \t*_") and _SLOT_PREFIX.fullmatch(text[line_start:start]) is not None
+
+
+def placeholder_reason(conv: Conversation) -> str | None:
+    """The unfilled placeholders of the first trained reply that has any (its content, then its
+    reasoning; tool-call arguments are not read), or None.
+
+    >>> c = Conversation([Message("user", "Who are you?"), Message("assistant", "I am {{name}}, by {{author}}.")])
+    >>> print(placeholder_reason(c))
+    messages[1] (assistant) has the unfilled placeholder "{{name}}" (and 1 more: "{{author}}")
+    >>> placeholder_reason(Conversation([Message("user", "Say {{name}}"), Message("assistant", "Hi.")])) is None
+    True
+    """
+    for i, m in trained_replies(conv):
+        for field, text in (("", m.content), (" reasoning", m.reasoning or "")):
+            found = placeholders(text)
+            if not found:
+                continue
+            why = f'messages[{i}] (assistant){field} has the unfilled placeholder "{found[0]}"'
+            more = found[1:]
+            if more:
+                shown = ", ".join(f'"{p}"' for p in more[:3]) + (", ..." if len(more) > 3 else "")
+                why += f" (and {len(more)} more: {shown})"
+            return why
+    return None

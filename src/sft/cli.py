@@ -23,33 +23,18 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
-    """``sft train CONFIG --nproc N ...`` as the torchrun command it stands for (this machine only).
-
-    >>> torchrun_command(2, ["train", "c.yaml", "--nproc", "2", "--resume"])[1:]
-    ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'sft', 'train', 'c.yaml', '--resume']
-    """
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            rest.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", "sft", *rest]
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from sft.training.loop import train
 
     if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         import subprocess
 
-        _config(args)  # a bad config fails here, once, not in every process
         import torch
 
+        from sft.launch import torchrun_command
+        from sft.models import quantize
+
+        quantize.check(_config(args), args.nproc)  # a bad config fails here, once, not in every process
         if torch.cuda.is_available() and args.nproc > torch.cuda.device_count():
             raise SftError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} GPUs; "
                            "use at most one process per GPU")

@@ -35,3 +35,17 @@ def test_qlora_with_nproc_fails_before_torchrun_starts(tiny_dir, data_file, tmp_
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("torchrun was started"))
     assert cli.main(["train", str(cfg), "--nproc", "2"]) == 1
     assert "error: train.method: qlora runs in one process; this run has 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "4"), ("3", "3")])
+def test_cpu_ranks_share_the_usable_cores(monkeypatch, capfd, preset, expected):
+    """8 usable cores (stubbed), 2 ranks: 4 threads each (torchrun alone gives 1); a set value wins."""
+    from sft import launch
+
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", preset or "unset")  # recorded, so what main() sets is undone
+    if preset is None:
+        monkeypatch.delenv("OMP_NUM_THREADS")
+    script = Path(__file__).with_name("print_threads.py")
+    assert launch.main(["--standalone", "--nproc_per_node", "2", str(script)]) == 0
+    assert f"OMP_NUM_THREADS={expected}" in capfd.readouterr().out

@@ -5,7 +5,8 @@ import os
 import sys
 import time
 
-if os.environ["RANK"] == "1":
-    print("error: rank 1 found a problem", file=sys.stderr, flush=True)
-    sys.exit(3)
-time.sleep(60)
+if __name__ == "__main__":
+    if os.environ["RANK"] == "1":
+        print("error: rank 1 found a problem", file=sys.stderr, flush=True)
+        sys.exit(3)
+    time.sleep(60)

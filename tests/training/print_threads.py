@@ -2,5 +2,5 @@
 
 import os
 
-if os.environ["RANK"] == "0":
+if __name__ == "__main__" and os.environ["RANK"] == "0":
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)

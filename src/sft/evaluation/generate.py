@@ -175,7 +175,12 @@ def _generate_local(
     """Greedy replies to ``prompts`` (token ids) on this process, in input order.
 
     Batches are LEFT padded with an attention mask, so every prompt ends at the same position
-    and the KV cache continues all of them together; the result equals unbatched greedy decoding.
+    and the KV cache continues all of them together. The result is unbatched greedy decoding up to
+    floating-point summation order, which depends on the batch's shape: where two tokens nearly tie,
+    a reply can change with the prompts beside it (tests/evaluation/test_generate.py checks equality
+    on a tiny model; on 13 glaive prompts with SmolLM2, 2 replies differed in their tails between
+    two batchings, bench/RESULTS.md). The batches depend only on the prompts' lengths, so a
+    before/after pair and reruns see the same ones.
     """
     import torch
     from transformers import GenerationConfig

@@ -215,6 +215,23 @@ def test_data_page_shows_a_row_the_template_cannot_render(tmp_path, tiny_dir):
     assert '<span class="trained">Hello.&lt;|im_end|&gt;</span>' in html  # the next row is still shown
 
 
+def test_data_page_renders_with_the_runs_template_kwargs(tmp_path, tiny_dir, data_file):
+    """The page shows what training saw: data.template_kwargs are part of the template (they were
+    left out, so a template that reads one, like Qwen3's enable_thinking, rendered otherwise)."""
+    template = tmp_path / "mode.jinja"
+    template.write_text("{% for m in messages %}<|im_start|>{{ m.role }}{% if mode is defined %} [{{ mode }}]{% endif %}"
+                        "\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    root = tmp_path / "runs"
+    run = write_run(root / "r")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data_file)}], "max_length": 128,
+                                          "template": str(template), "template_kwargs": {"mode": "terse"}})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    html = client(root).get("/data", params={"id": "r", "q": f"{data_file.name}:3"}).text
+    assert "&lt;|im_start|&gt;user [terse]" in html
+
+
 def test_ui_binds_localhost_by_default_and_warns_otherwise(tmp_path, monkeypatch, capsys):
     import uvicorn
 

@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from sft.data.render import cut_starts, tokenize_many, trained_tokens
 from sft.data.spans import turn_regions
 from sft.data.types import IGNORE, Conversation, Example, Message
 from sft.errors import SftError
+
+if TYPE_CHECKING:
+    from sft.config import Config
 
 BUILTIN_TEMPLATES = ("chatml", "gemma", "llama3")
 TRAIN_ON = ("assistant", "last_assistant", "all")
@@ -64,6 +67,12 @@ def resolve_template(template: str, tokenizer: Any, base_dir: str = ".", kwargs:
     """
     source = _resolve(template, tokenizer, base_dir)
     return with_template_kwargs(source, kwargs) if kwargs else source
+
+
+def config_template(cfg: Config, tokenizer: Any) -> str:
+    """The template a run trains with: ``data.template`` for ``tokenizer`` with ``data.template_kwargs``
+    (every command that renders the run's rows uses this, so none renders them differently)."""
+    return resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
 
 
 _KWARGS_HEAD = "{#- sft: data.template_kwargs #}"

@@ -109,13 +109,13 @@ def check(cfg: Config, as_json: bool = False, stream: TextIO | None = None,
 
 def preview(cfg: Config, n: int = 3, stream: TextIO | None = None, color: bool | None = None) -> int:
     """The first ``n`` examples as the model sees them, trained tokens marked, with a legend."""
-    from sft.data.chat import resolve_template
+    from sft.data.chat import config_template
 
     out = stream or sys.stdout
     if color is None:
         color = out.isatty() and not os.environ.get("NO_COLOR")
     tok = _tokenizer(cfg)
-    template = resolve_template(cfg.data.template, tok, cfg.base_dir, cfg.data.template_kwargs)
+    template = config_template(cfg, tok)
     convs, report = collect_conversations(cfg, "train")
     out.write(legend(color) + "\n")
     if report.invalid:

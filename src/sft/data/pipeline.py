@@ -412,7 +412,7 @@ def build_dataset(
     from sft.data import chat
     from sft.data.source_cache import Encoding, source_store
 
-    template = chat.resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
+    template = chat.config_template(cfg, tokenizer)
     root = cache_dir(cfg) if use_cache else None
     path = root / cache_key(cfg, tokenizer, template, split) if root is not None else None
     if path is not None:

@@ -127,10 +127,10 @@ def scorer_id(name: str, revision: str | None, base_dir: str = ".") -> dict[str,
 
 def scores_path(cfg: Config, scorer: str, scorer_tokenizer: Any) -> Path:
     """The cached scores of ``cfg``'s training data by ``scorer`` (tokenized by its tokenizer)."""
-    from sft.data.chat import resolve_template
+    from sft.data.chat import config_template
     from sft.data.pipeline import cache_dir, cache_key
 
-    template = resolve_template(cfg.data.template, scorer_tokenizer, base_dir=cfg.base_dir)
+    template = config_template(cfg, scorer_tokenizer)
     data_key = cache_key(cfg, scorer_tokenizer, template, "train")  # data.select is not part of it
     revision = cfg.revision if scorer == cfg.model else None
     body = json.dumps([SCORES_VERSION, data_key, scorer_id(scorer, revision, cfg.base_dir)], sort_keys=True)

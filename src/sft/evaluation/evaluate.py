@@ -399,7 +399,7 @@ def evaluate_model(cfg: Config, model: str | None = None, rt: Runtime | None = N
     """Load ``model`` (a run's ``final/``, an alias or a hub ID; default ``cfg.model``) and its
     tokenizer and evaluate it on ``cfg``'s eval data. A tuned HF directory is compared with the
     config's base model (KL to base). ``rt``: the process group (None: this one process)."""
-    from sft.data.chat import resolve_template
+    from sft.data.chat import config_template
     from sft.models.load import load_model, load_tokenizer, resolve
 
     if not cfg.eval.has_test:
@@ -409,7 +409,7 @@ def evaluate_model(cfg: Config, model: str | None = None, rt: Runtime | None = N
     name = model or cfg.model
     revision = cfg.revision if name == cfg.model else None  # `revision:` belongs to `model:`
     tokenizer = load_tokenizer(name, trust_remote_code=cfg.trust_remote_code, revision=revision)
-    template = resolve_template(cfg.data.template, tokenizer, cfg.base_dir, cfg.data.template_kwargs)
+    template = config_template(cfg, tokenizer)
     lm = load_model(name, trust_remote_code=cfg.trust_remote_code, revision=revision).to(rt.device)
     base = None
     if model is not None and model != cfg.model and resolve(model).kind == "hf":

@@ -203,7 +203,7 @@ def compute_scores(cfg: Config, scorer: str | None = None, use_cache: bool = Tru
     """The reply scores of ``cfg``'s training data by ``scorer`` (default ``model``): read from the
     cache, or computed (every rank its share under torchrun) and cached. Every rank returns them.
     ``rt``: the process group (None: join torchrun's, if any, with ``sft.runtime.start``)."""
-    from sft.data.chat import end_of_turn_tokens, resolve_template
+    from sft.data.chat import config_template, end_of_turn_tokens
     from sft.data.pipeline import build_dataset
     from sft.data.select import read_scores, scores_path
     from sft.models.load import load_model, load_tokenizer
@@ -219,7 +219,7 @@ def compute_scores(cfg: Config, scorer: str | None = None, use_cache: bool = Tru
     if use_cache and path.is_file():
         print(f"scores: cached {path}", file=sys.stderr)
         return path, read_scores(path)
-    template = resolve_template(cfg.data.template, tok, base_dir=cfg.base_dir)
+    template = config_template(cfg, tok)
     examples = _distinct(build_dataset(plain, tok, "train").examples)
     marker, eot = end_of_turn_tokens(tok, template)
     if not marker:

@@ -195,7 +195,7 @@ def data_preview(run: Path, q: str, limit: int = 20) -> tuple[list[dict[str, Any
     """``sft data preview`` of a run's training data: the examples whose ``file:line`` (or text)
     contains ``q``, the first ``limit`` of them. Loads the run's tokenizer, not its weights."""
     from sft.config import load_config
-    from sft.data.chat import resolve_template
+    from sft.data.chat import config_template
     from sft.data.commands import _tokenizer, preview_items
     from sft.data.pipeline import collect_conversations
 
@@ -207,7 +207,7 @@ def data_preview(run: Path, q: str, limit: int = 20) -> tuple[list[dict[str, Any
             if isinstance(stats, dict) and stats.get("path"):
                 src.path = str(stats["path"])
     tok = _tokenizer(cfg)
-    template = resolve_template(cfg.data.template, tok, base_dir=cfg.base_dir)
+    template = config_template(cfg, tok)
     convs, _ = collect_conversations(cfg, "train")
     hits = [c for c in convs if matches(c.location(), str(c), q)]
     note = f"{len(hits)} of {len(convs)} conversations match" + (f" {q!r}" if q else "")

@@ -300,7 +300,8 @@ def test_generate_lists_every_bad_prompt_row_before_loading_the_model(tmp_path, 
     rc, _, err = run_main(capsys, "generate", str(tmp_path / "no-model"), "--prompts", str(p),
                           "--out", str(tmp_path / "o.jsonl"))
     assert rc == 1 and "3 unusable prompt row(s)" in one_error_line(err)
-    assert f"{p}:2: messages[0] needs a role" in err and f"{p}:3: not valid JSON" in err
+    assert f"{p}:2: messages[0].role is 'bot'; use one of system, user, assistant, tool" in err
+    assert f"{p}:3: not valid JSON" in err
     assert f"{p}:4: contains bytes that are not UTF-8 (0xff at byte" in err
     assert not (tmp_path / "o.jsonl").exists()
 

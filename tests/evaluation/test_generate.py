@@ -145,12 +145,33 @@ def test_generate_file(model_dir, tmp_path, smol_tok):
     assert want[0].text != want[1].text
 
 
+def test_generate_file_takes_the_training_formats_without_their_replies(model_dir, tmp_path, smol_tok):
+    """A prompt, an Alpaca row, a ShareGPT row: each answered as its messages row is (same prompt
+    tokens, same greedy reply); the output keeps each input row as it was."""
+    rows = [{"prompt": "2+2?"}, {"instruction": "Add", "input": "2+2", "system": "Be brief."},
+            {"conversations": [{"from": "human", "value": "2+2?"}]},
+            {"messages": [{"role": "user", "content": "2+2?"}]},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n2+2"}]}]
+    src, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert generate_file(str(model_dir), str(src), str(out), max_new_tokens=5, batch_size=1) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in g.items() if k not in ("response", "stopped")} for g in got] == rows
+    replies = [g["response"] for g in got]
+    assert replies[0] == replies[2] == replies[3] and replies[1] == replies[4]
+    assert replies[0] != replies[1]  # control: another prompt, another reply
+
+
 def test_generate_file_bad_row(model_dir, tmp_path):
     from sft.errors import SftError
 
     src = tmp_path / "p.jsonl"
     src.write_text('{"messages": [{"role": "bot", "content": "x"}]}\n')
     with pytest.raises(SftError, match=r"p.jsonl:1: messages\[0\]"):
+        generate_file(str(model_dir), str(src), str(tmp_path / "o.jsonl"))
+    src.write_text('{"question": "x"}\n{"instruction": ""}\n')
+    with pytest.raises(SftError, match=r"(?s)p.jsonl:1: row keys are \['question'\]; write .*"
+                                       r"p.jsonl:2: instruction is empty"):
         generate_file(str(model_dir), str(src), str(tmp_path / "o.jsonl"))
 
 

@@ -390,6 +390,41 @@ def parse_row(row: Any, fmt: str, system: str | None = None) -> tuple[Conversati
     return conv, []
 
 
+def parse_prompt(row: Any) -> tuple[Conversation | None, list[str]]:
+    """A row to answer (``sft generate --prompts``), in any training format without its reply:
+    ``messages`` or ShareGPT ``conversations`` (answered after their last message), Alpaca without
+    ``output``, ``prompt`` without ``completion``; problems as ``parse_row`` words them.
+
+    >>> [(m.role, m.content) for m in parse_prompt({"instruction": "Add", "input": "2+2"})[0].messages]
+    [('user', 'Add\\n2+2')]
+    >>> [(m.role, m.content) for m in parse_prompt({"prompt": "Hi"})[0].messages]
+    [('user', 'Hi')]
+    >>> print(parse_prompt({"question": "?"})[1][0])
+    row keys are ['question']; write {"messages": [...]}, {"prompt": ...}, {"instruction": ...} or {"conversations": [...]}
+    """
+    if not isinstance(row, dict):
+        return None, [f"row is {_type(row)}; each row must be a JSON object"]
+    reply = None  # the reply key a format needs: given empty here, its message dropped after parsing
+    if "messages" in row:
+        fmt = "messages"
+    elif "conversations" in row:
+        fmt = "sharegpt"
+    elif "instruction" in row:
+        fmt, reply = "alpaca", "output"
+    elif "prompt" in row:
+        fmt, reply = "prompt_completion", "completion"
+    else:
+        return None, [f"row keys are {sorted(row)}; write {{\"messages\": [...]}}, {{\"prompt\": ...}}, "
+                      "{\"instruction\": ...} or {\"conversations\": [...]}"]
+    problems: list[str] = []
+    conv = _PARSERS[fmt]({**row, reply: ""} if reply else row, problems)
+    if reply:
+        conv.messages.pop()
+    if not problems and not conv.messages:
+        problems.append(f"{fmt} is empty; write at least one message to answer")
+    return (None, problems) if problems else (conv, [])
+
+
 def conversation_key(conv: Conversation) -> str:
     """A canonical string of what a conversation says, for finding exact duplicates.
 

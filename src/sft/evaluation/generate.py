@@ -275,21 +275,13 @@ def _saved_template(model_path: str, tokenizer: Any) -> tuple[str, str]:
 
 
 def _messages(row: Any, where: str) -> tuple[list[Message], list[dict[str, Any]] | None]:
-    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
-        raise SftError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
-    msgs = []
-    for j, m in enumerate(row["messages"]):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("system", "user", "assistant", "tool") or not isinstance(m.get("content"), str):
-            raise SftError(
-                f"{where}: messages[{j}] needs a role (system, user, assistant, tool) and a string content"
-            )
-        calls, name = m.get("tool_calls"), m.get("name")
-        if not (calls is None or isinstance(calls, list)) or not (name is None or isinstance(name, str)):
-            raise SftError(f"{where}: messages[{j}]: tool_calls must be a list and name a string")
-        msgs.append(Message(role=role, content=m["content"], tool_calls=calls, name=name))
-    tools = row.get("tools")
-    return msgs, tools if isinstance(tools, list) else None
+    """A prompt row's messages and tools, or an SftError naming ``where`` and every problem."""
+    from sft.data.formats import parse_prompt
+
+    conv, problems = parse_prompt(row)
+    if conv is None:
+        raise SftError("\n".join(f"{where}: {p}" for p in problems))
+    return conv.messages, conv.tools
 
 
 def generate_file(
@@ -304,7 +296,8 @@ def generate_file(
 
     src, dst = Path(prompts), Path(out)
     if not src.is_file():
-        raise SftError(f"{src}: prompts file not found; pass a JSONL file of {{\"messages\": [...]}} rows")
+        raise SftError(f"{src}: prompts file not found; pass a JSONL file of {{\"messages\": [...]}} (or \"prompt\", "
+                      "\"instruction\", \"conversations\") rows")
     check_writable(dst.parent, "--out")  # before the model loads and generates
     rows: list[dict[str, Any]] = []
     convs: list[tuple[list[Message], list[dict[str, Any]] | None]] = []

@@ -160,6 +160,10 @@ def test_generate_file_takes_the_training_formats_without_their_replies(model_di
     replies = [g["response"] for g in got]
     assert replies[0] == replies[2] == replies[3] and replies[1] == replies[4]
     assert replies[0] != replies[1]  # control: another prompt, another reply
+    as_json = tmp_path / "p.json"  # a JSON array, as LLaMA-Factory's files are: read as training reads it
+    as_json.write_text(json.dumps(rows, indent=1))
+    assert generate_file(str(model_dir), str(as_json), str(out), max_new_tokens=5, batch_size=1) == 0
+    assert [json.loads(line)["response"] for line in out.read_text().splitlines()] == replies
 
 
 def test_generate_file_bad_row(model_dir, tmp_path):

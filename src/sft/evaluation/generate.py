@@ -292,17 +292,17 @@ def generate_file(
     last message; each output line is the input row plus "response" and "stopped"."""
     from sft.atomic import atomic_open, check_writable
     from sft.data.chat import prompt_ids
-    from sft.data.sources import read_jsonl
+    from sft.data.sources import read_file
 
     src, dst = Path(prompts), Path(out)
     if not src.is_file():
-        raise SftError(f"{src}: prompts file not found; pass a JSONL file of {{\"messages\": [...]}} (or \"prompt\", "
-                      "\"instruction\", \"conversations\") rows")
+        raise SftError(f"{src}: prompts file not found; pass a JSONL (or JSON, CSV, Parquet) file of "
+                      "{\"messages\": [...]} (or \"prompt\", \"instruction\", \"conversations\") rows")
     check_writable(dst.parent, "--out")  # before the model loads and generates
     rows: list[dict[str, Any]] = []
     convs: list[tuple[list[Message], list[dict[str, Any]] | None]] = []
     problems: list[str] = []
-    for rec in read_jsonl(src):  # the training data's reader: BOM, CRLF, bad bytes, deep nesting
+    for rec in read_file(src):  # the training data's readers (JSONL, JSON, CSV, Parquet): BOM, CRLF, bad bytes
         try:
             if rec.error is not None:
                 raise SftError(f"{src}:{rec.line}: {rec.error}")

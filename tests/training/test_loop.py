@@ -281,6 +281,16 @@ def test_eval_every_writes_eval_rows_with_checkpointing_and_neftune(tiny_dir, da
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_the_final_held_out_loss_is_printed(tiny_dir, data_file, tmp_path, capsys):
+    """With held-out rows and no eval.every or before_after, the tuned model's held-out loss was
+    only in metrics.jsonl; the run now says it, as eval.every's lines do."""
+    out = tmp_path / "fin"
+    train(make_cfg(tiny_dir, data_file, out, "--eval.split=0.25", "--train.max_steps=2"))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [r for r in rows if "eval_loss" in r]
+    assert f"step 2/2 | eval_loss {last['eval_loss']:.4f} (" in capsys.readouterr().out
+
+
 def test_dev_split_takes_the_held_out_loss_during_training(tiny_dir, data_file, tmp_path):
     """With eval.dev_split, eval.every measures dev_loss (what early stopping and sweeps choose
     on); before/after.json are the test rows, and say so. Control: the eval_loss run above."""

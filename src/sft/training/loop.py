@@ -330,6 +330,9 @@ def finish(run: Run, result: RunResult, progress: bool) -> None:
         append_row(out / "metrics.jsonl", {"step": last_step, run.held_key: round(final_eval, 6)})
         if run.trackers is not None:
             run.trackers.log_row({"step": last_step, run.held_key: final_eval})
+        if progress:  # the line eval.every prints, for the tuned model
+            print(f"step {last_step}/{len(run.plan)} | {run.held_key} {final_eval:.4f} "
+                  f"({len(run.eval_examples)} held-out examples)", flush=True)
     # evaluated in the training dtype, as the "before" evaluation was (prepare() hands it the model
     # loaded in train_dtype): before and after differ by the training, not by the precision
     # a bf16 run saved in another dtype saves its fp32 master weights (in bf16, the bf16 weights it trained are final/)

@@ -46,20 +46,26 @@ def split_at_stop(new_ids: list[int], stop_ids: list[int]) -> tuple[list[int], b
     return new_ids, False
 
 
+SHORT_PROMPT = 256  # tokens: prompts this long batch by count alone (length_batches)
+
+
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), so left padding stays small:
-    at most ``batch_size`` prompts, and at most ``batch_size`` x twice the median length in padded
-    tokens, so a few long prompts go in small batches (alone if need be) instead of padding seven
-    short ones to their length (one 5,845-token prompt among twelve of 237-1,179 made a batch of
-    8 x 5,845: 160 of 200 s of an `sft eval`, in attention).
+    at most ``batch_size`` prompts, and at most ``batch_size`` x twice the median length (or x
+    ``SHORT_PROMPT`` tokens, if more) in padded tokens, so a few long prompts go in small batches
+    (alone if need be) instead of padding seven short ones to their length (one 5,845-token prompt
+    among twelve of 237-1,179 made a batch of 8 x 5,845: 160 of 200 s of an `sft eval`, in
+    attention). Prompts up to ``SHORT_PROMPT`` tokens cost little padded, and batch as before.
 
     >>> length_batches([3, 9, 1, 7], batch_size=2)
     [[1, 3], [0, 2]]
-    >>> length_batches([100] * 5 + [5000, 150], batch_size=4)
-    [[5], [6, 0, 1, 2], [3, 4]]
+    >>> length_batches([300] * 5 + [5000, 700], batch_size=4)
+    [[5], [6, 0, 1], [2, 3, 4]]
+    >>> length_batches([20] * 5 + [200, 70], batch_size=4)  # all short: batch_size each
+    [[5, 6, 0, 1], [2, 3, 4]]
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    budget = batch_size * 2 * sorted(lengths)[len(lengths) // 2] if lengths else 0
+    budget = batch_size * max(2 * sorted(lengths)[len(lengths) // 2], SHORT_PROMPT) if lengths else 0
     out: list[list[int]] = []
     for i in order:
         batch = out[-1] if out else None

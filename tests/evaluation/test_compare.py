@@ -119,3 +119,24 @@ def test_cli_compare_run_dir_and_json(tmp_path, capsys):
     (run / "bad.json").write_text("{}")
     assert main(["compare", str(run / "bad.json"), str(run)]) == 1
     assert "not an eval result" in capsys.readouterr().err
+
+
+def test_diff_is_over_the_rows_in_common_as_its_interval_and_verdict(tmp_path, capsys):
+    """B evaluated 20 more rows than A (a larger eval.max_examples), all of them correct; on the 20
+    rows both evaluated the two agree. B - A must be the paired difference (0), the one its interval,
+    p and verdict are about, not B's 40-row rate minus A's 20-row rate (+25 pts outside [0, 0]).
+    The printed table says the difference is over the rows in common."""
+    first = [True, False] * 10
+    a = result(first, [2.0] * 20)
+    b = result(first + [True] * 20, [2.0] * 20 + [1.0] * 20)
+    m = by_metric(compare_two(a, b))
+    for key in ("task_accuracy", "eval_loss"):
+        assert m[key]["b"] - m[key]["a"] != 0  # control: the unpaired difference
+        lo, hi = m[key]["diff_interval"]
+        assert m[key]["diff"] == pytest.approx(0.0) and lo <= m[key]["diff"] <= hi
+        assert m[key]["n"] == 20
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "+25.0 pts" not in out and "20 rows in common" in out

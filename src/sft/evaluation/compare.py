@@ -86,16 +86,16 @@ def _rate_test(a: dict[str, Any], b: dict[str, Any], metric: str, better: bool |
     xa, xb = [bool(x) for x, _ in pairs], [bool(y) for _, y in pairs]
     only_a, only_b, p = mcnemar(xa, xb)
     diff, ci, _ = paired(mean_of([float(x) for x in xa]), mean_of([float(y) for y in xb]), len(pairs))
-    return {"diff_interval": _round(ci), "p": round(p, 6), "test": f"exact McNemar ({only_a} rows only A, {only_b} only B)",
-            "n": len(pairs), "verdict": verdict(diff, p, better)}
+    return {"diff": diff, "diff_interval": _round(ci), "p": round(p, 6),
+            "test": f"exact McNemar ({only_a} rows only A, {only_b} only B)", "n": len(pairs), "verdict": verdict(diff, p, better)}
 
 
 def _boot_test(stat_a: Any, stat_b: Any, n: int, better: bool | None, what: str) -> dict[str, Any]:
     diff, ci, p = paired(stat_a, stat_b, n)
     if ci is None:
         return _no_test(f"not paired: {n} {what} in common")
-    return {"diff_interval": _round(ci), "p": round(p, 6), "test": f"paired bootstrap over {what}", "n": n,
-            "verdict": verdict(diff, p, better)}
+    return {"diff": diff, "diff_interval": _round(ci), "p": round(p, 6), "test": f"paired bootstrap over {what}",
+            "n": n, "verdict": verdict(diff, p, better)}
 
 
 def _loss_test(a: dict[str, Any], b: dict[str, Any], better: bool | None) -> dict[str, Any]:
@@ -138,7 +138,9 @@ def _round(ci: tuple[float, float] | None) -> list[float] | None:
 
 def compare_two(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
     """One dict per metric that both results report: values, their intervals, B - A with its
-    paired interval, p, the test used, the paired n and the verdict."""
+    paired interval, p, the test used, the paired n and the verdict. When paired, B - A is over
+    the n rows both evaluated (what its interval, p and verdict are about), which may differ from
+    ``b - a`` when one result has rows the other has not (``paired_rows``)."""
     metrics = list(METRICS)
     for name in (a.get("accuracy_by_source") or {}):
         if name in (b.get("accuracy_by_source") or {}) and len(a.get("accuracy_by_source") or {}) > 1:
@@ -164,10 +166,26 @@ def compare_two(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
             test = _window_test(a, b, "window_nll", math.exp, better)
         else:
             test = _window_test(a, b, "window_kl", float, better)
-        out.append({"metric": key, "label": label, "how": how, "a": va, "b": vb, "diff": vb - va,
+        out.append({"metric": key, "label": label, "how": how, "a": va, "b": vb, "diff": vb - va,  # a test's own diff wins
                     "a_interval": value_of(a.get("intervals") or {}, key),
                     "b_interval": value_of(b.get("intervals") or {}, key), **test})
     return out
+
+
+def paired_rows(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """A note when A and B evaluated different rows: the paired figures are over the common ones.
+
+    >>> paired_rows({"rows": {"key": ["e:1", "e:2"]}}, {"rows": {"key": ["e:1", "e:2", "e:3"]}})
+    '2 rows in common (A has 2, B 3): B - A, its interval and p are over those; A and B are over all their own rows'
+    >>> paired_rows({"rows": {"key": ["e:1"]}}, {"rows": {"key": ["e:1"]}}) is None
+    True
+    """
+    ka, kb = (a.get("rows") or {}).get("key") or [], (b.get("rows") or {}).get("key") or []
+    common = len(_align(ka, kb))
+    if not ka or not kb or not common or (common == len(ka) == len(kb)):
+        return None
+    return (f"{common} rows in common (A has {len(ka)}, B {len(kb)}): B - A, its interval and p are over those; "
+            "A and B are over all their own rows")
 
 
 def load_result(arg: str) -> tuple[str, dict[str, Any]]:
@@ -236,4 +254,8 @@ def run_compare(paths: list[str], as_json: bool = False) -> int:
         rows += table_rows(tag, c["metrics"])
     print()
     print_table(["metric", "vs", "A [95% CI]", "B [95% CI]", "B - A [95% CI]", "p", "verdict"], rows)
+    for n, (_, r) in enumerate(results[1:], 1):
+        note = paired_rows(base, r)
+        if note:
+            print(f"{'B' if len(results) == 2 else f'B{n}'}: {note}")
     return 0

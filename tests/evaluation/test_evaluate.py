@@ -313,3 +313,28 @@ def test_every_forward_runs_under_the_run_precision(tmp_path, smol_tok, precisio
     assert len(seen) >= 7
     assert set(seen) == {precision == "bf16"}
     assert result["precision"] == precision
+
+
+@pytest.mark.parametrize(("metric", "bad", "why"), [("regex", "([unclosed", "not a valid regex"),
+                                                    ("json", "not json", "not a JSON object")])
+def test_bad_references_stop_before_generation_naming_every_row(tmp_path, smol_tok, monkeypatch, m, metric, bad, why):
+    """A reference the metric cannot use (a broken regex, a json reference that is no JSON object)
+    is an error naming each such row's file:line, raised before any reply is generated (it was
+    raised after generating every reply, for the first bad row met, without its location)."""
+    good = r"\d" if metric == "regex" else '{"a": 1}'
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": ref}]}
+            for i, ref in enumerate([good, bad, good, bad])]
+    cfg = _cfg(tmp_path)
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg.eval.metric = metric
+    generated = []
+
+    def fake_generate(model, tokenizer, prompts, *a, **k):
+        generated.extend(prompts)
+        return [Generation("x", [5], True, 2) for _ in prompts]
+
+    monkeypatch.setattr("sft.evaluation.generate.generate_batch", fake_generate)
+    with pytest.raises(SftError, match=why) as e:
+        evaluate(cfg, m, smol_tok, "chatml", progress=False)
+    assert "eval.jsonl:2" in str(e.value) and "eval.jsonl:4" in str(e.value)
+    assert generated == []

@@ -109,6 +109,25 @@ def constraint_checks(items: list[tuple[Conversation, list[Message], str]], metr
     return scored
 
 
+def check_references(items: list[tuple[Conversation, list[Message], str]], metric: str) -> None:
+    """Raise one error listing every row whose reference its metric cannot use (a regex that does
+    not compile, a ``json`` reference that is no JSON object): before minutes of generation."""
+    problems = []
+    for conv, _, ref in items:
+        how = conv.metric or metric
+        if how == "regex":
+            try:
+                re.compile(ref)
+            except re.error as e:
+                problems.append(f"{conv.location()}: reference {ref[:60]!r} is not a valid regex ({e})")
+        elif how == "json" and json_object(ref) is None:
+            problems.append(f"{conv.location()}: reference {ref[:60]!r} is not a JSON object; the json metric needs one")
+    if problems:
+        shown = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise SftError(f"eval: {len(problems)} reference(s) that their metric cannot score:\n{shown}\n"
+                       "fix those rows' last assistant message, or give their source another metric")
+
+
 def by_type(met: list[list[bool] | None], constraints: list[list[dict[str, Any]] | None]) -> dict[str, float]:
     """Share met per constraint type.
 
@@ -227,11 +246,6 @@ def evaluate(
         marker, eot = end_of_turn_tokens(tokenizer, template)
         end_ids = set(eot) if len(eot) == 1 else set(stop_ids)  # what stop_rate counts (module docstring)
         pad_id = pick_pad_id(tokenizer, stop_ids)
-        dataset = build_dataset(cfg, tokenizer, split)
-        per_example = heldout_losses(model, dataset.examples, pad_id, cfg, rt)
-        loss_tokens = sum(n for _, n in per_example)
-        loss = sum(v for v, _ in per_example) / loss_tokens if loss_tokens else None
-
         convs, _ = load_conversations(cfg, split)
         items = []
         for conv in convs:
@@ -245,7 +259,12 @@ def evaluate(
                 "eval: no eval conversation ends with an assistant turn to score; set eval.data "
                 "(or eval.split) to conversations whose last assistant message is the reference"
             )
-        checks = constraint_checks(items, cfg.eval.metric)  # before minutes of generation
+        checks = constraint_checks(items, cfg.eval.metric)  # before the held-out loss and minutes of generation
+        check_references(items, cfg.eval.metric)
+        dataset = build_dataset(cfg, tokenizer, split)
+        per_example = heldout_losses(model, dataset.examples, pad_id, cfg, rt)
+        loss_tokens = sum(n for _, n in per_example)
+        loss = sum(v for v, _ in per_example) / loss_tokens if loss_tokens else None
         prompts = [prompt_ids(msgs, tokenizer, template, tools=conv.tools) for conv, msgs, _ in items]
         texts = stop_strings(tokenizer, template)  # a marker of several text tokens: stop on its text
         with rt.autocast():  # the run's precision, as for the held-out loss (module docstring)

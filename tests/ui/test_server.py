@@ -197,6 +197,21 @@ def test_data_page_previews_trained_tokens_searchable_by_file_line(tmp_path, tin
     assert "9 of 9 conversations match" in everything and everything.count('<section class="example">') == 9
 
 
+def test_data_page_finds_rows_by_their_text(tmp_path, tiny_dir, data_file):
+    """A query that is not file:line searches the conversations' text, case-insensitively (it
+    searched "Row(file:line)", the lazy row's repr, so no text ever matched)."""
+    root = tmp_path / "runs"
+    run = write_run(root / "r")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data_file)}], "max_length": 128})
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    c = client(root)
+    html = c.get("/data", params={"id": "r", "q": "WHAT IS 5 PLUS"}).text
+    assert "1 of 9 conversations match" in html and f"{data_file}:3: " in html
+    assert "2 of 9 conversations match" in c.get("/data", params={"id": "r", "q": "is 11"}).text  # 5+6, 11+12
+    assert "0 of 9 conversations match" in c.get("/data", params={"id": "r", "q": "Row("}).text  # control
+
+
 def test_data_page_shows_a_row_the_template_cannot_render(tmp_path, tiny_dir):
     call = {"type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
     rows = [{"messages": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "tool_calls": [call]},

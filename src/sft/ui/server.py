@@ -11,6 +11,7 @@ network: every asset ships in this package.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -18,11 +19,13 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from sft.data.types import Conversation
 from sft.errors import SftError
 from sft.ui import runs as R
 
 HERE = Path(__file__).parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+SEARCH_CHUNK = 4096  # rows parsed again at a time for the data page's text search
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -198,6 +201,7 @@ def data_preview(run: Path, q: str, limit: int = 20) -> tuple[list[dict[str, Any
     from sft.data.chat import config_template
     from sft.data.commands import _tokenizer, preview_items
     from sft.data.pipeline import collect_conversations
+    from sft.data.rows import materialize
 
     cfg = load_config(run / "config.yaml")
     report = R.read_json(run / "data_report.json")
@@ -209,11 +213,29 @@ def data_preview(run: Path, q: str, limit: int = 20) -> tuple[list[dict[str, Any
     tok = _tokenizer(cfg)
     template = config_template(cfg, tok)
     convs, _ = collect_conversations(cfg, "train")
-    hits = [c for c in convs if matches(c.location(), str(c), q)]
+    if not q or re.fullmatch(r".+:\d+", q):  # by location: no row is read again
+        hits = [c for c in convs if matches(c.location(), "", q)]
+    else:  # by text: rows are held as (file, offset) and parsed again, a chunk at a time
+        hits = []
+        for i in range(0, len(convs), SEARCH_CHUNK):
+            hits += [c for c in materialize(convs[i : i + SEARCH_CHUNK]) if matches(c.location(), searchable(c), q)]
     note = f"{len(hits)} of {len(convs)} conversations match" + (f" {q!r}" if q else "")
     if len(hits) > limit:
         note += f"; the first {limit} shown"
     return preview_items(cfg, tok, template, hits[:limit]), note
+
+
+def searchable(conv: Conversation) -> str:
+    """The text the data page searches: every message's content, reasoning and tool calls.
+
+    >>> from sft.data.types import Message
+    >>> searchable(Conversation([Message("user", "Hi"), Message("assistant", "Hello", reasoning="greet")]))
+    'Hi\\nHello\\ngreet'
+    """
+    parts = []
+    for m in conv.messages:
+        parts += [m.content, *([m.reasoning] if m.reasoning else []), *([json.dumps(m.tool_calls)] if m.tool_calls else [])]
+    return "\n".join(parts)
 
 
 def matches(where: str, text: str, q: str) -> bool:

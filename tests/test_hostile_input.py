@@ -269,6 +269,29 @@ def test_unwritable_out_fails_and_writes_nothing(tmp_path, tiny_dir, data_file, 
     assert rc == 1 and "--out cannot be" in one_error_line(err)
 
 
+def test_out_that_is_a_folder_fails_before_any_work(tmp_path, tiny_dir, data_file, capsys, monkeypatch):
+    """--out naming an existing folder: one error naming --out, before the model loads (sft eval
+    evaluated for minutes, then failed naming its temporary file '.x.123.tmp: Is a directory')."""
+    import sft.models.load
+
+    def boom(*a, **kw):
+        raise AssertionError("the tokenizer or model was loaded")
+
+    out = tmp_path / "results"
+    out.mkdir()
+    cfg = write_cfg(tmp_path, tiny_dir, str(data_file))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": ROW["messages"][:1]}) + "\n")
+    monkeypatch.setattr(sft.models.load, "load_tokenizer", boom)
+    monkeypatch.setattr(sft.models.load, "load_model", boom)
+    for argv in (["eval", str(cfg), "--eval.split=0.5"], ["generate", str(tiny_dir), "--prompts", str(prompts)],
+                 ["data", "tokenize", str(cfg)], ["data", "score", str(cfg)]):
+        rc, _, err = run_main(capsys, *argv, "--out", str(out))
+        assert rc == 1, argv
+        assert one_error_line(err).startswith(f"error: {out}: --out is a folder; give a file name, e.g. {out}/"), err
+    assert list(out.iterdir()) == []
+
+
 def test_os_errors_are_one_line_and_real_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
     import sft.cli as cli
 

@@ -75,6 +75,15 @@ def check_writable(path: Path | str, what: str) -> None:
                        "choose a folder you can write, e.g. under your home or the project") from None
 
 
+def check_out_file(path: Path | str, what: str, example: str) -> None:
+    """``check_writable`` for a file to be written: fail now, too, when ``path`` is a folder
+    (``example`` is a file name to suggest inside it)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SftError(f"{path}: {what} is a folder; give a file name, e.g. {path / example}")
+    check_writable(path.parent, what)
+
+
 # ---------------------------------------------------------------------------------------------
 # folders
 

@@ -163,10 +163,10 @@ def tokenize(cfg: Config, out: str) -> int:
     """Write one ``{"input_ids", "labels"}`` JSON object per kept example, in input order.
 
     The file appears only when complete (``sft.atomic``); an unwritable ``--out`` fails first."""
-    from sft.atomic import atomic_open, check_writable
+    from sft.atomic import atomic_open, check_out_file
 
     path = Path(out)
-    check_writable(path.parent, "--out")
+    check_out_file(path, "--out", "tokens.jsonl")
     tok = _tokenizer(cfg)
     ds = build_dataset(cfg, tok, "train")
     with atomic_open(path) as f:

@@ -442,13 +442,13 @@ def evaluate_model(cfg: Config, model: str | None = None, rt: Runtime | None = N
 
 def run_eval(cfg: Config, model: str | None = None, out: str | None = None) -> int:
     """``sft eval``: evaluate (``model`` overrides ``cfg.model``), print a summary, write JSON."""
-    from sft.atomic import atomic_write_text, check_writable
+    from sft.atomic import atomic_write_text, check_out_file
 
     if not cfg.eval.has_test:
         raise SftError("eval.data: nothing to evaluate; set eval.data: path/to/eval.jsonl "
                        "(or eval.split: 0.05 to hold out training rows)")
     dst = Path(out) if out else Path(cfg.output_dir) / "eval.json"
-    check_writable(dst.parent, "--out" if out else "output_dir")  # before minutes of evaluation
+    check_out_file(dst, "--out" if out else "output_dir", "eval.json")  # before minutes of evaluation
     rt = start(cfg)  # under torchrun: loss and generation split over the ranks, rank 0 writes
     result = evaluate_model(cfg, model, rt)
     if not rt.main:

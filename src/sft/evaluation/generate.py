@@ -296,7 +296,7 @@ def generate_file(
 ) -> int:
     """`sft generate MODEL --prompts FILE.jsonl --out FILE.jsonl`: answer after each conversation's
     last message; each output line is the input row plus "response" and "stopped"."""
-    from sft.atomic import atomic_open, check_writable
+    from sft.atomic import atomic_open, check_out_file
     from sft.data.chat import prompt_ids
     from sft.data.sources import read_file
 
@@ -304,7 +304,7 @@ def generate_file(
     if not src.is_file():
         raise SftError(f"{src}: prompts file not found; pass a JSONL (or JSON, CSV, Parquet) file of "
                       "{\"messages\": [...]} (or \"prompt\", \"instruction\", \"conversations\") rows")
-    check_writable(dst.parent, "--out")  # before the model loads and generates
+    check_out_file(dst, "--out", "replies.jsonl")  # before the model loads and generates
     rows: list[dict[str, Any]] = []
     convs: list[tuple[list[Message], list[dict[str, Any]] | None]] = []
     problems: list[str] = []

@@ -254,9 +254,9 @@ def run_score(cfg: Config, scorer: str | None = None, out: str | None = None) ->
     from sft.data.select import format_summary, score_summary
 
     if out:
-        from sft.atomic import check_writable
+        from sft.atomic import check_out_file
 
-        check_writable(Path(out).parent, "--out")
+        check_out_file(out, "--out", "scores.jsonl")
     rt = runtime.start(cfg)
     path, scores = compute_scores(cfg, scorer, rt=rt)
     if not rt.main:

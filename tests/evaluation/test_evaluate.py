@@ -338,3 +338,26 @@ def test_bad_references_stop_before_generation_naming_every_row(tmp_path, smol_t
         evaluate(cfg, m, smol_tok, "chatml", progress=False)
     assert "eval.jsonl:2" in str(e.value) and "eval.jsonl:4" in str(e.value)
     assert generated == []
+
+
+def test_eval_rows_longer_than_max_length_are_named_not_silently_left_out_of_the_loss(tmp_path, smol_tok, monkeypatch,
+                                                                                       m, capsys):
+    """Eval conversations longer than data.max_length are dropped from the held-out loss
+    (data.truncation: drop) but still generated for; evaluate says so (the loss was silently over
+    fewer rows than task accuracy, or "-" with no reason when none fitted)."""
+    def fake_generate(model, tokenizer, prompts, *a, **k):
+        return [Generation("x", [5], True, 2) for _ in prompts]
+
+    monkeypatch.setattr("sft.evaluation.generate.generate_batch", fake_generate)
+    cfg = _cfg(tmp_path)
+    r = evaluate(cfg, m, smol_tok, "chatml", progress=False)
+    assert r["n"]["eval_loss"] == 3 and "max_length" not in capsys.readouterr().err  # control: all fit
+    cfg.data.max_length = 39  # the rows are 27, 19 and 40 tokens: the two-turn row no longer fits
+    r = evaluate(cfg, m, smol_tok, "chatml", progress=False)
+    assert r["n"]["eval_loss"] == 2 and r["n_examples"] == 3
+    err = capsys.readouterr().err
+    assert "eval loss: 1 of 3 eval examples are longer than data.max_length 39 and left out of it" in err
+    cfg.data.max_length = 8
+    r = evaluate(cfg, m, smol_tok, "chatml", progress=False)
+    assert r["eval_loss"] is None
+    assert "eval loss: 3 of 3 eval examples are longer than data.max_length 8" in capsys.readouterr().err

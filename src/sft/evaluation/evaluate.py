@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,12 @@ def evaluate(
         checks = constraint_checks(items, cfg.eval.metric)  # before the held-out loss and minutes of generation
         check_references(items, cfg.eval.metric)
         dataset = build_dataset(cfg, tokenizer, split)
+        dropped = dataset.report.dropped_too_long
+        if dropped and rt.main:  # generation still answers them: say why the loss has fewer examples
+            print(f"eval loss: {dropped} of {dropped + len(dataset.examples)} eval examples are longer than "
+                  f"data.max_length {cfg.data.max_length} and left out of it (generation still answers them); "
+                  "raise data.max_length" + (" or set data.truncation: truncate" if cfg.data.truncation == "drop" else "")
+                  + " to include them", file=sys.stderr)
         per_example = heldout_losses(model, dataset.examples, pad_id, cfg, rt)
         loss_tokens = sum(n for _, n in per_example)
         loss = sum(v for v, _ in per_example) / loss_tokens if loss_tokens else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,21 @@ def test_typo_in_a_local_path_names_both_places(tmp_path: Path, monkeypatch: Any
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SftError, match=r"not a packaged alias.*not found: .*runs/x/finall.*Hub ID such as"):
         resolve("runs/x/finall")
+
+
+def test_a_run_directory_given_as_a_model_points_at_its_final(tmp_path: Path) -> None:
+    """`sft chat runs/x` (sft export and compare take a run directory): the error names the run's
+    final/ (it said only "a directory without config.json")."""
+    from sft.models.load import resolve
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("model: x\n")
+    with pytest.raises(SftError, match=re.escape(f"model: {run} is a run directory; give its model, {run / 'final'}")):
+        resolve(str(run))
+    with pytest.raises(SftError, match=r"is a directory without config\.json; point at an HF model directory$"):
+        resolve(str(tmp_path))  # control: a plain folder
 
 
 def test_cli_does_not_force_offline(monkeypatch: Any, tmp_path: Path) -> None:

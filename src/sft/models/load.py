@@ -194,6 +194,8 @@ def resolve(name: str, revision: str | None = None, *, trust_remote_code: bool =
     if p.is_dir():
         if (p / "config.json").is_file() or (p / "tokenizer_config.json").is_file():
             return ModelSource(name, "hf", p)
+        if (p / "final" / "config.json").is_file():  # a run's output_dir, as sft export and compare take
+            raise SftError(f"model: {p} is a run directory; give its model, {p / 'final'}")
         raise SftError(f"model: {p} is a directory without config.json; point at an HF model directory")
     if is_hub_id(name):
         path = download(name, revision, weights=False, code=trust_remote_code)

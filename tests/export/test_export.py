@@ -67,6 +67,7 @@ def test_smollm2_template_is_chatml_with_its_default_system(smol_tok):
     text, _ = modelfile("m.gguf", smol_tok.chat_template, smol_tok, ["<|im_end|>"])
     assert f'SYSTEM """{SMOL_SYSTEM}"""' in text
     assert "not translated: tools/tool calls" in text and f'TEMPLATE """{GO_TEMPLATES["chatml"]}"""' in text
+    assert "# template and was translated; not translated: tools/tool calls, trimming of message contents.\n" in text
     text, _ = modelfile("m.gguf", smol_tok.chat_template, smol_tok, ["<|im_end|>"], system="Answer in French.")
     assert 'SYSTEM """Answer in French."""' in text and SMOL_SYSTEM not in text  # data.system wins
 

@@ -208,11 +208,11 @@ def modelfile(gguf_name: str, template: str, tokenizer: Any, stop_tokens: list[s
             "data.template: chatml, gemma or llama3"
         )
     go = GO_TOOL_TEMPLATES[family.name] if family.tools else GO_TEMPLATES[family.name]
-    tools = ("tools, tool calls and results (their JSON written compactly by Ollama)" if family.tools
-             else "not translated: tools/tool calls")
+    tools = (", with tools, tool calls and results (their JSON written compactly by Ollama); not translated:"
+             if family.tools else "; not translated: tools/tool calls,")
     lines = [
         f"# Written by `sft export --to ollama`; the training template rendered like sft's {family.name!r}",
-        f"# template and was translated, with {tools}; not translated: trimming of message contents.",
+        f"# template and was translated{tools} trimming of message contents.",
         f"FROM ./{gguf_name}",
         f"TEMPLATE {_quote(go, 'template')}",
     ]

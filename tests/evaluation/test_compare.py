@@ -140,3 +140,18 @@ def test_diff_is_over_the_rows_in_common_as_its_interval_and_verdict(tmp_path, c
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "+25.0 pts" not in out and "20 rows in common" in out
+
+
+def test_reference_windows_that_differ_say_why():
+    """Same reference text, another eval.reference_tokens (fewer windows): the verdict names the
+    budget (it said "another reference text or tokenizer", which was not the case)."""
+    a = result([True, False] * 10, [2.0] * 20)
+    b = json.loads(json.dumps(a))
+    b["forgetting"]["window_nll"] = b["forgetting"]["window_nll"][:10]
+    b["forgetting"]["window_tokens"] = b["forgetting"]["window_tokens"][:10]
+    m = by_metric(compare_two(a, b))
+    assert m["forgetting.reference_perplexity"]["verdict"] == (
+        "not paired: other reference windows (40 against 10: another eval.reference_tokens or tokenizer)")
+    b["forgetting"]["reference_sha256"] = "y"  # control: another text
+    assert by_metric(compare_two(a, b))["forgetting.reference_perplexity"]["verdict"] == (
+        "not paired: another reference text")

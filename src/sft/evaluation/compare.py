@@ -125,8 +125,11 @@ def _window_test(a: dict[str, Any], b: dict[str, Any], field: str, transform: An
     fa, fb = a.get("forgetting") or {}, b.get("forgetting") or {}
     if not fa.get(field) or not fb.get(field) or not fa.get("window_tokens"):
         return _no_test("not paired: no per-window values (re-run sft eval)")
-    if fa.get("reference_sha256") != fb.get("reference_sha256") or fa.get("window_tokens") != fb.get("window_tokens"):
-        return _no_test("not paired: another reference text or tokenizer")
+    if fa.get("reference_sha256") != fb.get("reference_sha256"):
+        return _no_test("not paired: another reference text")
+    if fa.get("window_tokens") != fb.get("window_tokens"):
+        return _no_test(f"not paired: other reference windows ({len(fa['window_tokens'])} against "
+                        f"{len(fb.get('window_tokens') or [])}: another eval.reference_tokens or tokenizer)")
     tok = fa["window_tokens"]
     return _boot_test(ratio(fa[field], tok, transform), ratio(fb[field], tok, transform), len(tok), better,
                       "reference windows")

@@ -26,10 +26,11 @@ from sft.config import Config, load_config
 from sft.data.chat import prompt_ids, resolve_template, stop_token_ids
 from sft.data.pipeline import build_dataset, load_conversations
 from sft.data.types import Example
-from sft.evaluation.evaluate import forgetting, split_reference
+from sft.evaluation.evaluate import forgetting
 from sft.evaluation.generate import generate_batch
 from sft.evaluation.heldout import heldout_loss, heldout_losses
 from sft.evaluation.reference import load_reference
+from sft.evaluation.task import split_reference
 from sft.models.load import load_model, load_tokenizer
 from sft.models.save import pick_pad_id
 from sft.runtime import bf16_supported, local

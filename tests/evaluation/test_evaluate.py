@@ -10,9 +10,10 @@ import pytest
 from conftest import tiny_llama
 from sft.config import load_config
 from sft.errors import SftError
-from sft.evaluation.evaluate import evaluate, forgetting, score, split_reference, summary
+from sft.evaluation.evaluate import evaluate, forgetting, summary
 from sft.evaluation.generate import Generation
 from sft.evaluation.reference import reference_text
+from sft.evaluation.task import score, split_reference
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,8 @@ def test_eval_scores_the_answer_after_the_reasoning(tmp_path, smol_tok, monkeypa
     """Replies are stubbed with reasoning before the answer; `exact` must see only the answer.
     Control: the whole reply (reasoning included) is not an exact match."""
     from conftest import tiny_llama
-    from sft.evaluation.evaluate import evaluate, score
+    from sft.evaluation.evaluate import evaluate
+    from sft.evaluation.task import score
 
     cfg = _cfg(tmp_path)
     cfg.eval.metric = "exact"

@@ -181,13 +181,18 @@ def test_compare_two_runs_and_a_sweep(tmp_path):
     assert "<td>train.lr</td><td>0.1</td><td>0.2</td>" in sweep
 
 
-def test_data_page_previews_trained_tokens_searchable_by_file_line(tmp_path, tiny_dir, data_file):
+def data_run(tmp_path, model, data_file, **data_keys):
+    """A runs folder with one run "r" whose config trains ``model`` on ``data_file``; its client."""
     root = tmp_path / "runs"
     run = write_run(root / "r")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data_file)}], "max_length": 128})
+    cfg.update(model=str(model), data={"train": [{"path": str(data_file)}], "max_length": 128, **data_keys})
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    c = client(root)
+    return client(root)
+
+
+def test_data_page_previews_trained_tokens_searchable_by_file_line(tmp_path, tiny_dir, data_file):
+    c = data_run(tmp_path, tiny_dir, data_file)
     html = c.get("/data", params={"id": "r", "q": f"{data_file.name}:3"}).text
     assert "1 of 9 conversations match" in html
     assert f"{data_file}:3: " in html
@@ -200,12 +205,7 @@ def test_data_page_previews_trained_tokens_searchable_by_file_line(tmp_path, tin
 def test_data_page_finds_rows_by_their_text(tmp_path, tiny_dir, data_file):
     """A query that is not file:line searches the conversations' text, case-insensitively (it
     searched "Row(file:line)", the lazy row's repr, so no text ever matched)."""
-    root = tmp_path / "runs"
-    run = write_run(root / "r")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data_file)}], "max_length": 128})
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    c = client(root)
+    c = data_run(tmp_path, tiny_dir, data_file)
     html = c.get("/data", params={"id": "r", "q": "WHAT IS 5 PLUS"}).text
     assert "1 of 9 conversations match" in html and f"{data_file}:3: " in html
     assert "2 of 9 conversations match" in c.get("/data", params={"id": "r", "q": "is 11"}).text  # 5+6, 11+12
@@ -219,12 +219,8 @@ def test_data_page_shows_a_row_the_template_cannot_render(tmp_path, tiny_dir):
             {"messages": [{"role": "user", "content": "Hi <b>"}, {"role": "assistant", "content": "Hello."}]}]
     data = tmp_path / "tools.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    root = tmp_path / "runs"
-    run = write_run(root / "r")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data)}], "max_length": 128})  # SmolLM2's template
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    html = client(root).get("/data", params={"id": "r"}).text
+    c = data_run(tmp_path, tiny_dir, data)
+    html = c.get("/data", params={"id": "r"}).text
     assert f"<h3>{data}:1: not rendered, so not trained</h3>" in html
     assert '<p class="note">messages[1] has tool calls, which this chat template does not write' in html
     assert '<span class="trained">Hello.&lt;|im_end|&gt;</span>' in html  # the next row is still shown
@@ -237,13 +233,8 @@ def test_data_page_renders_with_the_runs_template_kwargs(tmp_path, tiny_dir, dat
     template.write_text("{% for m in messages %}<|im_start|>{{ m.role }}{% if mode is defined %} [{{ mode }}]{% endif %}"
                         "\n{{ m.content }}<|im_end|>\n{% endfor %}"
                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    root = tmp_path / "runs"
-    run = write_run(root / "r")
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg.update(model=str(tiny_dir), data={"train": [{"path": str(data_file)}], "max_length": 128,
-                                          "template": str(template), "template_kwargs": {"mode": "terse"}})
-    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    html = client(root).get("/data", params={"id": "r", "q": f"{data_file.name}:3"}).text
+    c = data_run(tmp_path, tiny_dir, data_file, template=str(template), template_kwargs={"mode": "terse"})
+    html = c.get("/data", params={"id": "r", "q": f"{data_file.name}:3"}).text
     assert "&lt;|im_start|&gt;user [terse]" in html
 
 
